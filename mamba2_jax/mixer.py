@@ -1,0 +1,153 @@
+"""Mamba2Mixer: in_proj -> (z, x, B, C, dt) -> causal conv -> SSD -> gated RMSNorm -> out_proj.
+
+The official fused in_proj (columns [z | x | B | C | dt]) and conv1d (channels [x | B | C]) are
+stored as separate parameters so that tensor parallelism can shard heads cleanly (z, x, dt,
+A_log, D, the gated norm and out_proj rows over "heads"/"inner"; B and C over "group_state").
+The checkpoint importer splits the official tensors (mamba2_jax/pretrained.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba2_jax.cache import Mamba2Cache
+from mamba2_jax.config import Mamba2Config
+from mamba2_jax.layers import (A_log_init, causal_conv, conv_step, dense, dt_bias_init,
+                               gated_rms_norm, param, uniform_init)
+from mamba2_jax.ssd import prepare_dt, ssd
+
+
+class Mamba2Mixer(nnx.Module):
+  """One Mamba-2 mixer. Inputs/outputs (b, L, d_model) in the config's compute dtype."""
+
+  def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs):
+    c = self.config = config
+    d, e, h, gn, k = c.d_model, c.d_inner, c.nheads, c.ngroups * c.d_state, c.d_conv
+    pdt = c.param_jnp_dtype
+    bound_in = 1.0 / math.sqrt(d)
+    self.in_proj_z = param(uniform_init(rngs.params(), (d, e), bound_in, pdt), ("embed", "inner"))
+    self.in_proj_x = param(uniform_init(rngs.params(), (d, e), bound_in, pdt), ("embed", "inner"))
+    self.in_proj_B = param(uniform_init(rngs.params(), (d, gn), bound_in, pdt),
+                           ("embed", "group_state"))
+    self.in_proj_C = param(uniform_init(rngs.params(), (d, gn), bound_in, pdt),
+                           ("embed", "group_state"))
+    self.in_proj_dt = param(uniform_init(rngs.params(), (d, h), bound_in, pdt), ("embed", "heads"))
+    if c.proj_bias:
+      self.in_proj_bias = param(jnp.zeros((c.d_in_proj,), pdt), ("in_proj",))
+    bound_conv = 1.0 / math.sqrt(k)  # depthwise: fan_in = d_conv
+    self.conv_x = param(uniform_init(rngs.params(), (k, e), bound_conv, pdt), ("conv_width", "inner"))
+    self.conv_B = param(uniform_init(rngs.params(), (k, gn), bound_conv, pdt),
+                        ("conv_width", "group_state"))
+    self.conv_C = param(uniform_init(rngs.params(), (k, gn), bound_conv, pdt),
+                        ("conv_width", "group_state"))
+    if c.conv_bias:
+      self.conv_x_bias = param(uniform_init(rngs.params(), (e,), bound_conv, pdt), ("inner",))
+      self.conv_B_bias = param(uniform_init(rngs.params(), (gn,), bound_conv, pdt), ("group_state",))
+      self.conv_C_bias = param(uniform_init(rngs.params(), (gn,), bound_conv, pdt), ("group_state",))
+    self.dt_bias = param(dt_bias_init(rngs.params(), h, c.dt_min, c.dt_max, c.dt_init_floor),
+                         ("heads",))
+    self.A_log = param(A_log_init(rngs.params(), h, c.A_init_range), ("heads",))
+    self.D = param(jnp.ones((e,) if c.D_has_hdim else (h,), jnp.float32),
+                   ("inner",) if c.D_has_hdim else ("heads",))
+    self.norm = param(jnp.ones((e,), pdt), ("inner",))
+    bound_out = 1.0 / math.sqrt(e)
+    out = uniform_init(rngs.params(), (e, d), bound_out, jnp.float32)
+    if c.rescale_prenorm_residual:
+      out = out / math.sqrt(c.n_layer)  # official: one residual branch per layer (no MLP)
+    self.out_proj = param(out.astype(pdt), ("inner", "embed"))
+    if c.proj_bias:
+      self.out_proj_bias = param(jnp.zeros((d,), pdt), ("embed",))
+
+  # Parameter views --------------------------------------------------------------------------
+  def _opt(self, name):
+    v = getattr(self, name, None)
+    return None if v is None else v[...]
+
+  def _in_bias(self, part):
+    """Slice of the fused official in_proj bias for one of z, x, B, C, dt (or None)."""
+    b = self._opt("in_proj_bias")
+    if b is None:
+      return None
+    c = self.config
+    e, gn = c.d_inner, c.ngroups * c.d_state
+    start = {"z": 0, "x": e, "B": 2 * e, "C": 2 * e + gn, "dt": 2 * e + 2 * gn}[part]
+    size = {"z": e, "x": e, "B": gn, "C": gn, "dt": c.nheads}[part]
+    return b[start:start + size]
+
+  def _project(self, u):
+    dt_ = self.config.compute_dtype
+    return (dense(u, self.in_proj_z[...], self._in_bias("z"), dt_),
+            dense(u, self.in_proj_x[...], self._in_bias("x"), dt_),
+            dense(u, self.in_proj_B[...], self._in_bias("B"), dt_),
+            dense(u, self.in_proj_C[...], self._in_bias("C"), dt_),
+            dense(u, self.in_proj_dt[...], self._in_bias("dt"), dt_))
+
+  def _D(self):
+    c = self.config
+    D = self.D[...]
+    return D.reshape(c.nheads, c.headdim) if c.D_has_hdim else D
+
+  def _output(self, y, z):
+    c = self.config
+    y = gated_rms_norm(y, z, self.norm[...], c.ngroups, c.norm_eps, c.compute_dtype)
+    return dense(y, self.out_proj[...], self._opt("out_proj_bias"), c.compute_dtype)
+
+  # Full-sequence forward (training, prefill) ---------------------------------------------------
+  def __call__(self, u: jax.Array, *, segment_ids: jax.Array | None = None,
+               cache: Mamba2Cache | None = None) -> tuple[jax.Array, Mamba2Cache | None]:
+    """u (b, L, d_model) -> (out (b, L, d_model), new per-layer cache or None).
+
+    With `cache` (per-layer, no leading layer axis) the sequence continues from it and the new
+    cache is returned; without, the layer starts from a zero state and returns None.
+    """
+    c = self.config
+    b, L, _ = u.shape
+    z, xr, Br, Cr, dt = self._project(u)
+    ctx = (lambda n: None) if cache is None else (lambda n: getattr(cache, n))
+    x, cx = causal_conv(xr, self.conv_x[...], self._opt("conv_x_bias"), context=ctx("conv_x"),
+                        segment_ids=segment_ids)
+    B, cB = causal_conv(Br, self.conv_B[...], self._opt("conv_B_bias"), context=ctx("conv_B"),
+                        segment_ids=segment_ids)
+    C, cC = causal_conv(Cr, self.conv_C[...], self._opt("conv_C_bias"), context=ctx("conv_C"),
+                        segment_ids=segment_ids)
+    x, B, C = jax.nn.silu(x), jax.nn.silu(B), jax.nn.silu(C)
+    A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    result = ssd(
+        x.reshape(b, L, c.nheads, c.headdim), dt, A,
+        B.reshape(b, L, c.ngroups, c.d_state), C.reshape(b, L, c.ngroups, c.d_state),
+        D=self._D(), dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=c.dt_limit,
+        chunk_size=c.chunk_size, initial_state=None if cache is None else cache.ssm,
+        segment_ids=segment_ids, return_final_state=cache is not None, impl=c.ssd_impl)
+    y, h = result if cache is not None else (result, None)
+    out = self._output(y.reshape(b, L, c.d_inner), z)
+    if cache is None:
+      return out, None
+    return out, Mamba2Cache(conv_x=cx, conv_B=cB, conv_C=cC, ssm=h)
+
+  # One-token recurrent step (decode) ---------------------------------------------------------
+  def step(self, u: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
+    """u (b, d_model) -> (out (b, d_model), cache). O(1) in the sequence length."""
+    c = self.config
+    b = u.shape[0]
+    z, xr, Br, Cr, dt = self._project(u)
+    x, cx = conv_step(xr, self.conv_x[...], self._opt("conv_x_bias"), cache.conv_x)
+    B, cB = conv_step(Br, self.conv_B[...], self._opt("conv_B_bias"), cache.conv_B)
+    C, cC = conv_step(Cr, self.conv_C[...], self._opt("conv_C_bias"), cache.conv_C)
+    x = jax.nn.silu(x).reshape(b, c.nheads, c.headdim).astype(jnp.float32)
+    B = jax.nn.silu(B).reshape(b, c.ngroups, c.d_state).astype(jnp.float32)
+    C = jax.nn.silu(C).reshape(b, c.ngroups, c.d_state).astype(jnp.float32)
+    rep = c.nheads // c.ngroups
+    B, C = jnp.repeat(B, rep, axis=1), jnp.repeat(C, rep, axis=1)  # head h -> group h // rep
+    A = -jnp.exp(self.A_log[...].astype(jnp.float32))
+    dt = prepare_dt(dt, self.dt_bias[...], dt_softplus=True, dt_limit=c.dt_limit,
+                    dtype=jnp.float32)  # (b, H)
+    decay = jnp.exp(dt * A)
+    h = cache.ssm * decay[:, :, None, None] + (dt[:, :, None] * x)[..., None] * B[:, :, None, :]
+    D = self._D().astype(jnp.float32)
+    y = jnp.einsum("bhpn,bhn->bhp", h, C) + (D[..., None] if D.ndim == 1 else D) * x
+    out = self._output(y.reshape(b, c.d_inner).astype(c.compute_dtype), z)
+    return out, Mamba2Cache(conv_x=cx, conv_B=cB, conv_C=cC, ssm=h)

@@ -1,0 +1,127 @@
+"""Mamba2LM: padded embedding -> n_layer x [x += mixer(RMSNorm(x))] -> RMSNorm -> LM head.
+
+Layers are created with `nnx.vmap` (parameters stacked on a leading "layers" axis) and run
+under `jax.lax.scan`, so compile time does not grow with depth; `config.remat_policy` wraps the
+scanned layer in `jax.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mamba2_jax.cache import Mamba2Cache
+from mamba2_jax.config import Mamba2Config
+from mamba2_jax.layers import param, rms_norm
+from mamba2_jax.mixer import Mamba2Mixer
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Mamba2Block(nnx.Module):
+  """Pre-norm residual block without MLP (d_intermediate = 0, as every published Mamba-2)."""
+
+  def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs):
+    self.config = config
+    self.norm = param(jnp.ones((config.d_model,), config.param_jnp_dtype), ("norm",))
+    self.mixer = Mamba2Mixer(config, rngs=rngs)
+
+  def __call__(self, residual, *, segment_ids=None, cache=None):
+    c = self.config
+    h = rms_norm(residual, self.norm[...], c.norm_eps, c.compute_dtype)
+    h, cache = self.mixer(h, segment_ids=segment_ids, cache=cache)
+    return residual + h.astype(residual.dtype), cache
+
+  def step(self, residual, cache):
+    c = self.config
+    h = rms_norm(residual, self.norm[...], c.norm_eps, c.compute_dtype)
+    h, cache = self.mixer.step(h, cache)
+    return residual + h.astype(residual.dtype), cache
+
+
+class Mamba2LM(nnx.Module):
+  """Mamba-2 language model.
+
+  `model(tokens (b, L) int32, segment_ids=None) -> logits (b, L, padded_vocab) float32`.
+  Inference: `init_cache(b)`, `prefill(tokens, cache=None) -> (logits, cache)`,
+  `decode_step(token (b,), cache) -> (logits (b, padded_vocab), cache)`.
+  """
+
+  def __init__(self, config: Mamba2Config, *, rngs: nnx.Rngs):
+    config.validate()
+    self.config = config
+    c = config
+    pdt = c.param_jnp_dtype
+    emb = jax.random.normal(rngs.params(), (c.padded_vocab_size, c.d_model), jnp.float32)
+    self.embedding = param((emb * c.initializer_range).astype(pdt), ("vocab", "embed"))
+
+    @nnx.split_rngs(splits=c.n_layer)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_layers(rngs):
+      return Mamba2Block(c, rngs=rngs)
+
+    self.layers = make_layers(rngs)
+    self.norm_f = param(jnp.ones((c.d_model,), pdt), ("norm",))
+    if not c.tie_embeddings:
+      head = jax.random.normal(rngs.params(), (c.d_model, c.padded_vocab_size), jnp.float32)
+      self.lm_head = param((head * c.initializer_range).astype(pdt), ("embed", "vocab"))
+
+  # -------------------------------------------------------------------------------------------
+  def _embed(self, tokens):
+    c = self.config
+    h = jnp.take(self.embedding[...], tokens, axis=0)
+    return h.astype(jnp.float32 if c.residual_in_fp32 else c.compute_dtype)
+
+  def _logits(self, residual):
+    c = self.config
+    h = rms_norm(residual, self.norm_f[...], c.norm_eps, c.compute_dtype)
+    if c.tie_embeddings:
+      w, spec = self.embedding[...], "...d,vd->...v"
+    else:
+      w, spec = self.lm_head[...], "...d,dv->...v"
+    return jnp.einsum(spec, h, w.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+
+  def _scan_layers(self, fn, residual, cache):
+    """Runs fn(block, residual, layer_cache) -> (residual, layer_cache) over stacked layers."""
+    graphdef, state = nnx.split(self.layers)
+
+    def body(carry, xs):
+      layer_state, layer_cache = xs
+      return fn(nnx.merge(graphdef, layer_state), carry, layer_cache)
+
+    if self.config.remat_policy != "none":
+      body = jax.checkpoint(body, policy=_REMAT.get(self.config.remat_policy),
+                            prevent_cse=False)
+    return jax.lax.scan(body, residual, (state, cache))
+
+  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
+    residual = self._embed(tokens)
+    residual, _ = self._scan_layers(
+        lambda blk, r, _: blk(r, segment_ids=segment_ids), residual, None)
+    return self._logits(residual)
+
+  def init_cache(self, batch: int) -> Mamba2Cache:
+    return Mamba2Cache.zeros(self.config, batch)
+
+  def prefill(self, tokens: jax.Array, cache: Mamba2Cache | None = None, *,
+              segment_ids: jax.Array | None = None) -> tuple[jax.Array, Mamba2Cache]:
+    """Processes tokens (b, L), continuing from `cache` if given; returns (logits, cache).
+
+    prefill(a) then prefill(b, cache) equals prefill(a + b): long prompts can be fed in pieces.
+    """
+    if cache is None:
+      cache = self.init_cache(tokens.shape[0])
+    residual = self._embed(tokens)
+    residual, cache = self._scan_layers(
+        lambda blk, r, lc: blk(r, segment_ids=segment_ids, cache=lc), residual, cache)
+    return self._logits(residual), cache
+
+  def decode_step(self, token: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
+    """One token per sequence: token (b,) int -> (logits (b, padded_vocab) float32, cache)."""
+    residual = self._embed(token)
+    residual, cache = self._scan_layers(lambda blk, r, lc: blk.step(r, lc), residual, cache)
+    return self._logits(residual), cache
