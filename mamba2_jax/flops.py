@@ -1,0 +1,23 @@
+"""FLOP counts of the Mamba-2 model (for MFU): dense matmuls plus the chunked SSD's einsums."""
+
+from __future__ import annotations
+
+from mamba2_jax.config import Mamba2Config
+
+
+def ssd_flops_per_token(cfg: Mamba2Config, seq_len: int) -> float:
+  """Forward FLOPs per token of one layer's chunked SSD (multiply-add = 2 FLOPs).
+
+  Per chunk of Q tokens: C·Bᵀ per group (2·Q²·N·G), the masked diagonal block applied to x
+  (2·Q²·H·P), chunk states (2·Q·H·P·N) and the state-to-output term (2·Q·H·P·N).
+  """
+  q = min(cfg.chunk_size, seq_len)
+  h, p, n, g = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups
+  return 2 * q * n * g + 2 * q * h * p + 4 * h * p * n
+
+
+def model_flops_per_token(cfg: Mamba2Config, seq_len: int) -> float:
+  """Forward FLOPs per token of the whole LM (a training step is about 3x this)."""
+  d = cfg.d_model
+  dense = 2 * (d * cfg.d_in_proj + cfg.d_inner * d)
+  return cfg.n_layer * (dense + ssd_flops_per_token(cfg, seq_len)) + 2 * d * cfg.padded_vocab_size
