@@ -67,7 +67,10 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, vocab_size: int, tempera
 
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
-def _decode_loop(model, first_logits, cache, key, *, max_new_tokens, temperature, top_k, top_p):
+def decode_tokens(model, first_logits, cache, key, *, max_new_tokens, temperature=0.0, top_k=None,
+                  top_p=None):
+  """Samples max_new_tokens tokens starting from first_logits (b, V) and cache, in one jitted
+  scan over the recurrent step -> (tokens (b, max_new_tokens), cache)."""
   vocab = model.config.vocab_size
 
   def body(carry, step_key):
@@ -96,6 +99,6 @@ def generate(model: Mamba2LM, prompt: jax.Array, max_new_tokens: int, *, tempera
   else:
     logits, cache = prefill(model, prompt)
     last = logits[:, -1]
-  toks, _ = _decode_loop(model, last, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
+  toks, _ = decode_tokens(model, last, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
                          temperature=float(temperature), top_k=top_k, top_p=top_p)
   return toks

@@ -1,0 +1,156 @@
+"""Public SSD op and implementation dispatch.
+
+Every implementation is a *core* ``core(prepared, *, chunk_size) -> (y, final_state)``
+receiving :class:`~mamba2_jax.ssd.common.Prepared` tensors (dt already processed in
+fp32/fp64, segment ids already normalised to run indices) and returning y without
+the D skip term (in the accumulation dtype) and the final state. The prologue
+(dt bias/softplus/clip, segment runs) and epilogue (D skip, casts) live here and
+are differentiated by XLA, so a kernel with a hand-written VJP only has to cover
+the scan itself.
+
+New implementations register with :func:`register_impl` and, to become the
+``"auto"`` choice on a backend, :func:`set_auto_impl`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from . import common
+from .chunked import chunked_core
+from .reference import reference_core
+
+__all__ = [
+    "ssd",
+    "ssd_reference",
+    "ssd_chunked",
+    "register_impl",
+    "set_auto_impl",
+    "available_impls",
+    "resolve_impl",
+]
+
+_IMPLS: dict[str, Callable] = {
+    "reference": reference_core,
+    "xla": chunked_core,
+}
+
+# Pallas kernels live in the top-level `pallas_kernels` package and are imported on first use.
+# Their cores take an extra ``interpret`` argument (None = interpret on CPU, compile elsewhere).
+_LAZY: dict[str, tuple[str, str]] = {
+    "pallas_gpu": ("pallas_kernels.ssd_gpu.ops", "ssd_gpu_core"),
+    "pallas_tpu": ("pallas_kernels.ssd_tpu.ops", "ssd_tpu_core"),
+}
+_TAKES_INTERPRET = set(_LAZY)
+
+# backend platform -> impl used by impl="auto"; "*" is the fallback.
+_AUTO: dict[str, str] = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla", "*": "xla"}
+
+
+def register_impl(name: str, core: Callable, *, overwrite: bool = False) -> None:
+    """Register an implementation core under ``name`` (see module docstring)."""
+    if name == "auto":
+        raise ValueError("ssd: 'auto' is reserved")
+    if name in _IMPLS and not overwrite:
+        raise ValueError(f"ssd: impl {name!r} is already registered")
+    _IMPLS[name] = core
+
+
+def set_auto_impl(platform: str, name: str) -> None:
+    """Make ``impl='auto'`` choose ``name`` on backend ``platform`` ('cpu', 'gpu', 'tpu', '*')."""
+    if name not in _IMPLS:
+        raise ValueError(f"ssd: unknown impl {name!r}; registered: {sorted(_IMPLS)}")
+    _AUTO[platform] = name
+
+
+def available_impls() -> tuple[str, ...]:
+    return ("auto", *sorted(set(_IMPLS) | set(_LAZY)))
+
+
+def _load(name: str) -> Callable:
+    if name not in _IMPLS and name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        _IMPLS[name] = getattr(importlib.import_module(module), attr)
+    return _IMPLS[name]
+
+
+def resolve_impl(impl: str) -> str:
+    """Map ``impl`` (possibly 'auto') to a registered implementation name."""
+    if impl == "auto":
+        platform = jax.default_backend()
+        return _AUTO.get(platform, _AUTO["*"])
+    if not isinstance(impl, str) or (impl not in _IMPLS and impl not in _LAZY):
+        raise ValueError(f"ssd: unknown impl={impl!r}; allowed values: {list(available_impls())}")
+    return impl
+
+
+def ssd(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    *,
+    D=None,
+    dt_bias=None,
+    dt_softplus=True,
+    dt_limit=(0.0, float("inf")),
+    chunk_size=256,
+    initial_state=None,
+    segment_ids=None,
+    return_final_state=False,
+    impl="auto",
+    interpret=None,
+):
+    """Mamba-2 structured state-space duality (SSD) scan.
+
+    Args:
+      x: (b, L, H, P) inputs. dt: (b, L, H) raw step sizes. A: (H,) negative decay
+        rates (computed in fp32). B, C: (b, L, G, N); head h uses group h // (H // G).
+      D: (H,) or (H, P) skip, or None. dt_bias: (H,) or None.
+      dt_softplus: apply softplus to dt + dt_bias. dt_limit: clip range for dt.
+      chunk_size: chunk length Q of the chunked implementations.
+      initial_state: (b, H, P, N) state before position 0 (first segment only).
+      segment_ids: (b, L) int; the state resets wherever the id changes.
+      return_final_state: also return the state after the last token.
+      impl: 'auto', 'reference' (per-token scan oracle), 'xla' (chunked),
+        'pallas_gpu', 'pallas_tpu' (Pallas kernels), plus any registered later.
+      interpret: Pallas impls only: run the kernel in interpret mode (None = on CPU).
+
+    Per head (fp32 math): dt_t = clip(softplus(dt_raw + dt_bias), *dt_limit);
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t (outer) B_t; y_t = h_t C_t + D x_t.
+
+    Returns:
+      y (b, L, H, P) in x.dtype, and with ``return_final_state`` the final state
+      (b, H, P, N) in float32 (float64 when the inputs are float64).
+    """
+    name = resolve_impl(impl)
+    common.validate(x, dt, A, B, C, D, dt_bias, initial_state, segment_ids, chunk_size, dt_limit)
+    x = jnp.asarray(x)
+    prep = common.prepare_inputs(
+        x, dt, A, B, C,
+        dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+        initial_state=initial_state, segment_ids=segment_ids,
+    )
+    core = _load(name)
+    extra = {"interpret": interpret} if name in _TAKES_INTERPRET else {}
+    y, final = core(prep, chunk_size=chunk_size, **extra)
+    y = common.apply_skip(y, prep.x, D, prep.acc).astype(x.dtype)
+    if return_final_state:
+        return y, final.astype(prep.acc)
+    return y
+
+
+def ssd_reference(x, dt, A, B, C, **kwargs):
+    """:func:`ssd` with ``impl='reference'`` (per-token scan; the oracle)."""
+    return ssd(x, dt, A, B, C, impl="reference", **kwargs)
+
+
+def ssd_chunked(x, dt, A, B, C, **kwargs):
+    """:func:`ssd` with ``impl='xla'`` (chunked XLA path)."""
+    return ssd(x, dt, A, B, C, impl="xla", **kwargs)
