@@ -53,6 +53,8 @@ class Mamba2Config:
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of parameters (A_log is always float32)
   remat_policy: str = "none"  # one of REMAT_POLICIES, applied per layer
+  scan_unroll: int = 1  # layers per iteration of the layer scan (n_layer = fully unrolled)
+  fused_in_proj: bool = True  # one matmul for z|x|B|C|dt (set False under tensor parallelism)
   ssd_impl: str = "auto"  # one of SSD_IMPLS; see mamba2_jax.ssd.ssd
 
   def __post_init__(self):
@@ -115,7 +117,7 @@ class Mamba2Config:
       raise ConfigError(f"Mamba2Config.{field}: {rule}")
 
     for f in ("d_model", "n_layer", "d_state", "headdim", "expand", "ngroups", "d_conv",
-              "chunk_size", "vocab_size", "pad_vocab_size_multiple"):
+              "chunk_size", "vocab_size", "pad_vocab_size_multiple", "scan_unroll"):
       v = getattr(self, f)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         fail(f, f"must be a positive integer, got {v!r}")

@@ -79,12 +79,15 @@ class Mamba2Mixer(nnx.Module):
     return b[start:start + size]
 
   def _project(self, u):
-    dt_ = self.config.compute_dtype
-    return (dense(u, self.in_proj_z[...], self._in_bias("z"), dt_),
-            dense(u, self.in_proj_x[...], self._in_bias("x"), dt_),
-            dense(u, self.in_proj_B[...], self._in_bias("B"), dt_),
-            dense(u, self.in_proj_C[...], self._in_bias("C"), dt_),
-            dense(u, self.in_proj_dt[...], self._in_bias("dt"), dt_))
+    """u (..., d_model) -> z, x, B, C, dt (pre-conv), each in the compute dtype."""
+    c = self.config
+    names = ("z", "x", "B", "C", "dt")
+    kernels = [getattr(self, f"in_proj_{n}")[...] for n in names]
+    if c.fused_in_proj:  # one GEMM (and one weight-gradient GEMM) instead of five
+      y = dense(u, jnp.concatenate(kernels, axis=1), self._opt("in_proj_bias"), c.compute_dtype)
+      e, gn = c.d_inner, c.ngroups * c.d_state
+      return tuple(jnp.split(y, [e, 2 * e, 2 * e + gn, 2 * e + 2 * gn], axis=-1))
+    return tuple(dense(u, k, self._in_bias(n), c.compute_dtype) for n, k in zip(names, kernels))
 
   def _D(self):
     c = self.config

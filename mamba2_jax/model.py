@@ -96,7 +96,7 @@ class Mamba2LM(nnx.Module):
     if self.config.remat_policy != "none":
       body = jax.checkpoint(body, policy=_REMAT.get(self.config.remat_policy),
                             prevent_cse=False)
-    return jax.lax.scan(body, residual, (state, cache))
+    return jax.lax.scan(body, residual, (state, cache), unroll=self.config.scan_unroll)
 
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     residual = self._embed(tokens)

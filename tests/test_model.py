@@ -190,3 +190,10 @@ def test_untied_head_and_d_has_hdim():
     o, c = step(m, toks[:, t], c)
     outs.append(o)
   _close(np.stack(outs, 1), logits)
+
+
+@pytest.mark.parametrize("change", [dict(fused_in_proj=False), dict(scan_unroll=2)])
+def test_layout_options_do_not_change_the_function(model, tokens, full, change):
+  other = Mamba2LM(CFG.replace(**change), rngs=nnx.Rngs(0))
+  nnx.update(other, nnx.state(model))
+  _close(nnx.jit(lambda m, t: m(t))(other, tokens), full[0])
