@@ -31,6 +31,7 @@ from flax import nnx  # noqa: E402
 from mamba2_jax import Mamba2Config, Mamba2LM  # noqa: E402
 from mamba2_jax.flops import model_flops_per_token  # noqa: E402
 from mamba2_jax.generate import decode_tokens, prefill  # noqa: E402
+from mamba2_jax.runtime import tune_cpu_malloc  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = {
@@ -99,7 +100,7 @@ def run_peer(name, seq_lens, chunk_size, reps):
   py = os.path.join(ROOT, venv, "bin", "python")
   if not os.path.exists(py):
     return {"peer": name, "missing": f"{venv} not found: run bash benchmarks/peers/setup_peers.sh"}
-  out = os.path.join(ROOT, "benchmarks", "results", f"peer_{name}.json")
+  out = os.path.join(ROOT, "benchmarks", "results", f"peer_{name}_chunk{chunk_size}.json")
   cmd = [py, os.path.join(ROOT, script), "--seq_lens", ",".join(map(str, seq_lens)),
          "--out", out, "--chunk_size", str(chunk_size), "--reps", str(reps)]
   print("running peer:", " ".join(cmd), flush=True)
@@ -114,25 +115,35 @@ def run_peer(name, seq_lens, chunk_size, reps):
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--seq_lens", default="2048,8192")
-  p.add_argument("--chunk_size", type=int, default=None,
-                 help="our SSD chunk (default: the config's); peers use 256 unless --peer_chunk")
-  p.add_argument("--peer_chunk", type=int, default=256)
+  p.add_argument("--chunk_size", type=int, default=64,
+                 help="our SSD chunk (64 is fastest on CPU); peers use --peer_chunk")
+  p.add_argument("--peer_chunks", default="256,128",
+                 help="chunk sizes to run each peer at (256 = their default)")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--peers", default="hf,mamba2jax")
+  p.add_argument("--scan_unroll", type=int, default=4, help="layers per layer-scan iteration")
+  p.add_argument("--no_tune_malloc", action="store_true",
+                 help="keep glibc's default malloc (see mamba2_jax.runtime.tune_cpu_malloc)")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "model_cpu.json"))
   args = p.parse_args()
   seq_lens = [int(s) for s in args.seq_lens.split(",")]
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
 
-  cfg = Mamba2Config.preset("bench-cpu")
+  malloc_tuned = False if args.no_tune_malloc else tune_cpu_malloc()
+  cfg = Mamba2Config.preset("bench-cpu", scan_unroll=args.scan_unroll)
   if args.chunk_size:
     cfg = cfg.replace(chunk_size=args.chunk_size)
   peak = matmul_peak_flops()
   print(f"fp32 matmul peak (jax, 2048^3): {peak / 1e9:.0f} GFLOP/s; "
         f"{os.cpu_count()} CPUs; jax {jax.__version__}", flush=True)
   ours = bench_ours(cfg, seq_lens, args.reps)
-  peers = [run_peer(n, seq_lens, args.peer_chunk, args.reps)
-           for n in args.peers.split(",") if n and n != "none"]
+  peers = []
+  for n in args.peers.split(","):
+    for chunk in [int(c) for c in args.peer_chunks.split(",")]:
+      if n and n != "none":
+        r = run_peer(n, seq_lens, chunk, args.reps)
+        r["peer"] = f"{r['peer']} (chunk {chunk})"
+        peers.append(r)
 
   header = (f"{'impl':28s} {'L':>6s} {'fwd tok/s':>10s} {'train tok/s':>12s} {'MFU':>6s} "
             f"{'ours/peer train':>16s} {'ours/peer fwd':>14s}")
@@ -161,7 +172,7 @@ def main():
   print()
   result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version(), "jax": jax.__version__,
-                        "fp32_matmul_peak_flops": peak},
+                        "fp32_matmul_peak_flops": peak, "malloc_tuned": malloc_tuned},
             "config": cfg.to_dict(), "ours": ours, "peers": peers,
             "date": time.strftime("%Y-%m-%d")}
   with open(args.out, "w") as f:
