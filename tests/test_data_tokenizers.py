@@ -1,0 +1,80 @@
+"""Tokenizers: byte, HF tokenizer.json (a synthetic one; the real NeoX file when ../shared has
+it)."""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mamba2_jax.data import (ByteTokenizer, HFTokenizer, TokenizerMismatchError, check_compatible,
+                             get_tokenizer)
+from mamba2_jax.data import testing
+from mamba2_jax.data import tokenizers as tok_lib
+
+SHARED = Path(os.environ.get("MAMBA2_JAX_SHARED", Path(__file__).resolve().parents[1].parent /
+                             "shared"))
+NEOX_FILE = SHARED / "data" / "tokenizers" / "gpt-neox-20b-olmo.json"
+needs_neox = pytest.mark.skipif(not NEOX_FILE.exists(), reason=(
+    f"{NEOX_FILE} not present (the shared data dir beside the checkout; elsewhere run "
+    "scripts/get_neox_tokenizer.sh and use get_tokenizer('neox'))"))
+
+
+def test_byte_identity_and_mismatch():
+  tok = get_tokenizer("byte")
+  assert isinstance(tok, ByteTokenizer) and tok.vocab_size == 259
+  ident = tok.identity()
+  assert ident["name"] == "byte" and len(ident["sha256"]) == 64 and ident["eos_id"] == 257
+  tok.check_compatible(ident)
+  tok.check_compatible({"name": "byte", "vocab_size": 259})   # older identities without a hash
+  with pytest.raises(TokenizerMismatchError, match=r"'gpt-neox-20b' \(vocab 50277\).*'byte'"):
+    tok.check_compatible({"name": "gpt-neox-20b", "vocab_size": 50277, "sha256": "x"}, "DATA")
+  with pytest.raises(TokenizerMismatchError, match="no tokenizer identity"):
+    tok.check_compatible(None)
+  assert tok.decode([104, 105, 256, 257, 258]) == "hi"
+
+
+def test_hf_tokenizer_json(tmp_path):
+  path = testing.write_word_level_tokenizer(tmp_path / "tokenizer.json")
+  tok = get_tokenizer(path)
+  assert isinstance(tok, HFTokenizer) and tok.vocab_size == 7
+  assert (tok.eos_id, tok.pad_id, tok.bos_id) == (1, 2, None)
+  ids = tok.encode("hello , world")
+  assert ids.dtype == np.int32 and ids.tolist() == [3, 5, 4]
+  assert [x.tolist() for x in tok.encode_batch(["hello", "world extra"])] == [[3], [4, 6]]
+  trimmed = get_tokenizer(f"{path}:vocab=6")
+  assert trimmed.vocab_size == 6 and trimmed.encode("extra").tolist() == [0]   # now [UNK]
+  assert trimmed.identity()["sha256"] != tok.identity()["sha256"]
+  with pytest.raises(TokenizerMismatchError, match="sha256"):
+    check_compatible(trimmed, {**tok.identity(), "vocab_size": 6})
+  clone = pickle.loads(pickle.dumps(tok))
+  assert clone.identity() == tok.identity()
+
+
+def test_get_tokenizer_errors(tmp_path, monkeypatch):
+  monkeypatch.setenv("MAMBA2_JAX_CACHE", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="get_neox_tokenizer.sh"):
+    get_tokenizer("neox")
+  with pytest.raises(FileNotFoundError, match="not 'byte', 'neox'"):
+    get_tokenizer(str(tmp_path / "missing.json"))
+  tok = ByteTokenizer()
+  assert get_tokenizer(tok) is tok
+
+
+@needs_neox
+def test_neox_from_shared_file(tmp_path, monkeypatch):
+  tok = get_tokenizer(str(NEOX_FILE))
+  assert tok.name == "gpt-neox-20b" and tok.vocab_size == tok_lib.NEOX_VOCAB_SIZE == 50277
+  assert tok.encode("Hello, I am").tolist() == [12092, 13, 309, 717]
+  assert tok.encode("Hello world").tolist() == [12092, 1533]
+  assert (tok.eos_id, tok.pad_id, tok.bos_id) == (0, 1, None)
+  # the OLMo PII tokens (50277..50279) are gone: their text is ordinary BPE now
+  assert tok.encode(" |||EMAIL_ADDRESS|||").max() < 50277
+  text = "The state of Mamba-2 collapses, naïvely, at 4096 tokens.\n\n  Indented."
+  assert tok.decode(tok.encode(text)) == text
+  # the same file through the cache name used by get_tokenizer("neox")
+  monkeypatch.setenv("MAMBA2_JAX_CACHE", str(tmp_path))
+  (tmp_path / "tokenizers").mkdir()
+  (tmp_path / "tokenizers" / tok_lib.NEOX_FILENAME).write_bytes(NEOX_FILE.read_bytes())
+  assert get_tokenizer("neox").identity() == tok.identity()
