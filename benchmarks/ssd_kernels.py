@@ -18,8 +18,12 @@ Usage:
   python benchmarks/ssd_kernels.py --quick                 # bench shape only
   python benchmarks/ssd_kernels.py --shapes bench --chunks 32,64,128 --tune-malloc
 
-Pallas implementations (added later) need an accelerator: on a CPU-only machine
-they are reported as skipped; run this script on a GPU/TPU host for them.
+Pallas implementations need their accelerator: ``pallas_gpu`` is timed only on a GPU
+backend and ``pallas_tpu`` only on a TPU backend (on CPU they would run in interpret
+mode, which is for tests only); elsewhere they are reported as skipped. On a GPU,
+``pallas_gpu_tf32`` (the same kernels with TF32 instead of IEEE fp32 dots) is timed
+too, and so is the mamba_ssm Triton kernel ``mamba_chunk_scan_combined`` (torch, same
+shapes, fp32) when it is importable (impl name ``mamba_ssm``).
 ``--tune-malloc`` sets glibc ``M_MMAP_MAX=0`` / a large ``M_TRIM_THRESHOLD``
 before JAX allocates anything: XLA:CPU temp buffers above glibc's mmap threshold
 (max 32 MiB) are otherwise mmap'ed fresh on every call and every page written
@@ -106,6 +110,64 @@ def build_plan(args):
     return plan
 
 
+_ACCEL = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+
+
+def accel_skip(impl, backend):
+    """Why ``impl`` is not timed on ``backend`` (None = time it)."""
+    need = _ACCEL.get(impl)
+    if need is not None and backend != need:
+        return f"needs a {need.upper()} backend (Pallas; interpret mode on {backend} is for tests only)"
+    return None
+
+
+def mamba_ssm_timer(backend):
+    """A timer for mamba_ssm's Triton SSD on the GPU (torch), or None when unavailable."""
+    if backend != "gpu":
+        return None
+    try:
+        import torch
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception:  # noqa: BLE001 - not installed / no CUDA build
+        return None
+    if not torch.cuda.is_available():
+        return None
+
+    def run(b, L, H, P, N, G, Q, reps, bwd):
+        dev, f32 = "cuda", torch.float32
+        g = torch.Generator(device=dev).manual_seed(0)
+        rnd = lambda *s: torch.randn(*s, device=dev, dtype=f32, generator=g)  # noqa: E731
+        x, dt, Bm, Cm = rnd(b, L, H, P), rnd(b, L, H) - 2.0, rnd(b, L, G, N), rnd(b, L, G, N)
+        A = -torch.exp(torch.rand(H, device=dev, generator=g) * torch.log(torch.tensor(16.0)))
+        D, dt_bias, w = torch.ones(H, device=dev), torch.rand(H, device=dev, generator=g) * 2 - 4, rnd(b, L, H, P)
+
+        def fwd():
+            return mamba_chunk_scan_combined(x, dt, A, Bm, Cm, Q, D=D, dt_bias=dt_bias, dt_softplus=True)
+
+        def fwd_bwd():
+            args = [t.detach().requires_grad_() for t in (x, dt, A, Bm, Cm)]
+            y = mamba_chunk_scan_combined(*args, Q, D=D, dt_bias=dt_bias, dt_softplus=True)
+            return torch.autograd.grad((y * w).sum(), args)
+
+        def timeit(fn):
+            fn(), fn()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t0)
+            return statistics.median(ts) * 1e3, min(ts) * 1e3
+
+        out = dict(zip(("fwd_ms", "fwd_min_ms"), timeit(fwd)))
+        if bwd:
+            out.update(zip(("fwd_bwd_ms", "fwd_bwd_min_ms"), timeit(fwd_bwd)))
+        return out
+
+    return run
+
+
 def plan_key(e):
     return (list(SHAPES).index(e[0]), e[1], e[2])
 
@@ -124,6 +186,16 @@ def main(argv=None):
     impls = args.impls.split(",") if args.impls else [i for i in ssd_api.available_impls() if i != "auto"]
     plan = build_plan(args)
     ref_shapes = set(args.ref_shapes.split(","))
+    if backend == "gpu" and (not args.impls or "pallas_gpu_tf32" in impls):
+        import functools
+
+        from pallas_kernels.ssd_gpu.ops import ssd_gpu_core
+
+        # fp32 inputs with TF32 dots (the default pallas_gpu runs IEEE fp32 dots)
+        ssd_api.register_impl("pallas_gpu_tf32", functools.partial(ssd_gpu_core, tf32=True), overwrite=True)
+        impls = [i for i in impls if i != "pallas_gpu_tf32"] + ["pallas_gpu_tf32"]
+    peer = mamba_ssm_timer(backend) if not args.impls or "mamba_ssm" in impls else None
+    impls = [i for i in impls if i != "mamba_ssm"] + (["mamba_ssm"] if peer else [])
 
     def timeit(fn, *a):
         jax.block_until_ready(fn(*a))  # compile + warm-up
@@ -145,7 +217,8 @@ def main(argv=None):
     print(f"# jax {jax.__version__} backend={backend} devices={env['devices']} cpus={os.cpu_count()} "
           f"malloc_tuned={malloc_tuned}")
     if backend == "cpu":
-        print("# note: Pallas timings need an accelerator (GPU/TPU); on CPU only the XLA paths are timed.")
+        print("# note: Pallas timings need an accelerator (pallas_gpu on a GPU, pallas_tpu on a TPU); "
+              "on CPU only the XLA paths are timed.")
         if not malloc_tuned:
             print("# hint: --tune-malloc stops glibc from mmap'ing XLA:CPU temp buffers afresh on every call "
                   "(page faults); see the module docstring.")
@@ -182,13 +255,21 @@ def main(argv=None):
                 return jnp.sum(fwd(x, dt, A, B, C, impl=impl, Q=Q) * w)
 
             try:
-                f_med, f_min = timeit(jax.jit(fwd), x, dt, A, Bm, Cm)
-                entry.update(fwd_ms=f_med, fwd_min_ms=f_min, fwd_tokens_per_s=b * L / f_med * 1e3)
-                if not args.no_bwd:
-                    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
-                    g_med, g_min = timeit(g, x, dt, A, Bm, Cm, w)
-                    entry.update(fwd_bwd_ms=g_med, fwd_bwd_min_ms=g_min,
-                                 fwd_bwd_tokens_per_s=b * L / g_med * 1e3)
+                if accel_skip(impl, backend):
+                    raise RuntimeError(accel_skip(impl, backend))
+                if impl == "mamba_ssm":
+                    entry.update(peer(b, L, H, P, N, G, Q, args.reps, not args.no_bwd))
+                    entry.update(fwd_tokens_per_s=b * L / entry["fwd_ms"] * 1e3)
+                    if "fwd_bwd_ms" in entry:
+                        entry.update(fwd_bwd_tokens_per_s=b * L / entry["fwd_bwd_ms"] * 1e3)
+                else:
+                    f_med, f_min = timeit(jax.jit(fwd), x, dt, A, Bm, Cm)
+                    entry.update(fwd_ms=f_med, fwd_min_ms=f_min, fwd_tokens_per_s=b * L / f_med * 1e3)
+                    if not args.no_bwd:
+                        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+                        g_med, g_min = timeit(g, x, dt, A, Bm, Cm, w)
+                        entry.update(fwd_bwd_ms=g_med, fwd_bwd_min_ms=g_min,
+                                     fwd_bwd_tokens_per_s=b * L / g_med * 1e3)
             except Exception as e:  # e.g. a Pallas impl without its accelerator
                 entry.update(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
             results.append(entry)

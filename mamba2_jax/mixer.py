@@ -8,6 +8,7 @@ The checkpoint importer splits the official tensors (mamba2_jax/pretrained.py).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -18,7 +19,23 @@ from mamba2_jax.cache import Mamba2Cache
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.layers import (A_log_init, causal_conv, conv_step, dense, dt_bias_init,
                                gated_rms_norm, param, uniform_init)
-from mamba2_jax.ssd import prepare_dt, ssd
+from mamba2_jax.ssd import prepare_dt, resolve_impl, ssd
+from mamba2_jax.ssd.api import PALLAS_IMPLS
+
+
+def ssd_op(impl: str, **kwargs):
+  """`ssd` with fixed keyword arguments; a Pallas impl under a multi-device mesh runs per shard.
+
+  Pallas (Mosaic/Triton) kernels cannot be partitioned by XLA, so under `jax.set_mesh` they go
+  through `pallas_kernels.sharded.sharded_ssd` (batch over "data"/"fsdp", heads over "tensor").
+  Inside a `shard_map` (manual axes) or on one device the op is called directly.
+  """
+  name = resolve_impl(impl)
+  mesh = jax.sharding.get_abstract_mesh()
+  if name in PALLAS_IMPLS and not mesh.empty and mesh.size > 1 and not mesh.manual_axes:
+    from pallas_kernels.sharded import sharded_ssd
+    return sharded_ssd(mesh, impl=name, **kwargs)
+  return functools.partial(ssd, impl=name, **kwargs)
 
 
 class Mamba2Mixer(nnx.Module):
@@ -119,12 +136,13 @@ class Mamba2Mixer(nnx.Module):
                         segment_ids=segment_ids)
     x, B, C = jax.nn.silu(x), jax.nn.silu(B), jax.nn.silu(C)
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    result = ssd(
+    op = ssd_op(c.ssd_impl, dt_softplus=True, dt_limit=c.dt_limit, chunk_size=c.chunk_size,
+                return_final_state=cache is not None)
+    result = op(
         x.reshape(b, L, c.nheads, c.headdim), dt, A,
         B.reshape(b, L, c.ngroups, c.d_state), C.reshape(b, L, c.ngroups, c.d_state),
-        D=self._D(), dt_bias=self.dt_bias[...], dt_softplus=True, dt_limit=c.dt_limit,
-        chunk_size=c.chunk_size, initial_state=None if cache is None else cache.ssm,
-        segment_ids=segment_ids, return_final_state=cache is not None, impl=c.ssd_impl)
+        D=self._D(), dt_bias=self.dt_bias[...],
+        initial_state=None if cache is None else cache.ssm, segment_ids=segment_ids)
     y, h = result if cache is not None else (result, None)
     out = self._output(y.reshape(b, L, c.d_inner), z)
     if cache is None:

@@ -367,6 +367,13 @@ def test_auto_dispatch_and_wrappers():
     assert len(out) == 2 and out[1].shape == (1, H, P, N) and out[1].dtype == jnp.float32
 
 
+@pytest.mark.parametrize("backend,impl", [("cpu", "xla"), ("gpu", "pallas_gpu"), ("tpu", "pallas_tpu"),
+                                          ("rocm", "xla"), ("metal", "xla")])
+def test_auto_picks_pallas_on_accelerators(monkeypatch, backend, impl):
+    monkeypatch.setattr(ssd_api.jax, "default_backend", lambda: backend)
+    assert ssd_api.resolve_impl("auto") == impl
+
+
 def test_errors():
     inp = make_inputs(2, 1, 6, 2, dtype=np.float32)
     x, dt, A, B, C = inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"]

@@ -41,7 +41,7 @@ setup_mamba2jax() {
     echo "setup_peers: $venv exists but is not Python 3.12; remove it and re-run" >&2; exit 1; }
   "$venv/bin/pip" install -q --upgrade pip
   "$venv/bin/pip" install -q -r "$req"
-  "$venv/bin/python" -c 'import mamba2_jax, jax, flax; print("[setup_peers] mamba2_jax", mamba2_jax.__version__, "jax", jax.__version__, "flax", flax.__version__)'
+  "$venv/bin/python" -I -c 'import mamba2_jax, jax, flax; print("[setup_peers] mamba2_jax", mamba2_jax.__version__, "jax", jax.__version__, "flax", flax.__version__)'
 }
 
 case "$WHAT" in

@@ -31,6 +31,7 @@ __all__ = [
     "set_auto_impl",
     "available_impls",
     "resolve_impl",
+    "PALLAS_IMPLS",
 ]
 
 _IMPLS: dict[str, Callable] = {
@@ -46,8 +47,11 @@ _LAZY: dict[str, tuple[str, str]] = {
 }
 _TAKES_INTERPRET = set(_LAZY)
 
-# backend platform -> impl used by impl="auto"; "*" is the fallback.
-_AUTO: dict[str, str] = {"cpu": "xla", "gpu": "xla", "cuda": "xla", "rocm": "xla", "tpu": "xla", "*": "xla"}
+# backend platform -> impl used by impl="auto"; "*" is the fallback. ROCm stays on XLA: the
+# Triton kernels are compile-checked for CUDA (sm_90) only.
+_AUTO: dict[str, str] = {"cpu": "xla", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "xla",
+                         "tpu": "pallas_tpu", "*": "xla"}
+PALLAS_IMPLS = frozenset(_LAZY)
 
 
 def register_impl(name: str, core: Callable, *, overwrite: bool = False) -> None:
@@ -61,8 +65,8 @@ def register_impl(name: str, core: Callable, *, overwrite: bool = False) -> None
 
 def set_auto_impl(platform: str, name: str) -> None:
     """Make ``impl='auto'`` choose ``name`` on backend ``platform`` ('cpu', 'gpu', 'tpu', '*')."""
-    if name not in _IMPLS:
-        raise ValueError(f"ssd: unknown impl {name!r}; registered: {sorted(_IMPLS)}")
+    if name not in _IMPLS and name not in _LAZY:
+        raise ValueError(f"ssd: unknown impl {name!r}; registered: {sorted(set(_IMPLS) | set(_LAZY))}")
     _AUTO[platform] = name
 
 

@@ -1,0 +1,183 @@
+"""``impl="pallas_gpu"``: the SSD core built from the Pallas (Triton) kernels in kernel.py.
+
+``ssd_gpu_core(prep, *, chunk_size, interpret=None)`` follows the core contract of
+``mamba2_jax.ssd.api`` (y without the D term and the final state, both in ``prep.acc``).
+XLA does the cheap glue: padding (L to a multiple of the chunk with dt = 0, x = B = C = 0;
+P and N to powers of two >= 16), the per-token log-decay dA = dt * A and its per-chunk cumsum,
+the per-token segment arrays, and in the backward the sum of the per-head dB/dC over the heads
+of a group and the prefix sums that turn the kernels' per-token terms into the gradient
+w.r.t. the per-token log-decay dA = dt * A (a cancellation-free form: the undecayed diagonal
+terms, which dominate under strong decay, never enter it).
+Everything of cost O(L * H * P * N) or O(L * Q * H * (P + N)) runs in the Pallas kernels,
+forward and backward (a ``jax.custom_vjp``; the backward stores only the chunk-entry states
+and y, and recomputes C B^T, the decay matrices and the state weights).
+
+The kernel's chunk length is the largest power of two <= chunk_size (and <= the padded
+sequence), at least 16: the chunk size changes only rounding, never the result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import kernel as K
+
+__all__ = ["ssd_gpu_core", "make_config", "pow2_at_least", "pow2_at_most"]
+
+
+def pow2_at_least(n: int, lo: int = 16) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def pow2_at_most(n: int, lo: int = 16) -> int:
+    p = lo
+    while p * 2 <= n:
+        p *= 2
+    return p
+
+
+def make_config(L, P, N, dtype, chunk_size, *, has_seg, interpret,
+                block_l=64, block_p=32, block_n=64, num_warps=None, num_stages=2,
+                tf32=False) -> K.Config:
+    """Static configuration for padded sizes (P, N already powers of two)."""
+    Q = min(pow2_at_most(chunk_size), pow2_at_least(L))
+    dt = jnp.dtype(dtype)
+    cdt = dt.name if dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "float32"
+    if num_warps is None:
+        num_warps = 4 if P <= 64 else 8
+    return K.Config(
+        Q=Q,
+        BL=min(block_l, Q),
+        BP=min(block_p, P),
+        BN=min(block_n, N),
+        cdt=cdt,
+        has_seg=has_seg,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        interpret=bool(interpret),
+        tf32=bool(tf32),
+    )
+
+
+def _chunk_cumsum(dA, Q):
+    b, H, Lp = dA.shape
+    return jnp.cumsum(dA.reshape(b, H, Lp // Q, Q), axis=-1).reshape(b, H, Lp)
+
+
+def _fwd(cfg, x, dt, dA, B, C, h0, segs):
+    acs = _chunk_cumsum(dA, cfg.Q)
+    prev, hT = K.state_fwd(x, dt, acs, B, h0, segs, cfg)
+    y = K.scan_fwd(x, dt, acs, B, C, prev, segs, cfg)
+    return y, hT, prev, acs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def ssd_kernels(cfg, x, dt, dA, B, C, h0, segs):
+    """Padded-layout SSD: x (b,Lp,H,P); dt, dA = dt*A (b,H,Lp) fp32; B, C (b,Lp,G,N);
+    h0 (b,H,P,N). Returns y (b,Lp,H,P) fp32 without D, final state (b,H,P,N) fp32.
+    """
+    y, hT, _, _ = _fwd(cfg, x, dt, dA, B, C, h0, segs)
+    return y, hT
+
+
+def _ssd_kernels_fwd(cfg, x, dt, dA, B, C, h0, segs):
+    y, hT, prev, acs = _fwd(cfg, x, dt, dA, B, C, h0, segs)
+    return (y, hT), (x, dt, acs, B, C, segs, prev)
+
+
+def _ssd_kernels_bwd(cfg, res, cts):
+    x, dt, acs, B, C, segs, prev = res
+    dy, dhT = cts
+    b, Lp, H, P = x.shape
+    G, N = B.shape[-2:]
+    Q = cfg.Q
+    T = Lp // Q
+    dy = dy.astype(jnp.float32)
+    dS, red, dh0 = K.state_bwd(dy, acs, C, prev, dhT.astype(jnp.float32), segs, cfg)
+    dx, ddt, dBh, col, st = K.scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg)
+    dCh, row = K.scan_bwd_l(x, dt, acs, B, C, prev, dy, segs, cfg)
+    # Gradient w.r.t. the per-token log-decay dA_k, without cancellation (the "stable" form):
+    # pairs (l, s) of the diagonal block with s < k <= l: rev_cumsum(row - col) (row/col exclude
+    # the undecayed diagonal l = s); y_off rows l >= k: in row; chunk-state terms s < k:
+    # exclusive prefix sum of st; the carried decay of the chunk: red.
+    shape = (b, H, T, Q)
+    rc = (row - col).reshape(shape)
+    rev = jnp.flip(jnp.cumsum(jnp.flip(rc, -1), axis=-1), -1)
+    st = st.reshape(shape)
+    dlast = jnp.sum(red, axis=(2, 4))  # (b,H,T)
+    ddA = (rev + (jnp.cumsum(st, axis=-1) - st) + dlast[..., None]).reshape(b, H, Lp)
+    dB = jnp.sum(dBh.reshape(b, Lp, G, H // G, N), axis=3).astype(B.dtype)
+    dC = jnp.sum(dCh.reshape(b, Lp, G, H // G, N), axis=3).astype(C.dtype)
+    return dx.astype(x.dtype), ddt, ddA, dB, dC, dh0, None
+
+
+ssd_kernels.defvjp(_ssd_kernels_fwd, _ssd_kernels_bwd)
+
+
+def _pad(t, axis, target, mode="constant"):
+    n = t.shape[axis]
+    if n == target:
+        return t
+    w = [(0, 0)] * t.ndim
+    w[axis] = (0, target - n)
+    return jnp.pad(t, w, mode=mode)
+
+
+def _segment_arrays(seg, Q):
+    """seg (b,Lp) run indices -> (seg, segp, sege) per token (see kernel.py)."""
+    b, Lp = seg.shape
+    T = Lp // Q
+    end = seg.reshape(b, T, Q)[:, :, -1]  # (b,T)
+    prev_end = jnp.concatenate([jnp.zeros_like(end[:, :1]), end[:, :-1]], axis=1)
+    rep = lambda v: jnp.repeat(v, Q, axis=1)  # noqa: E731
+    return seg, rep(prev_end), rep(end)
+
+
+def prepare_padded(prep, chunk_size, interpret, **cfg_kw):
+    """Prepared -> (cfg, padded kernel arguments)."""
+    x = prep.x
+    b, L, H, P = x.shape
+    G, N = prep.B.shape[-2:]
+    Pp, Np = pow2_at_least(P), pow2_at_least(N)
+    cfg = make_config(L, Pp, Np, x.dtype, chunk_size, has_seg=prep.seg is not None,
+                      interpret=interpret, **cfg_kw)
+    Q = cfg.Q
+    Lp = -(-L // Q) * Q
+    f32 = jnp.float32
+    cdt = jnp.dtype(cfg.cdt)
+    xk = _pad(_pad(x.astype(cdt), 1, Lp), 3, Pp)
+    Bk = _pad(_pad(prep.B.astype(cdt), 1, Lp), 3, Np)
+    Ck = _pad(_pad(prep.C.astype(cdt), 1, Lp), 3, Np)
+    dt = jnp.transpose(_pad(prep.dt.astype(f32), 1, Lp), (0, 2, 1))  # (b,H,Lp), pad dt = 0
+    dA = dt * prep.A.astype(f32)[None, :, None]  # per-token log-decay (b,H,Lp)
+    if prep.initial_state is None:
+        h0 = jnp.zeros((b, H, Pp, Np), f32)
+    else:
+        h0 = _pad(_pad(prep.initial_state.astype(f32), 2, Pp), 3, Np)
+    segs = None
+    if prep.seg is not None:
+        segs = _segment_arrays(_pad(prep.seg.astype(jnp.int32), 1, Lp, mode="edge"), Q)
+    return cfg, (xk, dt, dA, Bk, Ck, h0, segs)
+
+
+def ssd_gpu_core(prep, *, chunk_size: int = 256, interpret=None, **cfg_kw):
+    """SSD core on the Pallas GPU kernels (see module docstring).
+
+    ``cfg_kw`` (make_config): block_l, block_p, block_n, num_warps, num_stages, tf32. The
+    public op uses the defaults; e.g. ``mamba2_jax.ssd.api.register_impl("pallas_gpu_tf32",
+    functools.partial(ssd_gpu_core, tf32=True))`` adds a TF32 variant for fp32 inputs.
+    """
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    b, L, H, P = prep.x.shape
+    N = prep.B.shape[-1]
+    cfg, args = prepare_padded(prep, chunk_size, interpret, **cfg_kw)
+    y, hT = ssd_kernels(cfg, *args)
+    acc = prep.acc
+    return y[:, :L, :, :P].astype(acc), hT[:, :, :P, :N].astype(acc)
