@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv-tpu: Python >= 3.12 + jax[tpu] (libtpu from PyPI, about 20 s), used only for the
-# ahead-of-time TPU compile checks of the Pallas/Mosaic kernels on a CPU host:
+# Creates .venv-tpu: Python >= 3.12, the project's requirements + jax[tpu] (libtpu from PyPI), used for the
+# ahead-of-time TPU compiles on a CPU host (Mosaic kernels, the full train step):
 #   .venv-tpu/bin/python -m pallas_kernels.ssd_tpu.compile_check
 #   .venv/bin/python -m pytest -m tpu_compile
 # Idempotent: re-running only installs what changed. Override the interpreter with PYTHON=...
@@ -31,10 +31,10 @@ if [ ! -x .venv-tpu/bin/python ]; then
   echo "setup_tpu_venv: creating .venv-tpu with $($PY --version 2>&1) ($PY)"
   $PY -m venv .venv-tpu
 fi
-stamp=.venv-tpu/.installed-$(sha256sum scripts/requirements-tpu.txt | cut -c1-16)
+stamp=.venv-tpu/.installed-$(cat scripts/requirements-tpu.txt requirements.txt requirements-lock.txt | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   .venv-tpu/bin/python -m pip install -q --upgrade pip
-  .venv-tpu/bin/python -m pip install -q -r scripts/requirements-tpu.txt
+  .venv-tpu/bin/python -m pip install -q -r scripts/requirements-tpu.txt -c requirements-lock.txt
   rm -f .venv-tpu/.installed-*; touch "$stamp"
 fi
 .venv-tpu/bin/python -c 'import jax, libtpu; print("setup_tpu_venv: jax", jax.__version__, "libtpu ok")' 2>/dev/null

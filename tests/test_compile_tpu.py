@@ -1,8 +1,10 @@
-"""AOT compile checks of the Mosaic SSD kernels for TPU (v5e topology) from this CPU host.
+"""AOT compile checks for TPU (v5e topology) from this CPU host: the Mosaic SSD kernels and the
+full sharded train step.
 
-Run ``scripts/setup_tpu_venv.sh`` first (jax[tpu] with libtpu from PyPI in .venv-tpu); these
-tests run ``python -m pallas_kernels.ssd_tpu.compile_check`` in that venv in a subprocess
-(libtpu must not be loaded into the test process) and skip when the venv is absent.
+Run ``scripts/setup_tpu_venv.sh`` first (the project + jax[tpu] with libtpu from PyPI in
+.venv-tpu); these tests run ``python -m pallas_kernels.ssd_tpu.compile_check`` and
+``python -m experiments.train_compile`` in that venv in a subprocess (libtpu must not be loaded
+into the test process) and skip when the venv is absent.
 Deselect with ``-m 'not tpu_compile'``.
 """
 
@@ -51,3 +53,32 @@ def test_tpu_compile_rejects_misaligned_block():
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "misaligned block (Q=12) REJECTED as expected" in p.stdout
     assert "blocks over VMEM REJECTED as expected (backend compiler)" in p.stdout
+
+
+def _train_compile(*args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([str(PY), "-m", "experiments.train_compile", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("variant,extra", [
+    ("tiny", []),
+    ("130m", ["--config.global_batch_size=4"]),  # 1 x 8192 tokens per chip, bf16, remat
+])
+def test_train_step_compiles_for_tpu(variant, extra):
+    """The full sharded train step (Mosaic SSD kernels inside) compiles for v5e:2x2 and fits."""
+    p = _train_compile(f"--config=configs/train.py:{variant}", "--topology=v5e:2x2", *extra)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "train_compile: OK" in p.stdout and "ssd_impl=pallas_tpu" in p.stdout
+    n = int(p.stdout.split(" Mosaic kernel calls")[0].rsplit(", ", 1)[1])
+    assert n >= 2  # the SSD forward and backward kernels
+    sys.stdout.write(p.stdout)
+
+
+def test_train_compile_rejects_a_config_that_does_not_fit():
+    p = _train_compile("--config=configs/train.py:130m", "--topology=v5e:2x2",
+                       "--config.global_batch_size=4", "--config.seq_len=32768",
+                       "--config.model.remat_policy=none")
+    assert p.returncode == 1
+    assert "RESOURCE_EXHAUSTED" in p.stderr or "DOES NOT FIT" in p.stderr

@@ -1,0 +1,64 @@
+"""Device mesh and shardings: mesh axes ("data", "fsdp", "tensor"), logical-axis rules.
+
+The model names the axes of every parameter (mamba2_jax/layers.py: "layers", "vocab", "embed",
+"inner", "heads", "group_state", ...); `config.logical_axis_rules` maps them to mesh axes:
+data parallelism replicates parameters and splits the batch over "data"; FSDP additionally
+shards parameters on "embed" over "fsdp" (the batch is split over data x fsdp); tensor
+parallelism shards heads / d_inner / vocab over "tensor".
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mamba2_jax.train.config import MESH_AXES, resolve_mesh_shape
+
+__all__ = ["make_mesh", "param_specs", "shardings_of", "batch_spec", "rules_tuple"]
+
+
+def make_mesh(mesh_shape, devices=None) -> jax.sharding.Mesh:
+  """Mesh over `devices` (default: all) with Auto axes ("data", "fsdp", "tensor")."""
+  devices = jax.devices() if devices is None else list(devices)
+  shape = resolve_mesh_shape(mesh_shape, len(devices))
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def rules_tuple(rules) -> tuple:
+  """Config rules (possibly lists from JSON) as the hashable tuples flax expects."""
+  return tuple((name, tuple(ax) if isinstance(ax, (list, tuple)) else ax) for name, ax in rules)
+
+
+def _fit(spec: P, shape, mesh) -> P:
+  """Drops mesh axes that do not divide the array dimension (e.g. 3 heads over tensor=2),
+  replicating that dimension instead of failing."""
+  out = []
+  for dim, ax in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    axes = ax if isinstance(ax, tuple) else (ax,)
+    size = int(np.prod([mesh.shape[a] for a in axes if a is not None]))
+    out.append(ax if ax is None or dim % size == 0 else None)
+  return P(*out)
+
+
+def param_specs(abstract_state, rules, mesh) -> dict:
+  """PartitionSpecs (a pure dict like nnx.to_pure_dict(state)) of the model parameters."""
+  with nnx.logical_axis_rules(rules_tuple(rules)):
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
+  shapes = nnx.to_pure_dict(abstract_state)
+  return jax.tree.map(lambda s, a: _fit(s, a.shape, mesh), specs, shapes,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def shardings_of(specs, mesh):
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec(mesh, rules) -> P:
+  """Spec of a (batch, length) array: batch over the mesh axes of the "batch" rule."""
+  axes = dict(rules_tuple(rules)).get("batch", ("data", "fsdp"))
+  axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
+  return P(axes if len(axes) > 1 else (axes[0] if axes else None), None)

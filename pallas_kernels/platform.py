@@ -1,0 +1,21 @@
+"""The platform code is being compiled for (which may differ from the one it runs on)."""
+
+from __future__ import annotations
+
+import jax
+
+__all__ = ["target_platform"]
+
+
+def target_platform() -> str:
+    """'tpu' / 'gpu' / 'cpu' / ...: the platform of the current mesh context's devices
+    (`jax.set_mesh` with e.g. TPU topology devices while compiling ahead of time on a CPU
+    host), else `jax.default_backend()`. Decides `impl="auto"` and whether Pallas kernels run
+    in interpret mode (only when the target is the CPU)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        dev = getattr(mesh, "abstract_device", None)
+        platform = getattr(dev, "platform", None)
+        if platform:
+            return platform
+    return jax.default_backend()
