@@ -143,6 +143,8 @@ def test_tbptt_same_loss_truncated_gradient():
     ("model.headdim", 48, "config.model: Mamba2Config.headdim"),
     ("optimizer.lr", -1.0, "config.optimizer.lr: must be > 0.0"),
     ("seq_len", 0, "config.seq_len: must be an integer >= 1"),
+    ("model.state_norm", "chunk", "config.model.state_norm: is an inference-time mitigation"),
+    ("model.rri_decay_scale", 1.5, r"config.model: Mamba2Config.rri_decay_scale: must be in \(0, 1\]"),
 ])
 def test_config_errors_name_the_field(field, value, match):
   with pytest.raises(ConfigError, match=match):

@@ -10,6 +10,10 @@ the scan itself.
 
 New implementations register with :func:`register_impl` and, to become the
 ``"auto"`` choice on a backend, :func:`set_auto_impl`.
+
+State-collapse mitigations (paper §3): ``dt_scale`` and ``log_decay_offset`` are applied in
+the shared prologue (``Prepared.dt`` and ``Prepared.dA``), so every core honours them;
+``window`` is passed to the cores that support it (``WINDOW_IMPLS``) as ``window=r``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.platform import target_platform
 
 from . import common
 from .chunked import chunked_core
@@ -32,6 +38,7 @@ __all__ = [
     "available_impls",
     "resolve_impl",
     "PALLAS_IMPLS",
+    "WINDOW_IMPLS",
 ]
 
 _IMPLS: dict[str, Callable] = {
@@ -52,15 +59,27 @@ _TAKES_INTERPRET = set(_LAZY)
 _AUTO: dict[str, str] = {"cpu": "xla", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "xla",
                          "tpu": "pallas_tpu", "*": "xla"}
 PALLAS_IMPLS = frozenset(_LAZY)
+# impls whose core takes ``window=r`` (the sliding window by state difference)
+WINDOW_IMPLS = {"reference", "xla"}
 
 
-def register_impl(name: str, core: Callable, *, overwrite: bool = False) -> None:
-    """Register an implementation core under ``name`` (see module docstring)."""
+def register_impl(name: str, core: Callable, *, overwrite: bool = False,
+                  supports_window: bool = False) -> None:
+    """Register an implementation core under ``name`` (see module docstring).
+
+    ``supports_window``: the core accepts ``window=r`` (int >= 1) as a keyword argument.
+    Cores must take the per-token log-decay from ``Prepared.dA`` (dt * A + log_decay_offset),
+    not recompute dt * A, or ``log_decay_offset`` is silently lost.
+    """
     if name == "auto":
         raise ValueError("ssd: 'auto' is reserved")
     if name in _IMPLS and not overwrite:
         raise ValueError(f"ssd: impl {name!r} is already registered")
     _IMPLS[name] = core
+    if supports_window:
+        WINDOW_IMPLS.add(name)
+    else:
+        WINDOW_IMPLS.discard(name)
 
 
 def set_auto_impl(platform: str, name: str) -> None:
@@ -83,11 +102,18 @@ def _load(name: str) -> Callable:
     return _IMPLS[name]
 
 
-def resolve_impl(impl: str) -> str:
-    """Map ``impl`` (possibly 'auto') to a registered implementation name."""
+def resolve_impl(impl: str, *, window: int | None = None) -> str:
+    """Map ``impl`` (possibly 'auto') to a registered implementation name.
+
+    With ``window`` set, 'auto' falls back to 'xla' where the backend's choice has no
+    sliding-window support (the Pallas impls).
+    """
     if impl == "auto":
-        platform = jax.default_backend()
-        return _AUTO.get(platform, _AUTO["*"])
+        platform = target_platform()
+        name = _AUTO.get(platform, _AUTO["*"])
+        if window is not None and name not in WINDOW_IMPLS:
+            name = "xla"
+        return name
     if not isinstance(impl, str) or (impl not in _IMPLS and impl not in _LAZY):
         raise ValueError(f"ssd: unknown impl={impl!r}; allowed values: {list(available_impls())}")
     return impl
@@ -110,6 +136,9 @@ def ssd(
     return_final_state=False,
     impl="auto",
     interpret=None,
+    dt_scale=1.0,
+    log_decay_offset=0.0,
+    window=None,
 ):
     """Mamba-2 structured state-space duality (SSD) scan.
 
@@ -125,24 +154,45 @@ def ssd(
       impl: 'auto', 'reference' (per-token scan oracle), 'xla' (chunked),
         'pallas_gpu', 'pallas_tpu' (Pallas kernels), plus any registered later.
       interpret: Pallas impls only: run the kernel in interpret mode (None = on CPU).
+      dt_scale: s > 0, multiplies the processed dt (LongMamba-style; scales decay and
+        insertion). All impls.
+      log_decay_offset: o <= 0 added to dt_t * A at every real position (RRI: o = log c_a,
+        i.e. alpha_t *= c_a; padded positions stay identity steps). All impls.
+      window: sliding window r >= 1 by state difference (paper eq. 8), or None: y_t reads
+        h_t - alpha_{t-r+1:t} h_{t-r}, i.e. only positions t-r+1..t contribute; the D skip
+        and the returned final state are unchanged. ``initial_state`` is the contribution
+        of position -1 (h_{-1}; h_s = 0 for s < -1): it reaches y_t only for t <= r - 2.
+        No subtraction across a segment start. Impls 'reference' and 'xla' (both
+        differentiable); 'auto' then resolves to one of them; the Pallas impls raise.
 
-    Per head (fp32 math): dt_t = clip(softplus(dt_raw + dt_bias), *dt_limit);
-    h_t = exp(dt_t A) h_{t-1} + dt_t x_t (outer) B_t; y_t = h_t C_t + D x_t.
+    Per head (fp32 math): dt_t = s * clip(softplus(dt_raw + dt_bias), *dt_limit);
+    h_t = exp(dt_t A + o) h_{t-1} + dt_t x_t (outer) B_t; y_t = h_t C_t + D x_t.
+    (RRI's insertion scale c_b is no op argument: scale B by c_b before the call, as the
+    mixer does.)
 
     Returns:
       y (b, L, H, P) in x.dtype, and with ``return_final_state`` the final state
       (b, H, P, N) in float32 (float64 when the inputs are float64).
     """
-    name = resolve_impl(impl)
+    common.validate_mitigations(dt_scale, log_decay_offset, window)
+    name = resolve_impl(impl, window=window)
+    if window is not None and name not in WINDOW_IMPLS:
+        raise ValueError(
+            f"ssd: window= is supported by impl {sorted(WINDOW_IMPLS)} (and 'auto', which then "
+            f"uses 'xla'), not by impl={name!r}"
+        )
     common.validate(x, dt, A, B, C, D, dt_bias, initial_state, segment_ids, chunk_size, dt_limit)
     x = jnp.asarray(x)
     prep = common.prepare_inputs(
         x, dt, A, B, C,
         dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
         initial_state=initial_state, segment_ids=segment_ids,
+        dt_scale=dt_scale, log_decay_offset=log_decay_offset,
     )
     core = _load(name)
     extra = {"interpret": interpret} if name in _TAKES_INTERPRET else {}
+    if window is not None:
+        extra["window"] = window
     y, final = core(prep, chunk_size=chunk_size, **extra)
     y = common.apply_skip(y, prep.x, D, prep.acc).astype(x.dtype)
     if return_final_state:

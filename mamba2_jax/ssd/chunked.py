@@ -39,6 +39,11 @@ common.segment_runs, so equality means "no reset in between"):
   carried state:  zeroed when seg[chunk end] != seg[previous chunk end] (0 before chunk 0)
   state -> output: only rows with seg == seg[token before the chunk] (0 for chunk 0)
 
+Sliding window (``window=r``): the custom VJP has a variant that also returns the
+chunk-entry states prev (and accepts their cotangent, added before the reverse state
+passing); window.py builds the correction y_old from them in plain XLA, and the output
+is y - y_old (gradients through both parts).
+
 CPU notes (2-core AVX-512, H=8, P=64, N=128, L=2048, fp32): fwd ~8 ms, fwd+bwd
 ~24 ms (chunk 64, glibc tuned) / ~38 ms (default glibc). The state GEMMs
 (6 x 2*L*H*P*N flops for fwd+bwd) dominate; chunk 64-128 is fastest (the diagonal
@@ -55,6 +60,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .common import Prepared, pad_axis
+from .window import window_correction, window_is_noop
 
 __all__ = ["chunked_core"]
 
@@ -209,8 +215,14 @@ def _ssd_chunks_fwd(x, dt, Acs, B, C, h0, seg):
 
 
 def _ssd_chunks_bwd(res, cts):
-    x, dt, Acs, B, C, seg, prev, h_last, y = res
     dy, dh_last = cts
+    return _bwd_impl(res, dy, dh_last, None)
+
+
+def _bwd_impl(res, dy, dh_last, dprev_ext):
+    """Cotangents of (x, dt, Acs, B, C, h0, seg); ``dprev_ext`` is an extra cotangent of the
+    chunk-entry states (b,T,G,N,K) or None."""
+    x, dt, Acs, B, C, seg, prev, h_last, y = res
     b, T, Q, G, R, P = x.shape
     N = B.shape[-1]
     K = R * P
@@ -224,6 +236,8 @@ def _ssd_chunks_bwd(res, cts):
     # ---- state -> output
     dyo = _grouped(dy * _nat(e)[..., None])  # (b,T,G,Q,K)
     dprev = _dot("btgnl,btglk->btgnk", Ct, dyo)  # (b,T,G,N,K)
+    if dprev_ext is not None:
+        dprev = dprev + dprev_ext
     dC = _dot("btglk,btgnk->btgln", dyo, prev)
 
     # ---- reverse state passing: g_t = dprev_t + decay_t g_{t+1}, with
@@ -275,8 +289,30 @@ def _ssd_chunks_bwd(res, cts):
 _ssd_chunks.defvjp(_ssd_chunks_fwd, _ssd_chunks_bwd)
 
 
-def chunked_core(p: Prepared, *, chunk_size: int = 256):
-    """Chunked SSD core. Returns (y without D, final_state) in ``p.acc``."""
+@jax.custom_vjp
+def _ssd_chunks_states(x, dt, Acs, B, C, h0, seg):
+    """:func:`_ssd_chunks` that also returns the chunk-entry states prev (b,T,G,N,K)."""
+    return _fwd_impl(x, dt, Acs, B, C, h0, seg)
+
+
+def _ssd_chunks_states_fwd(x, dt, Acs, B, C, h0, seg):
+    y, prev, h_last = _fwd_impl(x, dt, Acs, B, C, h0, seg)
+    return (y, prev, h_last), (x, dt, Acs, B, C, seg, prev, h_last, y)
+
+
+def _ssd_chunks_states_bwd(res, cts):
+    dy, dprev, dh_last = cts
+    return _bwd_impl(res, dy, dh_last, dprev)
+
+
+_ssd_chunks_states.defvjp(_ssd_chunks_states_fwd, _ssd_chunks_states_bwd)
+
+
+def chunked_core(p: Prepared, *, chunk_size: int = 256, window: int | None = None):
+    """Chunked SSD core. Returns (y without D, final_state) in ``p.acc``.
+
+    ``window``: sliding window r >= 1 (see window.py) or None.
+    """
     acc = p.acc
     b, L, H, P = p.x.shape
     G, N = p.B.shape[-2:]
@@ -285,10 +321,12 @@ def chunked_core(p: Prepared, *, chunk_size: int = 256):
     T = -(-L // Q)
     Lp = T * Q
 
-    # pad AFTER the dt prologue: dt = 0, x = B = C = 0 are identity steps; segment
+    # pad AFTER the dt prologue: dt = 0, dA = 0, x = B = C = 0 are identity steps; segment
     # ids are edge-padded so padding never starts a new segment.
+    chunk = lambda t: jnp.transpose(pad_axis(t, Lp).reshape(b, T, Q, G, R), (0, 1, 3, 4, 2))  # noqa: E731
     x = pad_axis(p.x.astype(acc), Lp).reshape(b, T, Q, G, R, P)
-    dt = jnp.transpose(pad_axis(p.dt, Lp).reshape(b, T, Q, G, R), (0, 1, 3, 4, 2))
+    dt = chunk(p.dt)
+    dA = chunk(p.dt * p.A if p.dA is None else p.dA)
     Bc = jnp.swapaxes(pad_axis(p.B.astype(acc), Lp).reshape(b, T, Q, G, N), 2, 3)
     Cc = jnp.swapaxes(pad_axis(p.C.astype(acc), Lp).reshape(b, T, Q, G, N), 2, 3)
     seg = None if p.seg is None else pad_axis(p.seg, Lp, mode="edge").reshape(b, T, Q)
@@ -298,7 +336,11 @@ def chunked_core(p: Prepared, *, chunk_size: int = 256):
         else jnp.transpose(p.initial_state.reshape(b, G, R, P, N), (0, 1, 4, 2, 3)).reshape(b, G, N, R * P)
     )
 
-    Acs = jnp.cumsum(dt * p.A.reshape(G, R, 1), axis=-1)  # (b,T,G,R,Q)
-    y, h_last = _ssd_chunks(x, dt, Acs, Bc, Cc, h0, seg)
+    Acs = jnp.cumsum(dA, axis=-1)  # (b,T,G,R,Q)
+    if window is None or window_is_noop(window, L):
+        y, h_last = _ssd_chunks(x, dt, Acs, Bc, Cc, h0, seg)
+    else:
+        y, prev, h_last = _ssd_chunks_states(x, dt, Acs, Bc, Cc, h0, seg)
+        y = y - window_correction(x, dt, Acs, Bc, Cc, h0, prev, seg, window)
     h_last = jnp.transpose(h_last.reshape(b, G, N, R, P), (0, 1, 3, 4, 2)).reshape(b, H, P, N)
     return y.reshape(b, Lp, H, P)[:, :L], h_last

@@ -23,6 +23,7 @@ __all__ = [
     "expand_groups",
     "pad_axis",
     "validate",
+    "validate_mitigations",
     "prepare_inputs",
     "apply_skip",
 ]
@@ -141,13 +142,47 @@ def validate(x, dt, A, B, C, D, dt_bias, initial_state, segment_ids, chunk_size,
     return b, L, H, P, G, N
 
 
+def _concrete_scalar(v, name):
+    """float(v) for a Python / concrete 0-d value, None for a tracer. Raises ValueError."""
+    if jnp.ndim(v) != 0:
+        raise ValueError(f"ssd: {name} must be a scalar; got shape {_shape(v)}")
+    if isinstance(v, jax.core.Tracer):
+        return None
+    return float(v)
+
+
+def validate_mitigations(dt_scale, log_decay_offset, window) -> None:
+    """Check the state-collapse mitigation arguments of :func:`mamba2_jax.ssd.ssd`.
+
+    dt_scale: scalar > 0 (finite); log_decay_offset: scalar <= 0 (finite; log c_a of RRI);
+    window: None or an int >= 1. Traced scalars are accepted without value checks.
+    """
+    s = _concrete_scalar(dt_scale, "dt_scale")
+    if s is not None and not (math.isfinite(s) and s > 0):
+        raise ValueError(f"ssd: dt_scale must be a finite scalar > 0; got {dt_scale!r}")
+    o = _concrete_scalar(log_decay_offset, "log_decay_offset")
+    if o is not None and not (math.isfinite(o) and o <= 0):
+        raise ValueError(
+            f"ssd: log_decay_offset must be a finite scalar <= 0 (log of a decay scale in (0, 1]); "
+            f"got {log_decay_offset!r}"
+        )
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"ssd: window must be None (off) or an int >= 1; got {window!r}")
+
+
+def _is_const(v, c) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) == c
+
+
 class Prepared(NamedTuple):
     """What an implementation core receives.
 
-    x: (b, L, H, P) in the input dtype; dt: (b, L, H) processed (softplus/bias/clip)
-    in ``acc``; A: (H,) in ``acc``; B, C: (b, L, G, N) in their input dtype;
-    initial_state: (b, H, P, N) in ``acc`` or None; seg: (b, L) int32 monotone run
-    index (0 = the run ``initial_state`` applies to) or None.
+    x: (b, L, H, P) in the input dtype; dt: (b, L, H) processed (softplus/bias/clip, then
+    times ``dt_scale``) in ``acc``; A: (H,) in ``acc``; B, C: (b, L, G, N) in their input
+    dtype; initial_state: (b, H, P, N) in ``acc`` or None; seg: (b, L) int32 monotone run
+    index (0 = the run ``initial_state`` applies to) or None; dA: (b, L, H) in ``acc``, the
+    per-token log-decay dt * A + log_decay_offset (<= 0). Cores must take the decay from
+    ``dA`` (not from dt * A) and pad it with zeros, so padded positions stay identity steps.
     """
 
     x: jax.Array
@@ -158,15 +193,22 @@ class Prepared(NamedTuple):
     initial_state: jax.Array | None
     seg: jax.Array | None
     acc: jnp.dtype
+    dA: jax.Array | None = None
 
 
-def prepare_inputs(x, dt, A, B, C, *, dt_bias, dt_softplus, dt_limit, initial_state, segment_ids) -> Prepared:
+def prepare_inputs(x, dt, A, B, C, *, dt_bias, dt_softplus, dt_limit, initial_state, segment_ids,
+                   dt_scale=1.0, log_decay_offset=0.0) -> Prepared:
     acc = acc_dtype(x, dt, A, B, C, dt_bias, initial_state)
     dtp = prepare_dt(dt, dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, dtype=acc)
+    if not _is_const(dt_scale, 1.0):
+        dtp = dtp * jnp.asarray(dt_scale, acc)
     A_ = jnp.asarray(A).astype(acc)
+    dA = dtp * A_
+    if not _is_const(log_decay_offset, 0.0):
+        dA = dA + jnp.asarray(log_decay_offset, acc)
     h0 = None if initial_state is None else jnp.asarray(initial_state).astype(acc)
     seg = None if segment_ids is None else segment_runs(segment_ids)
-    return Prepared(jnp.asarray(x), dtp, A_, jnp.asarray(B), jnp.asarray(C), h0, seg, acc)
+    return Prepared(jnp.asarray(x), dtp, A_, jnp.asarray(B), jnp.asarray(C), h0, seg, acc, dA)
 
 
 def apply_skip(y, x, D, acc):

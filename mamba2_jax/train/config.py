@@ -155,7 +155,12 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   _float(c, "optimizer.min_lr_ratio", 0.0, 1.0)
 
   del seq_len
-  return model_config(c)
+  mc = model_config(c)
+  if mc.state_norm != "off":
+    _fail("model.state_norm", "is an inference-time mitigation (its thresholds are calibrated "
+          "on a trained model, mamba2_jax.mitigations.calibrate_state_norm); train with 'off'",
+          mc.state_norm)
+  return mc
 
 
 def check_vocab(model: Mamba2Config, tokenizer_identity: dict) -> None:

@@ -2,8 +2,10 @@
 
 ``ssd_gpu_core(prep, *, chunk_size, interpret=None)`` follows the core contract of
 ``mamba2_jax.ssd.api`` (y without the D term and the final state, both in ``prep.acc``).
-XLA does the cheap glue: padding (L to a multiple of the chunk with dt = 0, x = B = C = 0;
-P and N to powers of two >= 16), the per-token log-decay dA = dt * A and its per-chunk cumsum,
+XLA does the cheap glue: padding (L to a multiple of the chunk with dt = 0, dA = 0, x = B = C = 0;
+P and N to powers of two >= 16), the per-token log-decay dA = dt * A + log_decay_offset (taken
+from the shared prologue, ``prep.dA``; the mitigations need no kernel change) and its per-chunk
+cumsum,
 the per-token segment arrays, and in the backward the sum of the per-head dB/dC over the heads
 of a group and the prefix sums that turn the kernels' per-token terms into the gradient
 w.r.t. the per-token log-decay dA = dt * A (a cancellation-free form: the undecayed diagonal
@@ -22,6 +24,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.platform import target_platform
 
 from . import kernel as K
 
@@ -155,7 +159,9 @@ def prepare_padded(prep, chunk_size, interpret, **cfg_kw):
     Bk = _pad(_pad(prep.B.astype(cdt), 1, Lp), 3, Np)
     Ck = _pad(_pad(prep.C.astype(cdt), 1, Lp), 3, Np)
     dt = jnp.transpose(_pad(prep.dt.astype(f32), 1, Lp), (0, 2, 1))  # (b,H,Lp), pad dt = 0
-    dA = dt * prep.A.astype(f32)[None, :, None]  # per-token log-decay (b,H,Lp)
+    # per-token log-decay dt * A + log_decay_offset (b,H,Lp) from the prologue; pad dA = 0
+    dA_src = prep.dA if getattr(prep, "dA", None) is not None else prep.dt * prep.A
+    dA = jnp.transpose(_pad(dA_src.astype(f32), 1, Lp), (0, 2, 1))
     if prep.initial_state is None:
         h0 = jnp.zeros((b, H, Pp, Np), f32)
     else:
@@ -174,7 +180,7 @@ def ssd_gpu_core(prep, *, chunk_size: int = 256, interpret=None, **cfg_kw):
     functools.partial(ssd_gpu_core, tf32=True))`` adds a TF32 variant for fp32 inputs.
     """
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = target_platform() == "cpu"
     b, L, H, P = prep.x.shape
     N = prep.B.shape[-1]
     cfg, args = prepare_padded(prep, chunk_size, interpret, **cfg_kw)

@@ -1,6 +1,7 @@
 """``ssd_tpu_core``: layouts, padding and the ``jax.custom_vjp`` around the Mosaic kernels.
 
-The prologue here (padding after the dt prologue, Acs = cumsum(dt * A) in fp32, transposes to
+The prologue here (padding after the dt prologue, Acs = cumsum(dA) in fp32 with the per-token
+log-decay dA = dt * A + log_decay_offset of the shared prologue (``prep.dA``), transposes to
 head-major layouts) is plain XLA and differentiated by XLA; the custom VJP covers only
 (x, dt, Acs, B, C, h0) -> (y, final state), with both directions in Pallas (kernel.py).
 Per-token factors (wexp, e, chunk decay, segment masks) are cheap (b, H, L) vectors computed
@@ -8,7 +9,7 @@ by XLA in both the forward and the backward rule (recomputed, never stored).
 
 This module imports nothing from ``mamba2_jax`` so the compile check can run in a venv that
 has only jax + libtpu (``scripts/setup_tpu_venv.sh``); ``prep`` is duck-typed
-(``mamba2_jax.ssd.common.Prepared``: x, dt, A, B, C, initial_state, seg, acc).
+(``mamba2_jax.ssd.common.Prepared``: x, dt, A, B, C, initial_state, seg, acc, dA).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.platform import target_platform
 
 from .kernel import ssd_bwd_call, ssd_fwd_call
 
@@ -158,7 +161,7 @@ def ssd_tpu_core(prep, *, chunk_size: int = 256, interpret=None, max_hb=(MAX_HB_
     both in ``prep.acc``. ``interpret=None``: interpret mode on the CPU backend.
     ``layout``: "auto" (packed when possible), "packed" or "head_major" (tests)."""
     if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+        interpret = target_platform() == "cpu"
     interpret = bool(interpret)
     acc = prep.acc
     x = prep.x
@@ -189,8 +192,10 @@ def ssd_tpu_core(prep, *, chunk_size: int = 256, interpret=None, max_hb=(MAX_HB_
     else:
         xt = jnp.transpose(_pad(x, Lp, 1), (0, 2, 1, 3))  # (b,H,Lp,P)
     dt = jnp.transpose(_pad(prep.dt.astype(f32), Lp, 1), (0, 2, 1)).reshape(b, H, T, Q)
-    A = prep.A.astype(f32)
-    Acs = jnp.cumsum(dt * A[None, :, None, None], axis=-1)  # fp32, XLA (differentiated by XLA)
+    # per-token log-decay dt * A + log_decay_offset from the prologue (prep.dA), padded with 0
+    dA = prep.dA if getattr(prep, "dA", None) is not None else prep.dt * prep.A
+    dA = jnp.transpose(_pad(dA.astype(f32), Lp, 1), (0, 2, 1)).reshape(b, H, T, Q)
+    Acs = jnp.cumsum(dA, axis=-1)  # fp32, XLA (differentiated by XLA)
     Bq = jnp.transpose(_pad(Bq, Lp, 1), (0, 2, 1, 3))  # (b,G,Lp,N)
     Cq = jnp.transpose(_pad(Cq, Lp, 1), (0, 2, 1, 3))
     if prep.initial_state is None:
