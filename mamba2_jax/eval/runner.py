@@ -1,0 +1,164 @@
+"""Evaluating a model source once, or every step of a training workdir (--mode=latest|all|watch).
+
+Built on `mamba2_jax.train.checkpoint` (complete_steps, is_train_complete, load_eval_model,
+CheckpointError). Output layout for a workdir:
+  OUT/step_<N>/             the task's results.json + PNGs (+ task files) for step N
+  OUT/metrics.jsonl         one line per evaluation {"step", "task", "tokens_seen", ...summary}
+  OUT/evaluated_steps.json  the ledger {"task", "evaluated": {N: {...}}, "failed": {N: {...}}}
+A non-workdir source (random:..., a pretrained dir) is evaluated once into OUT itself.
+
+The ledger makes every mode idempotent across restarts: a step in "evaluated" is never redone.
+A step that fails to load (CheckpointError, a missing/partial file) is logged in "failed" and
+retried at the next poll; once training is complete, a step with >= `max_attempts` failures is
+given up (logged), so `watch` ends.
+`watch` polls every `poll_interval_s` and stops when `is_train_complete` is true (checked before
+listing the steps, so the list is final) and every listed step is evaluated or given up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from mamba2_jax.eval import get_task_runner, io, sources
+
+log = logging.getLogger(__name__)
+
+MODES = ("latest", "all", "watch")
+LEDGER = "evaluated_steps.json"
+METRICS = "metrics.jsonl"
+
+
+def evaluate_model(loaded: sources.LoadedModel, task: str, cfg, out_dir) -> dict:
+  """Applies cfg.mitigation and runs the task; T_train = cfg.train_len or the checkpoint's."""
+  train_len = cfg.train_len or loaded.meta.get("train_len") or None
+  model = sources.apply_mitigation(loaded.model, cfg.mitigation, tokenizer=loaded.tokenizer,
+                                   train_len=train_len)
+  results = get_task_runner(task)(model, loaded.tokenizer, cfg, out_dir, train_len=train_len)
+  results["checkpoint"] = loaded.meta
+  io.write_json(Path(out_dir) / "results.json", results)
+  return results
+
+
+def log_metrics(out: Path, task: str, meta: dict, results: dict) -> dict:
+  line = {"step": meta.get("step"), "task": task, "tokens_seen": meta.get("tokens_seen"),
+          "mitigation": results.get("config", {}).get("mitigation", "") or None,
+          **results.get("summary", {})}
+  io.append_jsonl(out / METRICS, [line])
+  return line
+
+
+class Ledger:
+  """OUT/evaluated_steps.json: which steps of `task` are done or failing."""
+
+  def __init__(self, out: Path, task: str):
+    self.path = out / LEDGER
+    data = io.read_json(self.path, {"task": task, "evaluated": {}, "failed": {}})
+    if data.get("task") != task:
+      raise ValueError(f"{self.path} belongs to task {data.get('task')!r}, not {task!r}; use "
+                       "one output directory per task")
+    self.data = data
+
+  def done(self, step: int) -> bool:
+    return str(step) in self.data["evaluated"]
+
+  def attempts(self, step: int) -> int:
+    return self.data["failed"].get(str(step), {}).get("attempts", 0)
+
+  def record_done(self, step: int, line: dict) -> None:
+    self.data["evaluated"][str(step)] = {"time": time.time(), "metrics": line}
+    self.data["failed"].pop(str(step), None)
+    io.write_json(self.path, self.data)
+
+  def record_failure(self, step: int, error: BaseException) -> None:
+    entry = self.data["failed"].setdefault(str(step), {"attempts": 0})
+    entry.update(attempts=entry["attempts"] + 1, error=f"{type(error).__name__}: {error}",
+                 time=time.time())
+    io.write_json(self.path, self.data)
+
+
+def _retryable():
+  from mamba2_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  return (CheckpointError, FileNotFoundError, OSError)
+
+
+def evaluate_step(workdir: str, step: int, task: str, cfg, out: Path, ledger: Ledger, *,
+                  tokenizer: str = "") -> dict | None:
+  """Evaluates one step into OUT/step_<N>; returns the metrics line, None on a load failure."""
+  try:
+    loaded = sources.load_step(workdir, step, tokenizer=tokenizer, model_dtype=cfg.model_dtype)
+  except _retryable() as e:
+    log.warning("step %d of %s could not be loaded (will retry): %s", step, workdir, e)
+    ledger.record_failure(step, e)
+    return None
+  log.info("evaluating %s on step %d of %s", task, step, workdir)
+  results = evaluate_model(loaded, task, cfg, out / f"step_{step}")
+  line = log_metrics(out, task, loaded.meta, results)
+  ledger.record_done(step, line)
+  return line
+
+
+def evaluate_source(spec: str, task: str, cfg, out_dir, *, mode: str = "latest",
+                    tokenizer: str = "", poll_interval_s: float = 60.0, max_attempts: int = 3,
+                    timeout_s: float = 0.0, sleep: Callable[[float], None] = time.sleep
+                    ) -> list[dict]:
+  """Evaluates `spec` (see sources) with `task`; returns the metrics lines written."""
+  if mode not in MODES:
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  # watch may start before the trainer has created its workdir
+  pending_workdir = mode == "watch" and not spec.startswith(sources.RANDOM_PREFIX) and \
+      not os.path.exists(spec)
+  if not (sources.is_workdir(spec) or pending_workdir):
+    if mode != "latest":
+      log.info("--mode=%s applies to training workdirs; %s is evaluated once", mode, spec)
+    loaded = sources.load_model(spec, tokenizer=tokenizer, model_dtype=cfg.model_dtype)
+    results = evaluate_model(loaded, task, cfg, out)
+    return [log_metrics(out, task, loaded.meta, results)]
+
+  from mamba2_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+  ledger = Ledger(out, task)
+  lines: list[dict] = []
+  if mode == "latest":
+    steps = ckpt.complete_steps(spec)
+    if not steps:
+      raise FileNotFoundError(f"{spec}: no complete checkpoint step yet")
+    step = max(steps)
+    if ledger.done(step):
+      log.info("step %d already evaluated (%s)", step, ledger.path)
+      return lines
+    line = evaluate_step(spec, step, task, cfg, out, ledger, tokenizer=tokenizer)
+    if line is None:
+      raise RuntimeError(f"{spec}: the latest step {step} could not be loaded; see {ledger.path}")
+    return [line]
+
+  start = time.monotonic()
+  while True:
+    complete = ckpt.is_train_complete(spec)  # before listing: then the list below is final
+    steps = sorted(ckpt.complete_steps(spec))
+    for step in steps:
+      if ledger.done(step) or (complete and ledger.attempts(step) >= max_attempts):
+        continue
+      line = evaluate_step(spec, step, task, cfg, out, ledger, tokenizer=tokenizer)
+      if line is not None:
+        lines.append(line)
+    left = [s for s in steps if not ledger.done(s)]
+    if mode == "all":
+      if left:
+        log.warning("not evaluated (load failures, see %s): steps %s", ledger.path, left)
+      return lines
+    given_up = [s for s in left if ledger.attempts(s) >= max_attempts]
+    if complete and len(given_up) == len(left):
+      if given_up:
+        log.error("training is complete; gave up on steps %s after %d attempts", given_up,
+                  max_attempts)
+      log.info("watch: training complete, %d step(s) evaluated", len(steps) - len(given_up))
+      return lines
+    if timeout_s and time.monotonic() - start > timeout_s:
+      log.warning("watch: timeout after %.0f s with steps %s pending", timeout_s, left)
+      return lines
+    sleep(poll_interval_s)
