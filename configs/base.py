@@ -72,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.max_consecutive_nonfinite = 0  # non-finite losses tolerated before stopping (0 = stop)
 
   c.model = model_config("tiny")
+  # Start from pretrained weights (continued pretraining, as the paper's 130M/370M/780M runs):
+  # an official / HF / converted checkpoint dir; its shapes must match config.model.
+  c.init_checkpoint = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin:shakespeare"   # prepared dir, raw inputs (globs) or builtin:NAME

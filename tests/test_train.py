@@ -276,3 +276,28 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path):
   assert not ckpt_lib.is_train_complete(tmp_path)
   _, meta = ckpt_lib.load_eval_model(str(tmp_path))
   assert meta["step"] == bad - 1
+
+
+def test_init_from_pretrained_checkpoint(tmp_path):
+  """config.init_checkpoint starts from an HF checkpoint's weights (continued pretraining)."""
+  from flax import nnx
+
+  from configs import base
+  from mamba2_jax.pretrained import from_pretrained, load_config
+
+  path = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny_g2")
+  ref = nnx.to_pure_dict(nnx.state(from_pretrained(path)))
+  mc, _ = load_config(path)
+  config = tiny_config(init_checkpoint=path, total_steps=2, **{
+      "data.source": "synthetic:copy:vocab=64,span=8,pairs=1,docs=64",
+      "data.tokenizer": "synthetic", "data.add_eos": False})
+  config.model = base.model_config("tiny", **{k: v for k, v in mc.to_dict().items()})
+  setup = _setup(config, (2, 2, 2))
+  state = setup.state_from_pretrained(path)
+  for a, b in zip(jax.tree.leaves(_host(state["params"])), jax.tree.leaves(ref)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+  train_and_evaluate(config, str(tmp_path))
+  assert ckpt_lib.complete_steps(tmp_path)[-1] == 2
+  bad = tiny_config(init_checkpoint=path)
+  with pytest.raises(ConfigError, match="init_checkpoint .* the model shapes differ .*d_model"):
+    _setup(bad, (1, 1, 1), jax.devices()[:1]).state_from_pretrained(path)

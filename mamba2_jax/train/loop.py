@@ -131,6 +131,27 @@ class Setup:
               "step": jnp.zeros((), jnp.int32)}
     return jax.jit(init, out_shardings=self.state_shard)()
 
+  def state_from_pretrained(self, path: str) -> dict:
+    """Parameters from an official / HF / converted checkpoint (its shape-defining fields must
+    equal the model config), a fresh optimizer state; every process builds its own shards."""
+    from mamba2_jax.pretrained import from_pretrained, load_config  # pylint: disable=g-import-not-at-top
+    ckpt_cfg, _ = load_config(path)
+    shape_fields = ("d_model", "n_layer", "d_state", "headdim", "expand", "ngroups", "d_conv",
+                    "vocab_size", "pad_vocab_size_multiple", "tie_embeddings", "D_has_hdim",
+                    "conv_bias", "proj_bias")
+    diffs = [f"{f}: checkpoint {getattr(ckpt_cfg, f)!r} vs config {getattr(self.model_cfg, f)!r}"
+             for f in shape_fields if getattr(ckpt_cfg, f) != getattr(self.model_cfg, f)]
+    if diffs:
+      raise ConfigError(f"config.init_checkpoint {path}: the model shapes differ ("
+                        + "; ".join(diffs) + ")")
+    model = from_pretrained(path, param_dtype=self.model_cfg.param_dtype)
+    host = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    params = jax.tree.map(
+        lambda a, s: jax.make_array_from_callback(a.shape, s.sharding, lambda idx, a=a: a[idx]),
+        host, self.abstract_params)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.state_shard["opt_state"])(params)
+    return self.state_from(params, opt_state, 0)
+
   def state_from(self, params, opt_state, step: int) -> dict:
     step = jax.device_put(jnp.asarray(step, jnp.int32), self.state_shard["step"])
     return {"params": params, "opt_state": opt_state, "step": step}
@@ -202,6 +223,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     start, params, opt_state, it, _ = restored
     state = setup.state_from(params, opt_state, start)
     log.info("resumed from step %d", start)
+  elif config.init_checkpoint:
+    state = setup.state_from_pretrained(config.init_checkpoint)
+    start, it = 0, make_iter()
+    log.info("initialised from %s", config.init_checkpoint)
   else:
     state = setup.init_state(config.seed)
     start, it = 0, make_iter()
