@@ -192,10 +192,16 @@ def load_documents(dir_or_glob, tokenizer=None, *, min_doc_tokens: int = 0, subs
 
   `dir_or_glob`: a prepared directory (its tokenizer identity must match `tokenizer` if one is
   given), or raw inputs (path, directory, glob, URL, `builtin:shakespeare`, or a list of them)
-  tokenized on the fly with `tokenizer` (required then). `subset` only applies to raw inputs
+  tokenized on the fly with `tokenizer` (required then), or a synthetic source
+  (`synthetic:copy:...`, no tokenizer). `subset` only applies to raw inputs
   (prepared data was already filtered). Bad raw input raises `BadInputError` (file + line/row)
   unless `on_error="skip"`.
   """
+  from mamba2_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  if synthetic.is_synthetic(dir_or_glob):
+    docs = [d for d in synthetic.documents(synthetic.parse(dir_or_glob)) if d.size >= min_doc_tokens]
+    yield from docs[:max_docs]
+    return
   if not isinstance(dir_or_glob, (list, tuple)) and is_prepared_dir(dir_or_glob):
     ds = PreparedDataset(os.path.expanduser(str(dir_or_glob)))
     if tokenizer is not None:

@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from mamba2_jax.data import documents as docs_lib
+from mamba2_jax.data import synthetic
 from mamba2_jax.data.tokenizers import get_tokenizer
 
 PACKING_MODES = ("concat", "segments")
@@ -120,7 +121,12 @@ class _Subset:
 
 
 def open_documents(source, tokenizer=None, min_doc_tokens: int = 0):
-  """(random-access documents, tokenizer identity) for a prepared dir or raw inputs."""
+  """(random-access documents, tokenizer identity) for a prepared dir, raw inputs, or a
+  synthetic source (`synthetic:copy:...`, mamba2_jax/data/synthetic.py)."""
+  if synthetic.is_synthetic(source):
+    task = synthetic.parse(source)
+    docs = [d for d in synthetic.documents(task) if d.size >= min_doc_tokens]
+    return InMemoryDocuments(docs), synthetic.identity(task)
   if docs_lib.is_prepared_dir(source):
     ds = docs_lib.PreparedDataset(source)
     if tokenizer is not None:

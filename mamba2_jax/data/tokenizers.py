@@ -7,8 +7,9 @@ Every tokenizer has `encode(str) -> int32 array`, `encode_batch(list[str])`, `de
 is stored in every prepared data set's manifest and is meant to be stored with checkpoints.
 
 `get_tokenizer(name_or_path)` accepts `byte`, `neox` / `gpt-neox-20b` (the file fetched by
-`scripts/get_neox_tokenizer.sh` into the cache dir), or a path to any `tokenizer.json`
-(optionally `PATH:vocab=N` to keep only ids < N).
+`scripts/get_neox_tokenizer.sh` into the cache dir), a synthetic vocabulary
+(`synthetic:copy:vocab=64` / `synthetic-copy-v64`, mamba2_jax/data/synthetic.py), or a path to
+any `tokenizer.json` (optionally `PATH:vocab=N` to keep only ids < N).
 """
 
 from __future__ import annotations
@@ -188,6 +189,10 @@ def get_tokenizer(name_or_path="byte"):
   spec = str(name_or_path)
   if spec == "byte":
     return ByteTokenizer()
+  from mamba2_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  synth = synthetic.tokenizer_for(spec)
+  if synth is not None:
+    return synth
   if spec in _NEOX_NAMES:
     path = neox_tokenizer_path()
     if not path.exists():

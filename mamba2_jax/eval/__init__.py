@@ -1,4 +1,4 @@
-"""Evaluation tasks of the Stuffed Mamba toolkit (paper.md §2, §4, §6).
+"""Evaluation tasks of the Stuffed Mamba toolkit (paper.md §2, §4, §6; the copy task of probes.md).
 
 Every task is one library call that writes `results.json` and PNG plots into `out_dir` and
 returns the results dict:
@@ -21,6 +21,7 @@ _EXPORTS = {
     "run_passkey": "mamba2_jax.eval.passkey",
     "run_state_stats": "mamba2_jax.eval.state_stats",
     "run_forgetting_curve": "mamba2_jax.eval.forgetting_curve",
+    "run_copy_task": "mamba2_jax.eval.copy_task",
     "token_scores": "mamba2_jax.eval.streaming",
     "iter_token_scores": "mamba2_jax.eval.streaming",
     "prefill_stream": "mamba2_jax.eval.streaming",
@@ -28,7 +29,7 @@ _EXPORTS = {
     "apply_mitigation": "mamba2_jax.eval.sources",
     "evaluate_source": "mamba2_jax.eval.runner",
 }
-TASKS = ("ppl_by_position", "passkey", "state_stats", "forgetting_curve")
+from mamba2_jax.eval.task_configs import TASKS  # noqa: E402
 __all__ = sorted([*_EXPORTS, "TASKS", "get_task_config", "get_task_runner"])
 
 

@@ -13,7 +13,7 @@ from mamba2_jax.data import get_tokenizer, load_documents
 
 log = logging.getLogger(__name__)
 
-PROMPT_KINDS = ("newlines", "newlines_text", "text", "docs")
+PROMPT_KINDS = ("newlines", "newlines_text", "text", "docs", "copy")
 
 
 def newline_id(tokenizer) -> int:
@@ -94,9 +94,10 @@ def document_prompts(source, tokenizer, **kwargs) -> np.ndarray:
 
 def iter_prompts(kind: str, tokenizer, *, length: int, num_prompts: int = 1, text: str = "",
                  source: str = "", min_doc_len: int = 0, max_docs: int | None = None,
-                 separator: int | None = None) -> tuple[int, Iterator[np.ndarray]]:
+                 separator: int | None = None, span: int = 32, seed: int = 0
+                 ) -> tuple[int, Iterator[np.ndarray]]:
   """(number of prompts, iterator of int32 (length,) prompts) of one of PROMPT_KINDS.
-  Deterministic kinds (everything but "docs") give a single prompt: identical prompts would
+  Deterministic kinds (all but "docs" and "copy") give a single prompt: identical prompts would
   give identical losses."""
   if kind == "newlines":
     return 1, iter([newline_prompt(tokenizer, length)])
@@ -112,6 +113,11 @@ def iter_prompts(kind: str, tokenizer, *, length: int, num_prompts: int = 1, tex
     return num_prompts, iter_document_prompts(
         source, tokenizer, num_prompts=num_prompts, length=length, min_doc_len=min_doc_len,
         max_docs=max_docs, separator=separator)
+  if kind == "copy":  # synthetic copy-task streams: BOS + fresh pairs [S S] (vocab = tokenizer's)
+    from mamba2_jax.data.synthetic import copy_stream  # pylint: disable=g-import-not-at-top
+    pairs = max(1, (length - 1) // (2 * span))
+    return num_prompts, (repeat_to(copy_stream(tokenizer.vocab_size, span, pairs, seed + i)[0],
+                                   length) for i in range(num_prompts))
   raise ValueError(f"unknown prompt kind {kind!r}; kinds: {', '.join(PROMPT_KINDS)}")
 
 
@@ -127,7 +133,8 @@ def config_prompts(cfg, tokenizer) -> tuple[int, Iterator[np.ndarray]]:
   sep = tok.eos_id if cfg.separator == "eos" else None
   return iter_prompts(
       cfg.prompt, tok, length=cfg.max_len, num_prompts=cfg.get("num_prompts", 1), text=cfg.text,
-      source=cfg.data, min_doc_len=cfg.min_doc_len, max_docs=cfg.max_docs or None, separator=sep)
+      source=cfg.data, min_doc_len=cfg.min_doc_len, max_docs=cfg.max_docs or None, separator=sep,
+      span=cfg.get("span", 32), seed=cfg.get("seed", 0))
 
 
 def corpus_stream(source, tokenizer, min_tokens: int, *, max_docs: int | None = None

@@ -104,6 +104,8 @@ def load_step(workdir: str, step: int, *, tokenizer: str = "", model_dtype: str 
     tok = get_tokenizer("byte")
   elif isinstance(tok_identity, dict) and tok_identity.get("name") == "gpt-neox-20b":
     tok = get_tokenizer("neox")
+  elif isinstance(tok_identity, dict) and str(tok_identity.get("name")).startswith("synthetic-"):
+    tok = get_tokenizer(tok_identity["name"])
   else:
     raise ValueError(f"{workdir} step {step}: cannot pick a tokenizer for identity "
                      f"{tok_identity!r}; pass --tokenizer")
@@ -185,16 +187,23 @@ def apply_mitigation(model, spec: str, *, tokenizer=None, train_len: int | None 
                       f"available: {e}") from e
   multiplier = fields.pop("calibrate", None)
   calibrate_len = int(fields.pop("calibrate_len", 0) or train_len or 8192)
+  calibrate_span = int(fields.pop("calibrate_span", 32))  # synthetic copy vocabularies
   model = mitigations.with_mitigations(model, preset=preset, **fields)
   state_norm_on = model.config.state_norm != "off"
   if multiplier is not None and not state_norm_on:
     raise ValueError(f"mitigation {spec!r}: calibrate= needs state normalization on")
   if state_norm_on and "state_norm_threshold" not in fields:
+    from mamba2_jax.data.synthetic import SyntheticTokenizer, copy_stream  # pylint: disable=g-import-not-at-top
     from mamba2_jax.eval.prompts import newline_prompt  # pylint: disable=g-import-not-at-top
-    ref = newline_prompt(tokenizer or "byte", calibrate_len)[None]
+    tok = get_tokenizer(tokenizer or "byte")
+    if isinstance(tok, SyntheticTokenizer):  # no text: a copy stream of fresh pairs
+      pairs = max(1, (calibrate_len - 1) // (2 * calibrate_span))
+      ref, kind = copy_stream(tok.vocab_size, calibrate_span, pairs, 54321)[0][None], "copy-task"
+    else:
+      ref, kind = newline_prompt(tok, calibrate_len)[None], "newline"
     multiplier = 1.0 if multiplier is None else float(multiplier)
     model = mitigations.calibrate_state_norm(model, ref, multiplier=multiplier)
-    log.info("state-norm thresholds calibrated on %d newline tokens, multiplier %g",
-             calibrate_len, multiplier)
+    log.info("state-norm thresholds calibrated on %d %s tokens, multiplier %g", ref.shape[1],
+             kind, multiplier)
   log.info("mitigation %r: preset %s, fields %s", spec, preset, fields)
   return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-TASKS = ("ppl_by_position", "passkey", "state_stats", "forgetting_curve")
+TASKS = ("ppl_by_position", "passkey", "state_stats", "forgetting_curve", "copy_task")
 
 PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. "
                   "Find it and memorize it.\n\n")
@@ -34,13 +34,14 @@ def _common(task: str) -> ml_collections.ConfigDict:
 
 
 def _prompt_fields(c, prompt: str, max_len: int) -> None:
-  c.prompt = prompt            # newlines | newlines_text | text | docs  [§2.2]
+  c.prompt = prompt            # newlines | newlines_text | text | docs | copy  [§2.2]
   c.text = CAPITAL_TEXT        # the text repeated by prompt=text
   c.data = "builtin:shakespeare"  # documents for prompt=docs: prepared dir, glob, builtin:...
   c.min_doc_len = 16384        # documents shorter than this are skipped  [§2.2 redpj_16k]
   c.max_docs = 0               # 0 = no limit
   c.separator = "eos"          # between concatenated documents: eos | none
   c.max_len = max_len          # prompt length in tokens (truncated / repeated to it)
+  c.span = 32                  # prompt=copy: span of the synthetic copy task's pairs
 
 
 def ppl_by_position() -> ml_collections.ConfigDict:
@@ -120,6 +121,19 @@ def resolve_train_len(train_len, cfg) -> int | None:
   if train_len:
     return int(train_len)
   return int(cfg.train_len) if cfg.get("train_len", 0) else None
+
+
+def copy_task() -> ml_collections.ConfigDict:
+  """The synthetic copy task (mamba2_jax/eval/copy_task.py; data: synthetic:copy)."""
+  c = _common("copy_task")
+  c.vocab = 0                  # 0 = the tokenizer's (synthetic-copy-v<V>)
+  c.span = 32                  # the training data's span
+  c.max_len = 8192             # stream length in tokens (BOS + pairs)
+  c.num_prompts = 8            # fresh streams averaged
+  c.batch_size = 8
+  c.bucket_size = 64           # positions per bucket (one pair for span 32)
+  c.forget_factor = 2.0        # FAIL if a bucket's copied-half loss > factor x max within T_train
+  return c
 
 
 def get_config(task: str = "ppl_by_position") -> ml_collections.ConfigDict:

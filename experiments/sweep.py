@@ -1,0 +1,43 @@
+r"""Run a sweep: train every grid point, then the evaluation tasks the sweep names.
+
+  python -m experiments.sweep --config=configs/sweeps/state_capacity.py:cpu --workdir=runs/sc
+  python -m experiments.sweep --config=configs/sweeps/state_capacity.py:paper --workdir=gs://... \
+      --launcher=print        # one command line per run, for a cluster scheduler
+  python -m experiments.report --sweep=runs/sc      # tables, fits and plots -> report.md
+
+Runs go one after another (--launcher=local), resumable: a finished run is skipped, a
+half-finished one resumes from its checkpoint, a failing one is recorded in its status.json
+and the sweep continues (exit code 1 at the end if any failed). --only=name1,name2 restricts
+the sweep to some runs (names as printed).
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mamba2_jax.sweep.runner import LAUNCHERS, run_sweep
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sweeps/<sweep>.py:<arg>",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "sweep directory", required=True)
+_LAUNCHER = flags.DEFINE_enum("launcher", "local", list(LAUNCHERS), "how to run the runs")
+_ONLY = flags.DEFINE_list("only", [], "run only these runs (by name)")
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/sweeps/<sweep>.py:<arg> is required")
+  summary = run_sweep(_CONFIG.value, _WORKDIR.value, launcher=_LAUNCHER.value,
+                      only=tuple(_ONLY.value))
+  if _LAUNCHER.value == "local":
+    print(f"sweep: {len(summary['done'])} done, {len(summary['skipped'])} skipped (done "
+          f"before), {len(summary['failed'])} failed" + (f": {', '.join(summary['failed'])}"
+                                                          if summary["failed"] else ""))
+    if summary["failed"]:
+      sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

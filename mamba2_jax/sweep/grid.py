@@ -1,0 +1,141 @@
+"""Sweep grids as data: `configs/sweeps/*.py` -> a list of runs, each a set of config overrides.
+
+A sweep config (ml_collections) holds
+  train_config     the base training config, "configs/train.py:<variant>"
+  train_overrides  ((dotted key, value), ...) applied to every run
+  grid             ((key, (v1, v2, ...)), ...) or, for keys that vary together (a zipped axis),
+                   ((key1, key2, ...), ((v11, v12, ...), (v21, v22, ...))); the runs are the
+                   product over the axes
+  tokens_per_step  if > 0: global_batch_size = tokens_per_step // (seq_len * tbptt_segments)
+  evals            {name: {task, mitigation, overrides, max_len_factor}}: evaluation tasks run
+                   on each run's final checkpoint (configs/evaluate.py:<task>)
+Each run gets a stable name from its grid values (e.g. "d_state-16_seq_len-64") and a
+directory WORKDIR/runs/<name>/ with train/ (the trainer's workdir) and eval/<eval name>/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+from typing import Any
+
+__all__ = ["Run", "EvalSpec", "expand", "eval_specs", "format_value"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+  name: str
+  task: str
+  mitigation: str = ""
+  overrides: tuple = ()         # ((key, value), ...) for configs/evaluate.py:<task>
+  max_len_factor: int = 0       # if > 0: the task's max_len / lengths scale with seq_len
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  values: tuple                 # ((key, value), ...) the grid values of this run
+  overrides: tuple              # ((key, value), ...) every training override, in order
+
+  def value(self, key, default=None):
+    return dict(self.overrides).get(key, default)
+
+
+def format_value(v) -> str:
+  if isinstance(v, float):
+    return f"{v:g}"
+  if isinstance(v, (tuple, list)):
+    return "x".join(format_value(x) for x in v)
+  return str(v)
+
+
+def _slug(key: str, value) -> str:
+  short = key.rsplit(".", 1)[-1]
+  text = f"{short}-{format_value(value)}"
+  return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text)
+
+
+def _axes(grid):
+  """Normalises grid axes to [(keys tuple, [values tuple, ...]), ...]."""
+  axes = []
+  for axis in grid:
+    if len(axis) != 2:
+      raise ValueError(f"sweep grid: each axis must be (key, values) or (keys, value tuples); "
+                       f"got {axis!r}")
+    keys, values = axis
+    if isinstance(keys, str):
+      axes.append(((keys,), [(v,) for v in values]))
+    else:
+      keys = tuple(keys)
+      vals = [tuple(v) for v in values]
+      bad = [v for v in vals if len(v) != len(keys)]
+      if bad:
+        raise ValueError(f"sweep grid: zipped axis {keys} needs {len(keys)} values per entry; "
+                         f"got {bad[0]!r}")
+      axes.append((keys, vals))
+    if not axes[-1][1]:
+      raise ValueError(f"sweep grid: axis {keys!r} has no values")
+  return axes
+
+
+def expand(sweep) -> list[Run]:
+  """All runs of a sweep config, in grid order (the last axis varies fastest)."""
+  base = tuple((k, v) for k, v in sweep.train_overrides)
+  axes = _axes(sweep.grid)
+  runs, names = [], set()
+  for combo in itertools.product(*(vals for _, vals in axes)):
+    values = tuple((k, v) for (keys, _), vs in zip(axes, combo) for k, v in zip(keys, vs))
+    over = dict(base)
+    over.update(values)
+    tps = int(sweep.get("tokens_per_step", 0) or 0)
+    if tps:
+      rows = int(over.get("seq_len", 0)) * int(over.get("tbptt_segments", 1))
+      if rows <= 0:
+        raise ValueError("sweep: tokens_per_step needs seq_len in the grid or train_overrides")
+      over["global_batch_size"] = max(1, tps // rows)
+    name = "_".join(_slug(k, v) for (keys, _), vs in zip(axes, combo)
+                    for k, v in list(zip(keys, vs))[:1]) or "base"
+    if name in names:
+      raise ValueError(f"sweep: two runs would be named {name!r}; make the first key of each "
+                       "axis distinguish its values")
+    names.add(name)
+    runs.append(Run(name=name, values=values, overrides=tuple(over.items())))
+  return runs
+
+
+def eval_specs(sweep) -> list[EvalSpec]:
+  """The evaluations of every run: `evals` entries, each crossed with `eval_grid` when given
+  (((field, (v1, v2, ...)), ...) over "mitigation", "max_len_factor" or task config keys, e.g.
+  mitigation settings x evaluation lengths); the names get the grid values appended."""
+  grid = _axes(sweep.get("eval_grid") or ())
+  out = []
+  for name, e in (sweep.get("evals") or {}).items():
+    for combo in itertools.product(*(vals for _, vals in grid)) if grid else [()]:
+      fields = {"mitigation": e.get("mitigation", "") or "",
+                "max_len_factor": int(e.get("max_len_factor", 0) or 0)}
+      over = dict(tuple(o) for o in e.get("overrides", ()))
+      suffix = []
+      for (keys, _), vs in zip(grid, combo):
+        for k, v in zip(keys, vs):
+          (fields if k in fields else over)[k] = v
+        suffix.append(_slug(keys[0], vs[0]) if vs[0] != "" else f"{keys[0]}-none")
+      out.append(EvalSpec(name="_".join([name, *suffix]), task=e["task"],
+                          mitigation=fields["mitigation"], overrides=tuple(over.items()),
+                          max_len_factor=int(fields["max_len_factor"])))
+  return out
+
+
+def to_json(runs: list[Run]) -> str:
+  return json.dumps([{"name": r.name, "values": dict(r.values), "overrides": dict(r.overrides)}
+                     for r in runs], indent=2, default=str)
+
+
+def cli_value(v: Any) -> str:
+  """A value as ml_collections parses it from --config.key=VALUE."""
+  if isinstance(v, bool):
+    return "True" if v else "False"
+  if isinstance(v, (tuple, list)):
+    return "(" + ",".join(cli_value(x) for x in v) + ("," if len(v) == 1 else "") + ")"
+  return str(v)

@@ -1,0 +1,312 @@
+"""Sweep report: per-run results, state-capacity estimates, fits and plots -> report.md.
+
+Reads WORKDIR/sweep.json and, per run, runs/<name>/train/config.json (training length
+T = seq_len x tbptt_segments, model -> N_S) and the newest results.json of every evaluation
+(runs/<name>/eval/<eval>/step_<N>/ or the eval dir itself). Collapse is judged by the forgetting
+test of the sweep's `collapse_eval` (default: the first ppl_by_position / copy_task eval without
+a mitigation), recall by `recall_eval` (default: the first passkey eval without a mitigation).
+Writes WORKDIR/report/{report.md, report.json, *.png}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mamba2_jax.config import Mamba2Config
+from mamba2_jax.sweep import capacity
+
+__all__ = ["collect", "write_report"]
+
+_CURVE_TASKS = ("ppl_by_position", "copy_task")
+
+
+def _read(path: Path, default=None):
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return default
+
+
+def _latest_results(eval_dir: Path) -> dict | None:
+  steps = sorted((int(p.name.split("_", 1)[1]), p) for p in eval_dir.glob("step_*")
+                 if p.name.split("_", 1)[1].isdigit())
+  for _, p in reversed(steps):
+    r = _read(p / "results.json")
+    if r is not None:
+      r["_dir"] = str(p)
+      return r
+  r = _read(eval_dir / "results.json")
+  if r is not None:
+    r["_dir"] = str(eval_dir)
+  return r
+
+
+def collect(workdir) -> dict[str, Any]:
+  """{"sweep": ..., "runs": [{name, values, status, train_len, state_size, evals: {...}}]}."""
+  workdir = Path(workdir)
+  meta = _read(workdir / "sweep.json")
+  if meta is None:
+    raise FileNotFoundError(f"{workdir}/sweep.json not found: not a sweep directory "
+                            "(run python -m experiments.sweep first)")
+  runs = []
+  for r in meta["runs"]:
+    d = workdir / "runs" / r["name"]
+    cfg = _read(d / "train" / "config.json", {})
+    model = cfg.get("model")
+    entry = {"name": r["name"], "values": r["values"], "status": _read(d / "status.json", {}),
+             "train_len": (int(cfg["seq_len"]) * int(cfg.get("tbptt_segments") or 1)
+                           if cfg.get("seq_len") else None),
+             "state_size": Mamba2Config.from_dict(model).state_size if model else None,
+             "params": Mamba2Config.from_dict(model).num_params() if model else None,
+             "evals": {}}
+    for ed in sorted((d / "eval").glob("*")) if (d / "eval").is_dir() else []:
+      res = _latest_results(ed)
+      if res is not None:
+        entry["evals"][ed.name] = res
+    runs.append(entry)
+  return {"sweep": meta["sweep"], "runs": runs}
+
+
+def _pick(sweep: dict, key: str, tasks) -> str | None:
+  if sweep.get(key):
+    return sweep[key]
+  evals = sweep.get("evals") or {}
+  for name, e in evals.items():
+    if e.get("task") in tasks and not e.get("mitigation"):
+      return name
+  return None
+
+
+def _fmt(v, digits=3):
+  if v is None:
+    return "–"
+  if isinstance(v, bool):
+    return "yes" if v else "**no**"
+  if isinstance(v, float):
+    if math.isnan(v):
+      return "nan"
+    return f"{v:.{digits}g}"
+  return str(v)
+
+
+def _curve_plot(names, out: Path, title: str, key="loss") -> str | None:
+  """One figure: (label, results, train_len) curves of bucketed `key` vs position."""
+  from mamba2_jax.eval.plotting import plt, save  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(7, 4))
+  any_line = False
+  for i, (label, res, train_len) in enumerate(names):
+    b = res.get("buckets") or {}
+    if key not in b:
+      continue
+    x = (np.asarray(b["start"], float) + np.asarray(b["end"], float)) / 2
+    color = f"C{i % 10}"
+    ax.plot(x, np.asarray(b[key], float), color=color, linewidth=1.2, label=label)
+    if train_len:
+      ax.axvline(train_len, color=color, linestyle="--", linewidth=0.8)
+    chance = (res.get("summary") or {}).get("chance_loss")
+    if chance and not any_line:
+      ax.axhline(chance, color="0.5", linestyle=":", linewidth=1, label="chance")
+    any_line = True
+  if not any_line:
+    plt.close(fig)
+    return None
+  ax.set_xscale("log")
+  ax.set_xlabel("position (tokens); dashed: each run's training length")
+  ax.set_ylabel("loss (nats)")
+  ax.set_title(title, fontsize=9)
+  ax.legend(fontsize=7)
+  return save(fig, out)
+
+
+def _fit_plot(points: dict, fit, out: Path, ylabel: str) -> str | None:
+  from mamba2_jax.eval.plotting import plt, save  # pylint: disable=g-import-not-at-top
+  xs = [k for k, v in points.items() if v is not None]
+  if not xs:
+    return None
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  ax.scatter(xs, [points[k] for k in xs], color="C0", zorder=3, label="measured")
+  if fit is not None:
+    grid = np.linspace(0, max(xs) * 1.1, 200)
+    ax.plot(grid, fit.predict(grid), color="C1", label=f"{fit.formula()}  (R² {fit.r2:.3f})")
+  ax.set_xlabel("state size N_S (scalars)")
+  ax.set_ylabel(ylabel)
+  ax.legend(fontsize=7)
+  return save(fig, out)
+
+
+def _within_beyond(summary: dict):
+  return (summary.get("copy_loss_within_train", summary.get("mean_loss_within_train")),
+          summary.get("copy_loss_beyond_train", summary.get("mean_loss_beyond_train")))
+
+
+def _mitigation_table(runs, sweep, collapse) -> list[str]:
+  """Every eval of the collapse eval's task (mitigation variants) per run."""
+  task = (sweep.get("evals") or {}).get(collapse or "", {}).get("task")
+  rows = []
+  for r in runs:
+    for n, res in r["evals"].items():
+      if res.get("task") == task:
+        s = res.get("summary", {})
+        within, beyond = _within_beyond(s)
+        rows.append(f"| {r['name']} | {n} | {res.get('config', {}).get('mitigation') or 'none'} "
+                    f"| {_fmt(within)} | {_fmt(beyond)} | {_fmt(s.get('forget_test_passed'))} |")
+  if len({row.split(' | ')[2] for row in rows}) <= 1:
+    return []
+  return ["", "## Mitigations", "", "Loss inside / beyond the training length with each "
+          "training-free mitigation (config.mitigation of the evaluation):", "",
+          "| run | eval | mitigation | loss ≤ T | loss > T | forgetting test passed |",
+          "|---|---|---|---|---|---|", *rows]
+
+
+def _state_table(runs) -> list[str]:
+  """state_stats summaries: exploding heads, norm growth, the longest retention at T_train."""
+  rows = []
+  for r in runs:
+    for n, res in r["evals"].items():
+      if res.get("task") != "state_stats":
+        continue
+      s = res.get("summary", {})
+      ret = res.get("retention_at_train_len")
+      half = _half_lives(ret, res.get("train_len"))
+      rows.append(f"| {r['name']} | {_fmt(s.get('num_exploding_heads'))} | "
+                  f"{_fmt(s.get('max_explosion_ratio'))} | "
+                  f"{_fmt(s.get('max_state_norm_within_train'))} | {_fmt(s.get('max_state_norm'))}"
+                  f" | {_fmt(half[0])} / {_fmt(half[1])} |")
+  if not rows:
+    return []
+  return ["", "## State statistics", "", "Per-head SSM state norms over the evaluation stream "
+          "(exploding: max norm beyond T_train > explode_factor x max within). Memory half-life "
+          "of a head: T·ln 2 / −ln α_{1:T}, with the retention α_{1:T} the product of its decays "
+          "over the first T_train tokens (how far back half of an input's weight survives):", "",
+          "| run | exploding heads | max norm ratio beyond/within T | max norm ≤ T | max norm "
+          "| memory half-life, median / max over heads (tokens) |", "|---|---|---|---|---|---|",
+          *rows]
+
+
+def _half_lives(retention, train_len):
+  """(median, max) over heads of T ln2 / -ln(alpha_{1:T}); (None, None) without data."""
+  if retention is None or not train_len or not np.size(retention):
+    return None, None
+  a = np.clip(np.asarray(retention, float).reshape(-1), 1e-300, 1.0)
+  with np.errstate(divide="ignore"):
+    h = np.where(a < 1.0, train_len * math.log(2) / -np.log(a), np.inf)
+  return float(np.median(h)), float(np.max(h))
+
+
+def write_report(workdir, out_dir=None) -> Path:
+  """Builds report.md / report.json / plots; returns the report.md path."""
+  from mamba2_jax.eval.plotting import plt  # noqa: F401  pylint: disable=g-import-not-at-top
+  data = collect(workdir)
+  sweep, runs = data["sweep"], data["runs"]
+  out = Path(out_dir or Path(workdir) / "report")
+  out.mkdir(parents=True, exist_ok=True)
+  collapse = _pick(sweep, "collapse_eval", _CURVE_TASKS)
+  recall = _pick(sweep, "recall_eval", ("passkey",))
+
+  forget_pts, recall_pts, rows = [], [], []
+  for r in runs:
+    cres = r["evals"].get(collapse) if collapse else None
+    passed = (cres or {}).get("summary", {}).get("forget_test_passed")
+    tr = (r["evals"].get(recall) or {}).get("summary", {}).get("t_recall") if recall else None
+    if r["state_size"] is not None and r["train_len"] is not None:
+      if passed is not None:
+        forget_pts.append((r["state_size"], r["train_len"], passed))
+      if recall and recall in r["evals"]:
+        recall_pts.append((r["state_size"], r["train_len"], tr))
+    rows.append((r, cres, passed, tr))
+
+  t_forget = capacity.t_forget(forget_pts)
+  t_recall = capacity.t_recall(recall_pts)
+  f_items = [(k, v) for k, v in t_forget.items() if v is not None]
+  r_items = [(k, v) for k, v in t_recall.items() if v is not None]
+  fit_f = capacity.fit_linear([k for k, _ in f_items], [v for _, v in f_items])
+  fit_r = capacity.fit_exponential([k for k, _ in r_items], [v for _, v in r_items])
+
+  lines = [f"# Sweep report: {sweep.get('name', Path(workdir).name)}", "",
+           f"Sweep directory `{Path(workdir).resolve()}`, {len(runs)} runs. Collapse judged by "
+           f"`{collapse}` (the forgetting test: FAIL if the loss anywhere exceeds "
+           f"{_fmt(2.0)}x its maximum within the training length)"
+           + (f"; recall by `{recall}` (T_recall: the largest length with passkey accuracy > 95%)"
+              if recall else "") + ".", "", "## Runs", ""]
+  header = ["run", "N_S", "params", "T_train", "state", "no collapse", "first fail",
+            "loss ≤ T", "loss > T"] + (["T_recall"] if recall else [])
+  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r, cres, passed, tr in rows:
+    s = (cres or {}).get("summary", {})
+    within = s.get("copy_loss_within_train", s.get("mean_loss_within_train"))
+    beyond = s.get("copy_loss_beyond_train", s.get("mean_loss_beyond_train"))
+    cells = [r["name"], _fmt(r["state_size"]), _fmt(r["params"]), _fmt(r["train_len"]),
+             r["status"].get("state", "not run"), _fmt(passed), _fmt(s.get("first_fail_position")),
+             _fmt(within), _fmt(beyond)] + ([_fmt(tr)] if recall else [])
+    lines.append("| " + " | ".join(cells) + " |")
+
+  lines += _mitigation_table(runs, sweep, collapse) + _state_table(runs)
+  lines += ["", "## State capacity", "", "| N_S | T_forget | T_recall |", "|---|---|---|"]
+  for ns in sorted(set(t_forget) | set(t_recall)):
+    lines.append(f"| {_fmt(ns)} | {_fmt(t_forget.get(ns))} | {_fmt(t_recall.get(ns))} |")
+  lines.append("")
+  for label, fit, pts in (("T_forget = a·N_S + b", fit_f, f_items),
+                          ("T_recall = a·(base^N_S − 1) + c", fit_r, r_items)):
+    if fit is None:
+      lines.append(f"- {label}: not fitted ({len(pts)} state size(s) with a value; the linear "
+                   "fit needs 2, the exponential 3).")
+    else:
+      lines.append(f"- {label}: **{fit.formula()}**, R² = {fit.r2:.4f} over {fit.n} state "
+                   f"sizes{'; ' + fit.note if fit.note else ''}.")
+  plots = []
+  p = _fit_plot(dict(f_items), fit_f, out / "t_forget_fit.png", "T_forget (tokens)")
+  if p:
+    plots.append(("T_forget vs state size", p))
+  p = _fit_plot(dict(r_items), fit_r, out / "t_recall_fit.png", "T_recall (tokens)")
+  if p:
+    plots.append(("T_recall vs state size", p))
+
+  # loss curves: every run of the collapse eval in one figure, then each run's mitigations
+  if collapse:
+    curves = [(r["name"], r["evals"][collapse], r["train_len"]) for r in runs
+              if collapse in r["evals"]]
+    p = _curve_plot(curves, out / "loss_by_position.png",
+                    f"{collapse}: loss by position, every run")
+    if p:
+      plots.append(("Loss by position, every run (dashed: training length)", p))
+    task = (sweep.get("evals") or {}).get(collapse, {}).get("task")
+    for r in runs:  # the same task under other mitigations: one figure per run
+      same = [n for n, res in r["evals"].items() if res.get("task") == task]
+      if len(same) > 1:
+        curves = [(f"{n} ({r['evals'][n].get('config', {}).get('mitigation') or 'none'})",
+                   r["evals"][n], r["train_len"]) for n in same]
+        p = _curve_plot(curves, out / f"mitigations_{r['name']}.png", f"{r['name']}: mitigations")
+        if p:
+          plots.append((f"{r['name']}: with and without mitigations", p))
+  # per-run plots of the evals (passkey heatmaps, state statistics) copied next to the report
+  for r in runs:
+    for n, res in r["evals"].items():
+      for src in res.get("plots") or []:
+        src = Path(src)
+        if src.exists() and src.name in ("heatmap.png", "state_norm.png", "retention.png",
+                                         "explosion_ratio.png"):
+          dst = out / f"{r['name']}__{n}__{src.name}"
+          shutil.copyfile(src, dst)
+          plots.append((f"{r['name']} / {n}: {src.stem.replace('_', ' ')}", str(dst)))
+  lines += ["", "## Plots", ""]
+  for title, path in plots:
+    lines += [f"### {title}", "", f"![{title}]({Path(path).name})", ""]
+  report = {"collapse_eval": collapse, "recall_eval": recall,
+            "t_forget": {str(k): v for k, v in t_forget.items()},
+            "t_recall": {str(k): v for k, v in t_recall.items()},
+            "fit_t_forget": fit_f.to_dict() if fit_f else None,
+            "fit_t_recall": fit_r.to_dict() if fit_r else None,
+            "runs": [{"name": r["name"], "values": r["values"], "state_size": r["state_size"],
+                      "train_len": r["train_len"], "status": r["status"].get("state"),
+                      "summaries": {n: e.get("summary") for n, e in r["evals"].items()}}
+                     for r in runs]}
+  (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+  path = out / "report.md"
+  path.write_text("\n".join(lines) + "\n")
+  return path

@@ -1,0 +1,176 @@
+"""Sweep machinery: grid expansion, commands, launchers, resume/skip and failure isolation, and
+the state-capacity estimates and fits on data with known answers."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mamba2_jax.sweep import capacity
+from mamba2_jax.sweep.grid import eval_specs, expand
+from mamba2_jax.sweep.runner import eval_command, run_sweep, train_command
+
+
+def _sweep(**kw):
+  c = ml_collections.ConfigDict()
+  c.train_config = "configs/train.py:tiny"
+  c.train_overrides = (("total_steps", 3), ("data.source", "builtin:shakespeare"))
+  c.grid = (("model.d_state", (8, 16)), (("seq_len", "tbptt_segments"), ((32, 1), (16, 4))))
+  c.tokens_per_step = 256
+  c.evals = ml_collections.ConfigDict({
+      "ppl": {"task": "ppl_by_position", "max_len_factor": 8, "overrides": (("bucket_size", 16),)},
+      "pk": {"task": "passkey", "mitigation": "rri", "overrides": (("lengths", (64, 128)),)},
+  })
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def test_grid_expansion_product_zip_and_derived_batch():
+  runs = expand(_sweep())
+  assert [r.name for r in runs] == ["d_state-8_seq_len-32", "d_state-8_seq_len-16",
+                                    "d_state-16_seq_len-32", "d_state-16_seq_len-16"]
+  r = runs[1]
+  over = dict(r.overrides)
+  assert over["model.d_state"] == 8 and over["seq_len"] == 16 and over["tbptt_segments"] == 4
+  assert over["total_steps"] == 3 and over["global_batch_size"] == 256 // (16 * 4)
+  assert dict(r.values) == {"model.d_state": 8, "seq_len": 16, "tbptt_segments": 4}
+
+
+def test_grid_errors():
+  with pytest.raises(ValueError, match="zipped axis .* needs 2 values"):
+    expand(_sweep(grid=((("seq_len", "tbptt_segments"), ((32,),)),)))
+  with pytest.raises(ValueError, match="two runs would be named"):
+    expand(_sweep(grid=((("seq_len", "tbptt_segments"), ((32, 1), (32, 2))),)))
+
+
+def test_eval_specs_and_commands(tmp_path):
+  s = _sweep(eval_grid=(("mitigation", ("", "rri")), ("max_len_factor", (4, 16))))
+  specs = eval_specs(s)
+  names = [e.name for e in specs if e.task == "ppl_by_position"]
+  assert len(specs) == 8 and names == ["ppl_mitigation-none_max_len_factor-4", "ppl_mitigation-none_max_len_factor-16",
+                       "ppl_mitigation-rri_max_len_factor-4", "ppl_mitigation-rri_max_len_factor-16"]
+  run = expand(s)[1]  # seq_len 16 x 4 segments: training length 64
+  cmd = eval_command([e for e in specs if e.name == names[3]][0], run, tmp_path, python="py")
+  assert "--config.max_len=1024" in cmd and "--config.mitigation=rri" in cmd
+  assert "--config.bucket_size=16" in cmd and "--config=configs/evaluate.py:ppl_by_position" in cmd
+  assert f"--checkpoint={tmp_path / 'runs' / run.name / 'train'}" in cmd
+  tc = train_command(s, run, tmp_path, python="py")
+  assert tc[:4] == ["py", "-m", "experiments.train", "--config=configs/train.py:tiny"]
+  assert "--config.tbptt_segments=4" in tc and "--config.global_batch_size=4" in tc
+  pk = [e for e in eval_specs(_sweep()) if e.name == "pk"][0]
+  assert "--config.lengths=(64,128)" in eval_command(pk, run, tmp_path, python="py")
+
+
+def _fake_python(tmp_path, fail_on=""):
+  """A stand-in interpreter: logs its arguments; fails for commands containing `fail_on`."""
+  log = tmp_path / "calls.jsonl"
+  script = tmp_path / "fakepy"
+  script.write_text(f"""#!{sys.executable}
+import json, sys
+args = sys.argv[1:]
+with open({str(log)!r}, "a") as f:
+  f.write(json.dumps(args) + "\\n")
+print("step 1/3 loss 1.0")
+sys.exit(3 if {fail_on!r} and any({fail_on!r} in a for a in args) else 0)
+""")
+  script.chmod(script.stat().st_mode | stat.S_IEXEC)
+  return str(script), log
+
+
+def _calls(log):
+  return [json.loads(x) for x in open(log)] if os.path.exists(log) else []
+
+
+def test_local_launcher_runs_skips_done_and_records_failures(tmp_path, capsys):
+  py, log = _fake_python(tmp_path, fail_on="d_state-16_seq_len-32")
+  s = _sweep()
+  out = run_sweep(s, tmp_path / "sw", python=py)
+  assert out["failed"] == ["d_state-16_seq_len-32"]
+  assert len(out["done"]) == 3
+  calls = _calls(log)
+  # 3 good runs x (train + 2 evals) + the failing run's train command only
+  assert len(calls) == 3 * 3 + 1
+  st = json.load(open(tmp_path / "sw" / "runs" / "d_state-16_seq_len-32" / "status.json"))
+  assert st["state"] == "failed" and st["failed_command"] == "train" and "exit code 3" in st["error"]
+  assert (tmp_path / "sw" / "runs" / "d_state-8_seq_len-32" / "logs" / "train.log").exists()
+  assert "step 1/3 loss 1.0" in capsys.readouterr().out  # progress is echoed
+  # second invocation: done runs are skipped, the failed one is retried
+  py2, log2 = _fake_python(tmp_path / "again" if (tmp_path / "again").mkdir() is None else tmp_path)
+  out = run_sweep(s, tmp_path / "sw", python=py2)
+  assert sorted(out["skipped"]) == sorted(["d_state-8_seq_len-32", "d_state-8_seq_len-16",
+                                           "d_state-16_seq_len-16"])
+  assert out["done"] == ["d_state-16_seq_len-32"]
+  assert len(_calls(log2)) == 3
+  sweep_json = json.load(open(tmp_path / "sw" / "sweep.json"))
+  assert len(sweep_json["runs"]) == 4
+
+
+def test_print_and_script_launchers(tmp_path, capsys):
+  s = _sweep()
+  run_sweep(s, tmp_path / "p", launcher="print", python="py")
+  lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("py ")]
+  assert len(lines) == 4 and all(line.count(" && ") == 2 for line in lines)
+  run_sweep(s, tmp_path / "s", launcher="script", python="py")
+  launch = (tmp_path / "s" / "launch_all.sh").read_text()
+  assert launch.count("run.sh") == 4
+  script = (tmp_path / "s" / "runs" / "d_state-8_seq_len-16" / "run.sh").read_text()
+  assert "experiments.train" in script and script.count("experiments.evaluate") == 2
+
+
+def test_evaluation_only_sweep_of_a_checkpoint(tmp_path):
+  s = _sweep(checkpoint="ckpts/mamba2-130m", grid=(("model.d_state", (8,)),), tokens_per_step=0)
+  py, log = _fake_python(tmp_path)
+  with pytest.raises(ValueError, match="max_len_factor needs seq_len"):
+    run_sweep(s, tmp_path / "e", python=py)
+  s.evals.ppl.max_len_factor = 0
+  run_sweep(s, tmp_path / "e", python=py)
+  calls = _calls(log)
+  assert len(calls) == 2 and all("experiments.evaluate" in c for c in calls)
+  assert all("--checkpoint=ckpts/mamba2-130m" in c for c in calls)
+
+
+# ---------------------------------------------------------------------------- capacity
+def test_t_forget_is_the_smallest_length_from_which_all_pass():
+  pts = [(1e3, 64, False), (1e3, 128, True), (1e3, 256, True),
+         (2e3, 64, True), (2e3, 128, False), (2e3, 256, True), (2e3, 512, True),
+         (3e3, 64, False), (3e3, 128, False)]
+  assert capacity.t_forget(pts) == {1e3: 128, 2e3: 256, 3e3: None}
+
+
+def test_t_recall_is_the_best_run_per_state_size():
+  pts = [(1e3, 64, None), (1e3, 128, 512), (2e3, 64, 1024), (2e3, 256, 256), (3e3, 64, None)]
+  assert capacity.t_recall(pts) == {1e3: 512, 2e3: 1024, 3e3: None}
+
+
+def test_linear_fit_recovers_the_paper_law():
+  ns = np.array([0.8, 1.6, 2.4, 4.8, 12.9])
+  rng = np.random.default_rng(0)
+  y = 5.172 * ns - 4.469 + rng.normal(0, 0.05, ns.size)
+  f = capacity.fit_linear(ns, y)
+  assert abs(f.params["a"] - 5.172) < 0.05 and abs(f.params["b"] + 4.469) < 0.2
+  assert f.r2 > 0.999 and f.n == 5
+  assert f.formula().startswith("5.1") and "−" in f.formula()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e6])  # paper units (M scalars) and raw scalars
+def test_exponential_fit_recovers_the_paper_law(scale):
+  ns = np.array([0.8, 1.6, 2.4, 4.8, 7.0, 12.9])
+  y = 4.756 * (1.365 ** ns - 1) - 0.742
+  f = capacity.fit_exponential(ns * scale, y)
+  assert f is not None and f.r2 > 0.9999
+  assert abs(f.params["a"] - 4.756) / 4.756 < 1e-3
+  assert abs(f.params["base"] ** scale - 1.365) < 1e-3
+  np.testing.assert_allclose(f.predict(ns * scale), y, rtol=1e-4, atol=1e-3)
+
+
+def test_fits_need_enough_points():
+  assert capacity.fit_linear([1.0], [2.0]) is None
+  assert capacity.fit_exponential([1.0, 2.0], [2.0, 3.0]) is None
+  assert "exact" in capacity.fit_linear([1.0, 2.0], [2.0, 3.0]).note
