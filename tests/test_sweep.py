@@ -47,7 +47,19 @@ def test_grid_errors():
   with pytest.raises(ValueError, match="zipped axis .* needs 2 values"):
     expand(_sweep(grid=((("seq_len", "tbptt_segments"), ((32,),)),)))
   with pytest.raises(ValueError, match="two runs would be named"):
-    expand(_sweep(grid=((("seq_len", "tbptt_segments"), ((32, 1), (32, 2))),)))
+    expand(_sweep(grid=(("seq_len", (32, 32)),)))
+  with pytest.raises(ValueError, match="has 2 values but 1 labels"):
+    expand(_sweep(grid=((("seq_len", "tbptt_segments"), ((32, 1), (16, 2)), ("a",)),)))
+
+
+def test_run_names_from_distinct_keys_or_labels():
+  # no key alone distinguishes the entries: every differing key names the run
+  runs = expand(_sweep(grid=((("seq_len", "tbptt_segments"), ((32, 1), (32, 2), (16, 2))),)))
+  assert [r.name for r in runs] == ["seq_len-32_tbptt_segments-1", "seq_len-32_tbptt_segments-2",
+                                    "seq_len-16_tbptt_segments-2"]
+  runs = expand(_sweep(grid=((("model.d_model", "model.n_layer"), ((64, 2), (64, 4)),
+                              ("small", "deep")), ("seq_len", (32,)))))
+  assert [r.name for r in runs] == ["small_seq_len-32", "deep_seq_len-32"]
 
 
 def test_eval_specs_and_commands(tmp_path):
@@ -174,3 +186,56 @@ def test_fits_need_enough_points():
   assert capacity.fit_linear([1.0], [2.0]) is None
   assert capacity.fit_exponential([1.0, 2.0], [2.0, 3.0]) is None
   assert "exact" in capacity.fit_linear([1.0, 2.0], [2.0, 3.0]).note
+
+
+def test_report_recovers_known_capacity_laws(tmp_path):
+  """A sweep directory whose runs follow T_forget = 2 N_S/1000 + 64 and T_recall = 3·(1.5^x - 1)
+  (x = N_S/1000): the report extracts T_forget from the bucketed loss curves' forgetting test
+  and refits both laws."""
+  from mamba2_jax.config import Mamba2Config
+  from mamba2_jax.eval import criteria
+  from mamba2_jax.sweep.report import write_report
+
+  wd = tmp_path / "sw"
+  runs, lengths = [], (64, 128, 256, 512, 1024)
+  for d_state in (16, 48, 80, 112):
+    mc = Mamba2Config.preset("tiny", d_state=d_state)
+    ns = mc.state_size
+    t_forget = 2 * ns / 1000 + 64
+    t_recall = 3 * (1.5 ** (ns / 1000) - 1)
+    for T in lengths:
+      name = f"d{d_state}_T{T}"
+      runs.append({"name": name, "values": {"model.d_state": d_state, "seq_len": T},
+                   "overrides": {}})
+      d = wd / "runs" / name
+      (d / "train").mkdir(parents=True)
+      (d / "train" / "config.json").write_text(json.dumps({"seq_len": T, "tbptt_segments": 1,
+                                                           "model": json.loads(mc.to_json())}))
+      (d / "status.json").write_text(json.dumps({"state": "done"}))
+      # a loss curve that blows up past T unless T >= T_forget
+      pos = np.arange(0, 8192, 64)
+      loss = np.full(pos.size, 2.0)
+      if T < t_forget:
+        loss[pos >= T] = 6.0
+      b = criteria.Buckets(pos, pos + 64, loss)
+      test = criteria.forgetting_test(b, T, 2.0)
+      for ev, res in (("ppl", {"task": "ppl_by_position", "summary": {
+          "forget_test_passed": test["passed"], "first_fail_position": test["first_fail_position"]},
+          "buckets": {"start": pos.tolist(), "end": (pos + 64).tolist(), "loss": loss.tolist()}}),
+                      ("passkey", {"task": "passkey", "summary": {"t_recall": t_recall}})):
+        (d / "eval" / ev / "step_10").mkdir(parents=True)
+        (d / "eval" / ev / "step_10" / "results.json").write_text(json.dumps(res))
+  sweep = {"name": "synthetic", "evals": {"ppl": {"task": "ppl_by_position"},
+                                          "passkey": {"task": "passkey"}}}
+  (wd / "sweep.json").write_text(json.dumps({"sweep": sweep, "runs": runs}))
+  md = write_report(wd).read_text()
+  rep = json.load(open(wd / "report" / "report.json"))
+  for d_state in (16, 48, 80, 112):
+    ns = Mamba2Config.preset("tiny", d_state=d_state).state_size
+    want = min(t for t in lengths if t >= 2 * ns / 1000 + 64)
+    assert rep["t_forget"][str(ns)] == want
+  fr = rep["fit_t_recall"]
+  assert fr["r2"] > 0.9999 and abs(fr["params"]["a"] - 3) < 1e-2
+  assert abs(fr["params"]["base"] ** 1000 - 1.5) < 1e-3
+  assert rep["fit_t_forget"]["params"]["a"] > 0 and "T_forget = a·N_S + b: **" in md
+  assert (wd / "report" / "t_recall_fit.png").exists()

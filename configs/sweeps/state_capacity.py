@@ -16,15 +16,16 @@ Variants:
          checkpoints via init_checkpoint) x T_train in 512 .. 64K, on RedPajama documents of
          >= 4K NeoX tokens, 0.5M tokens per step; each run evaluated on 1M-token newline prompts
          (the forgetting test) and passkey up to 256K. Emit one command per run:
-           python -m experiments.sweep --config=configs/sweeps/state_capacity.py:paper \
-               --workdir=gs://BUCKET/sc --launcher=print
-         Set the data and checkpoint paths with --config.train_overrides (or edit PAPER_DATA).
+           python -m experiments.sweep --workdir=gs://BUCKET/sc --launcher=print \
+               --config=configs/sweeps/state_capacity.py:paper,data=gs://B/redpj,ckpts=gs://B/conv
+         data= a prepared NeoX directory (experiments.prepare_data), ckpts= a directory holding
+         experiments.convert_hf outputs named mamba2-130m, mamba2-370m, mamba2-780m.
 """
 
 import ml_collections
 
-PAPER_DATA = "gs://BUCKET/redpajama_v2_neox_min4k"   # a prepared dir (experiments.prepare_data)
-PAPER_CKPTS = "gs://BUCKET/converted"                 # experiments.convert_hf outputs
+PAPER_DATA = "gs://BUCKET/redpajama_v2_neox_min4k"   # default of paper,data=...
+PAPER_CKPTS = "gs://BUCKET/converted"                 # default of paper,ckpts=...
 
 
 def _copy():
@@ -91,17 +92,17 @@ _PAPER_MODELS = {  # name: (model overrides, init checkpoint or "")
 }
 
 
-def _paper():
+def _paper(data=PAPER_DATA, ckpts=PAPER_CKPTS):
   c = ml_collections.ConfigDict()
   c.train_config = "configs/train.py:130m"
-  c.train_overrides = (("data.source", PAPER_DATA), ("total_steps", 100_000))
+  c.train_overrides = (("data.source", data), ("total_steps", 100_000))
   keys = ("model.d_model", "model.n_layer", "init_checkpoint")
-  models = tuple((*(v for _, v in over), f"{PAPER_CKPTS}/{ck}" if ck else "")
+  models = tuple((*(v for _, v in over), f"{ckpts}/{ck}" if ck else "")
                  for over, ck in _PAPER_MODELS.values())
   # T_train as chained 8K segments with state passing beyond 8K (the paper's T8192_P{2,4,8})
   lengths = ((512, 1), (1024, 1), (2048, 1), (4096, 1), (8192, 1), (8192, 2), (8192, 4),
              (8192, 8))
-  c.grid = ((keys, models), (("seq_len", "tbptt_segments"), lengths))
+  c.grid = ((keys, models, tuple(_PAPER_MODELS)), (("seq_len", "tbptt_segments"), lengths))
   c.tokens_per_step = 524288
   c.evals = ml_collections.ConfigDict({
       "newlines": {"task": "ppl_by_position", "overrides": (("max_len", 1 << 20),)},
@@ -113,10 +114,17 @@ def _paper():
 
 
 def get_config(arg: str = "copy") -> ml_collections.ConfigDict:
+  """arg: a variant name, optionally with key=value options ("paper,data=...,ckpts=...")."""
   builders = {"copy": _copy, "text": _text, "ci": _ci, "paper": _paper}
-  if arg not in builders:
-    raise ValueError(f"configs/sweeps/state_capacity.py: unknown variant {arg!r}; allowed: "
+  name, *opts = (arg or "copy").split(",")
+  if name not in builders:
+    raise ValueError(f"configs/sweeps/state_capacity.py: unknown variant {name!r}; allowed: "
                      f"{sorted(builders)}")
-  c = builders[arg]()
-  c.name = f"state_capacity-{arg}"
+  kw = dict(o.split("=", 1) for o in opts)
+  allowed = {"paper": {"data", "ckpts"}}.get(name, set())
+  if set(kw) - allowed:
+    raise ValueError(f"configs/sweeps/state_capacity.py:{name}: unknown options "
+                     f"{sorted(set(kw) - allowed)}; allowed: {sorted(allowed)}")
+  c = builders[name](**kw)
+  c.name = f"state_capacity-{name}"
   return c

@@ -4,11 +4,13 @@ A sweep config (ml_collections) holds
   train_config     the base training config, "configs/train.py:<variant>"
   train_overrides  ((dotted key, value), ...) applied to every run
   grid             ((key, (v1, v2, ...)), ...) or, for keys that vary together (a zipped axis),
-                   ((key1, key2, ...), ((v11, v12, ...), (v21, v22, ...))); the runs are the
-                   product over the axes
+                   ((key1, key2, ...), ((v11, v12, ...), (v21, v22, ...))[, labels]); the runs
+                   are the product over the axes
   tokens_per_step  if > 0: global_batch_size = tokens_per_step // (seq_len * tbptt_segments)
   evals            {name: {task, mitigation, overrides, max_len_factor}}: evaluation tasks run
                    on each run's final checkpoint (configs/evaluate.py:<task>)
+  eval_grid        optional axes crossed with every eval (e.g. mitigation x max_len_factor)
+  checkpoint       optional: evaluate this fixed checkpoint instead of training
 Each run gets a stable name from its grid values (e.g. "d_state-16_seq_len-64") and a
 directory WORKDIR/runs/<name>/ with train/ (the trainer's workdir) and eval/<eval name>/.
 """
@@ -58,15 +60,20 @@ def _slug(key: str, value) -> str:
 
 
 def _axes(grid):
-  """Normalises grid axes to [(keys tuple, [values tuple, ...]), ...]."""
+  """Normalises grid axes to [(keys tuple, [values tuple, ...], [run-name part, ...]), ...].
+
+  An axis is (key, values), (keys, value tuples) for keys that vary together, or (keys, value
+  tuples, labels) with explicit run-name parts. Without labels a zipped axis is named by its
+  first key whose values are all distinct, else by every key whose values differ.
+  """
   axes = []
   for axis in grid:
-    if len(axis) != 2:
-      raise ValueError(f"sweep grid: each axis must be (key, values) or (keys, value tuples); "
-                       f"got {axis!r}")
-    keys, values = axis
+    if len(axis) not in (2, 3):
+      raise ValueError(f"sweep grid: each axis must be (key, values), (keys, value tuples) or "
+                       f"(keys, value tuples, labels); got {axis!r}")
+    keys, values = axis[0], axis[1]
     if isinstance(keys, str):
-      axes.append(((keys,), [(v,) for v in values]))
+      keys, vals = (keys,), [(v,) for v in values]
     else:
       keys = tuple(keys)
       vals = [tuple(v) for v in values]
@@ -74,9 +81,19 @@ def _axes(grid):
       if bad:
         raise ValueError(f"sweep grid: zipped axis {keys} needs {len(keys)} values per entry; "
                          f"got {bad[0]!r}")
-      axes.append((keys, vals))
-    if not axes[-1][1]:
+    if not vals:
       raise ValueError(f"sweep grid: axis {keys!r} has no values")
+    if len(axis) == 3:
+      labels = [str(x) for x in axis[2]]
+      if len(labels) != len(vals):
+        raise ValueError(f"sweep grid: axis {keys!r} has {len(vals)} values but "
+                         f"{len(labels)} labels")
+    else:
+      cols = list(zip(*vals))
+      distinct = [i for i, c in enumerate(cols) if len(set(map(str, c))) == len(c)]
+      use = distinct[:1] or [i for i, c in enumerate(cols) if len(set(map(str, c))) > 1] or [0]
+      labels = ["_".join(_slug(keys[i], v[i]) for i in use) for v in vals]
+    axes.append((keys, vals, labels))
   return axes
 
 
@@ -85,8 +102,9 @@ def expand(sweep) -> list[Run]:
   base = tuple((k, v) for k, v in sweep.train_overrides)
   axes = _axes(sweep.grid)
   runs, names = [], set()
-  for combo in itertools.product(*(vals for _, vals in axes)):
-    values = tuple((k, v) for (keys, _), vs in zip(axes, combo) for k, v in zip(keys, vs))
+  for combo in itertools.product(*(range(len(vals)) for _, vals, _ in axes)):
+    values = tuple((k, v) for (keys, vals, _), i in zip(axes, combo)
+                   for k, v in zip(keys, vals[i]))
     over = dict(base)
     over.update(values)
     tps = int(sweep.get("tokens_per_step", 0) or 0)
@@ -95,11 +113,10 @@ def expand(sweep) -> list[Run]:
       if rows <= 0:
         raise ValueError("sweep: tokens_per_step needs seq_len in the grid or train_overrides")
       over["global_batch_size"] = max(1, tps // rows)
-    name = "_".join(_slug(k, v) for (keys, _), vs in zip(axes, combo)
-                    for k, v in list(zip(keys, vs))[:1]) or "base"
+    name = "_".join(labels[i] for (_, _, labels), i in zip(axes, combo)) or "base"
     if name in names:
-      raise ValueError(f"sweep: two runs would be named {name!r}; make the first key of each "
-                       "axis distinguish its values")
+      raise ValueError(f"sweep: two runs would be named {name!r}; give the axes labels "
+                       "((keys, values, labels)) that distinguish their values")
     names.add(name)
     runs.append(Run(name=name, values=values, overrides=tuple(over.items())))
   return runs
@@ -112,15 +129,15 @@ def eval_specs(sweep) -> list[EvalSpec]:
   grid = _axes(sweep.get("eval_grid") or ())
   out = []
   for name, e in (sweep.get("evals") or {}).items():
-    for combo in itertools.product(*(vals for _, vals in grid)) if grid else [()]:
+    for combo in (itertools.product(*(range(len(v)) for _, v, _ in grid)) if grid else [()]):
       fields = {"mitigation": e.get("mitigation", "") or "",
                 "max_len_factor": int(e.get("max_len_factor", 0) or 0)}
       over = dict(tuple(o) for o in e.get("overrides", ()))
       suffix = []
-      for (keys, _), vs in zip(grid, combo):
-        for k, v in zip(keys, vs):
+      for (keys, vals, labels), i in zip(grid, combo):
+        for k, v in zip(keys, vals[i]):
           (fields if k in fields else over)[k] = v
-        suffix.append(_slug(keys[0], vs[0]) if vs[0] != "" else f"{keys[0]}-none")
+        suffix.append(labels[i] if vals[i][0] != "" else f"{keys[0]}-none")
       out.append(EvalSpec(name="_".join([name, *suffix]), task=e["task"],
                           mitigation=fields["mitigation"], overrides=tuple(over.items()),
                           max_len_factor=int(fields["max_len_factor"])))
