@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mamba2_jax.ssd.common import pad_axis
 from pallas_kernels.platform import target_platform
 
 from . import kernel as K
@@ -124,15 +125,6 @@ def _ssd_kernels_bwd(cfg, res, cts):
 ssd_kernels.defvjp(_ssd_kernels_fwd, _ssd_kernels_bwd)
 
 
-def _pad(t, axis, target, mode="constant"):
-    n = t.shape[axis]
-    if n == target:
-        return t
-    w = [(0, 0)] * t.ndim
-    w[axis] = (0, target - n)
-    return jnp.pad(t, w, mode=mode)
-
-
 def _segment_arrays(seg, Q):
     """seg (b,Lp) run indices -> (seg, segp, sege) per token (see kernel.py)."""
     b, Lp = seg.shape
@@ -155,20 +147,20 @@ def prepare_padded(prep, chunk_size, interpret, **cfg_kw):
     Lp = -(-L // Q) * Q
     f32 = jnp.float32
     cdt = jnp.dtype(cfg.cdt)
-    xk = _pad(_pad(x.astype(cdt), 1, Lp), 3, Pp)
-    Bk = _pad(_pad(prep.B.astype(cdt), 1, Lp), 3, Np)
-    Ck = _pad(_pad(prep.C.astype(cdt), 1, Lp), 3, Np)
-    dt = jnp.transpose(_pad(prep.dt.astype(f32), 1, Lp), (0, 2, 1))  # (b,H,Lp), pad dt = 0
+    xk = pad_axis(pad_axis(x.astype(cdt), Lp, 1), Pp, 3)
+    Bk = pad_axis(pad_axis(prep.B.astype(cdt), Lp, 1), Np, 3)
+    Ck = pad_axis(pad_axis(prep.C.astype(cdt), Lp, 1), Np, 3)
+    dt = jnp.transpose(pad_axis(prep.dt.astype(f32), Lp, 1), (0, 2, 1))  # (b,H,Lp), pad dt = 0
     # per-token log-decay dt * A + log_decay_offset (b,H,Lp) from the prologue; pad dA = 0
     dA_src = prep.dA if getattr(prep, "dA", None) is not None else prep.dt * prep.A
-    dA = jnp.transpose(_pad(dA_src.astype(f32), 1, Lp), (0, 2, 1))
+    dA = jnp.transpose(pad_axis(dA_src.astype(f32), Lp, 1), (0, 2, 1))
     if prep.initial_state is None:
         h0 = jnp.zeros((b, H, Pp, Np), f32)
     else:
-        h0 = _pad(_pad(prep.initial_state.astype(f32), 2, Pp), 3, Np)
+        h0 = pad_axis(pad_axis(prep.initial_state.astype(f32), Pp, 2), Np, 3)
     segs = None
     if prep.seg is not None:
-        segs = _segment_arrays(_pad(prep.seg.astype(jnp.int32), 1, Lp, mode="edge"), Q)
+        segs = _segment_arrays(pad_axis(prep.seg.astype(jnp.int32), Lp, 1, mode="edge"), Q)
     return cfg, (xk, dt, dA, Bk, Ck, h0, segs)
 
 

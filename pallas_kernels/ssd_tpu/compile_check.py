@@ -13,7 +13,7 @@ memory_analysis / cost_analysis per device. Exit status 1 if any case fails.
 ``--negative``: compiles the forward kernel with a misaligned chunk (Q = 12 rows, not a
 multiple of 8 sublanes) and exits 0 only if Mosaic rejects it (proves the check is real).
 
-Imports only jax and this package (no mamba2_jax / flax), so the venv needs just jax[tpu].
+Imports only jax, this package and mamba2_jax.ssd (no flax).
 """
 
 from __future__ import annotations

@@ -7,8 +7,7 @@ head-major layouts) is plain XLA and differentiated by XLA; the custom VJP cover
 Per-token factors (wexp, e, chunk decay, segment masks) are cheap (b, H, L) vectors computed
 by XLA in both the forward and the backward rule (recomputed, never stored).
 
-This module imports nothing from ``mamba2_jax`` so the compile check can run in a venv that
-has only jax + libtpu (``scripts/setup_tpu_venv.sh``); ``prep`` is duck-typed
+It imports only ``mamba2_jax.ssd.common`` (jax-only) from the project; ``prep`` is duck-typed
 (``mamba2_jax.ssd.common.Prepared``: x, dt, A, B, C, initial_state, seg, acc, dA).
 """
 
@@ -19,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mamba2_jax.ssd.common import pad_axis
 from pallas_kernels.platform import target_platform
 
 from .kernel import ssd_bwd_call, ssd_fwd_call
@@ -56,15 +56,6 @@ def pick_layout(H: int, G: int, P: int, max_hb=None):
     if pf is not None and pb is not None:
         return pf, pb, True
     return pick_head_block(R, mf), pick_head_block(R, mb), False
-
-
-def _pad(t, target, axis, mode="constant"):
-    n = t.shape[axis]
-    if n == target:
-        return t
-    w = [(0, 0)] * t.ndim
-    w[axis] = (0, target - n)
-    return jnp.pad(t, w, mode=mode)
 
 
 def _per_token(dt, Acs, seg):
@@ -188,21 +179,21 @@ def ssd_tpu_core(prep, *, chunk_size: int = 256, interpret=None, max_hb=(MAX_HB_
     elif layout == "packed" and not packed:
         raise ValueError(f"ssd_tpu: no head block of a multiple of 128 lanes for H/G={R}, P={P}")
     if packed:  # natural layout, free reshape: (b, Lp, H*P), head block = hb*P lanes
-        xt = _pad(x, Lp, 1).reshape(b, Lp, H * P)
+        xt = pad_axis(x, Lp, 1).reshape(b, Lp, H * P)
     else:
-        xt = jnp.transpose(_pad(x, Lp, 1), (0, 2, 1, 3))  # (b,H,Lp,P)
-    dt = jnp.transpose(_pad(prep.dt.astype(f32), Lp, 1), (0, 2, 1)).reshape(b, H, T, Q)
+        xt = jnp.transpose(pad_axis(x, Lp, 1), (0, 2, 1, 3))  # (b,H,Lp,P)
+    dt = jnp.transpose(pad_axis(prep.dt.astype(f32), Lp, 1), (0, 2, 1)).reshape(b, H, T, Q)
     # per-token log-decay dt * A + log_decay_offset from the prologue (prep.dA), padded with 0
     dA = prep.dA if getattr(prep, "dA", None) is not None else prep.dt * prep.A
-    dA = jnp.transpose(_pad(dA.astype(f32), Lp, 1), (0, 2, 1)).reshape(b, H, T, Q)
+    dA = jnp.transpose(pad_axis(dA.astype(f32), Lp, 1), (0, 2, 1)).reshape(b, H, T, Q)
     Acs = jnp.cumsum(dA, axis=-1)  # fp32, XLA (differentiated by XLA)
-    Bq = jnp.transpose(_pad(Bq, Lp, 1), (0, 2, 1, 3))  # (b,G,Lp,N)
-    Cq = jnp.transpose(_pad(Cq, Lp, 1), (0, 2, 1, 3))
+    Bq = jnp.transpose(pad_axis(Bq, Lp, 1), (0, 2, 1, 3))  # (b,G,Lp,N)
+    Cq = jnp.transpose(pad_axis(Cq, Lp, 1), (0, 2, 1, 3))
     if prep.initial_state is None:
         h0 = jnp.zeros((b, H, N, P), f32)
     else:
         h0 = jnp.swapaxes(prep.initial_state.astype(f32), -1, -2)  # (b,H,N,P)
-    seg = None if prep.seg is None else _pad(prep.seg.astype(jnp.int32), Lp, 1, "edge").reshape(b, T, Q)
+    seg = None if prep.seg is None else pad_axis(prep.seg.astype(jnp.int32), Lp, 1, "edge").reshape(b, T, Q)
 
     cfg = (hb_f, hb_b, interpret, P if packed else None)
     y, hT = _ssd_tpu(xt, dt, Acs, Bq, Cq, h0, seg, cfg)
