@@ -1,6 +1,9 @@
-r"""Demo binary: tiny Mamba-2 on CPU — forward, chunked prefill vs full, decode, generation.
+r"""Inference smoke demo on CPU: forward, chunked prefill vs full, decode, generation.
 
-  python -m experiments.demo --config=configs/demo.py:tiny
+  python -m experiments.demo --config=configs/demo.py:tiny          # a random tiny model
+  python -m experiments.demo --checkpoint=runs/tiny                 # a training workdir (byte
+                                                                    # tokenizer) or checkpoint dir
+(The main demo, `bash scripts/demo.sh`, trains models and shows state collapse.)
 """
 
 import time
@@ -8,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
@@ -17,15 +20,25 @@ from mamba2_jax.data import ByteTokenizer
 from mamba2_jax.generate import generate, prefill, prefill_chunked
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir or checkpoint dir to "
+                                  "generate from (default: a random model of the config preset)")
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value
   tok = ByteTokenizer()
-  model_cfg = Mamba2Config.preset(cfg.model_preset, vocab_size=tok.vocab_size)
-  model = Mamba2LM(model_cfg, rngs=nnx.Rngs(cfg.seed))
-  print(f"model {cfg.model_preset}: {model_cfg.num_params():,} parameters, "
+  if _CHECKPOINT.value:
+    from mamba2_jax.eval import sources  # pylint: disable=g-import-not-at-top
+    spec = _CHECKPOINT.value
+    loaded = (sources.load_step(spec, None, tokenizer="byte") if sources.is_workdir(spec)
+              else sources.load_model(spec, tokenizer="byte"))
+    model = loaded.model
+  else:
+    model = Mamba2LM(Mamba2Config.preset(cfg.model_preset, vocab_size=tok.vocab_size),
+                     rngs=nnx.Rngs(cfg.seed))
+  model_cfg = model.config
+  print(f"model {_CHECKPOINT.value or cfg.model_preset}: {model_cfg.num_params():,} parameters, "
         f"state size N_S = {model_cfg.state_size:,}, backend {jax.default_backend()}")
 
   prompt = jnp.asarray(tok.encode((cfg.prompt + "\n") * cfg.prompt_repeats))[None]
@@ -52,7 +65,8 @@ def main(argv):
     text = tok.decode(np.asarray(out[0]))
     print(f"{name} generation ({cfg.max_new_tokens} tokens, {dt * 1e3:.0f} ms incl. prefill): "
           f"{text!r}")
-  print("(an untrained model: the text is random bytes; later demos train it first)")
+  if not _CHECKPOINT.value:
+    print("(an untrained model: the text is random bytes; try --checkpoint=<a training workdir>)")
 
 
 if __name__ == "__main__":

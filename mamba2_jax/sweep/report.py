@@ -5,6 +5,8 @@ T = seq_len x tbptt_segments, model -> N_S) and the newest results.json of every
 (runs/<name>/eval/<eval>/step_<N>/ or the eval dir itself). Collapse is judged by the forgetting
 test of the sweep's `collapse_eval` (default: the first ppl_by_position / copy_task eval without
 a mitigation), recall by `recall_eval` (default: the first passkey eval without a mitigation).
+A sweep may set `learned_max_loss`: runs whose loss within T stays above it never learned the
+task, so their forgetting test says nothing and they are left out of T_forget.
 Writes WORKDIR/report/{report.md, report.json, *.png}.
 """
 
@@ -209,10 +211,15 @@ def write_report(workdir, out_dir=None) -> Path:
   collapse = _pick(sweep, "collapse_eval", _CURVE_TASKS)
   recall = _pick(sweep, "recall_eval", ("passkey",))
 
+  learned_max = sweep.get("learned_max_loss")
   forget_pts, recall_pts, rows = [], [], []
   for r in runs:
     cres = r["evals"].get(collapse) if collapse else None
     passed = (cres or {}).get("summary", {}).get("forget_test_passed")
+    within = _within_beyond((cres or {}).get("summary", {}))[0]
+    r["learned"] = None if learned_max is None or within is None else within <= learned_max
+    if r["learned"] is False:
+      passed = None  # never learned the task within T: no evidence about forgetting
     tr = (r["evals"].get(recall) or {}).get("summary", {}).get("t_recall") if recall else None
     if r["state_size"] is not None and r["train_len"] is not None:
       if passed is not None:
@@ -233,9 +240,13 @@ def write_report(workdir, out_dir=None) -> Path:
            f"`{collapse}` (the forgetting test: FAIL if the loss anywhere exceeds "
            f"{_fmt(2.0)}x its maximum within the training length)"
            + (f"; recall by `{recall}` (T_recall: the largest length with passkey accuracy > 95%)"
-              if recall else "") + ".", "", "## Runs", ""]
+              if recall else "") + "." + (
+                  f" A run counts as having learned the task when its loss within T is at most "
+                  f"{learned_max:g}; runs that did not are left out of T_forget."
+                  if learned_max is not None else ""), "", "## Runs", ""]
   header = ["run", "N_S", "params", "T_train", "state", "no collapse", "first fail",
-            "loss ≤ T", "loss > T"] + (["T_recall"] if recall else [])
+            "loss ≤ T", "loss > T"] + (["learned"] if learned_max is not None else []) + (
+                ["T_recall"] if recall else [])
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r, cres, passed, tr in rows:
     s = (cres or {}).get("summary", {})
@@ -243,7 +254,9 @@ def write_report(workdir, out_dir=None) -> Path:
     beyond = s.get("copy_loss_beyond_train", s.get("mean_loss_beyond_train"))
     cells = [r["name"], _fmt(r["state_size"]), _fmt(r["params"]), _fmt(r["train_len"]),
              r["status"].get("state", "not run"), _fmt(passed), _fmt(s.get("first_fail_position")),
-             _fmt(within), _fmt(beyond)] + ([_fmt(tr)] if recall else [])
+             _fmt(within), _fmt(beyond)] + (
+                 [_fmt(r["learned"])] if learned_max is not None else []) + (
+                     [_fmt(tr)] if recall else [])
     lines.append("| " + " | ".join(cells) + " |")
 
   lines += _mitigation_table(runs, sweep, collapse) + _state_table(runs)
@@ -304,6 +317,7 @@ def write_report(workdir, out_dir=None) -> Path:
             "fit_t_recall": fit_r.to_dict() if fit_r else None,
             "runs": [{"name": r["name"], "values": r["values"], "state_size": r["state_size"],
                       "train_len": r["train_len"], "status": r["status"].get("state"),
+                      "learned": r["learned"],
                       "summaries": {n: e.get("summary") for n, e in r["evals"].items()}}
                      for r in runs]}
   (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
