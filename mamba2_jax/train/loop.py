@@ -233,7 +233,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # 5. Logging, profiling, preemption.
   train_step, eval_step, data_shard = setup.train_step, setup.eval_step, setup.data_shard
-  lr_fn = schedule(config.optimizer, config.total_steps)
+  # the learning rate of every step, computed once: evaluating the schedule per step would
+  # queue a device computation behind the train step and make reading it synchronous
+  lr_table = np.asarray(jax.jit(jax.vmap(schedule(config.optimizer, config.total_steps)))(
+      jnp.arange(config.total_steps)))
   tokens_per_step = config.global_batch_size * config.seq_len * config.tbptt_segments
   flops = 3 * model_flops_per_token(model_cfg, config.seq_len) * tokens_per_step
   logger = MetricsLogger(workdir, log_every=config.log_every, flops_per_step=flops,
@@ -274,7 +277,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       logger.add_data_wait(time.perf_counter() - t0)
       with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, batch)
-      prev = logger.push(step, metrics, {"lr": float(lr_fn(step - 1))})
+      prev = logger.push(step, metrics, {"lr": float(lr_table[step - 1])})
       if prev is not None:
         _require_finite(prev, prev["step"], ckpt)
       stop = preempt.agreed(ckpt, step, sync=step % config.log_every == 0)
