@@ -5,7 +5,8 @@ r"""Model benchmark on CPU: forward / training-step tokens/s and decode ms/token
 
 Config (the issue's): d_model 256, 4 layers, d_state 128, headdim 64 (8 heads), expand 2,
 vocab 1024, fp32, batch 1. The training step is forward + backward of the mean next-token
-cross-entropy w.r.t. all parameters (no optimizer update), as in the peers' runners
+cross-entropy w.r.t. all parameters (no optimizer update; ours with the trainer's fused LM-head
+cross-entropy, mamba2_jax/loss.py), as in the peers' runners
 (benchmarks/peers/, each run in its own venv made by benchmarks/peers/setup_peers.sh; a peer
 whose venv is missing is reported as such). MFU = model FLOPs / time / measured fp32 matmul peak.
 """
@@ -23,6 +24,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mamba2_jax.runtime import tune_cpu_malloc  # noqa: E402  (imports no numpy / jax)
+
+# before numpy and jax start threads (see tune_cpu_malloc)
+_MALLOC_TUNED = "--no_tune_malloc" not in sys.argv and tune_cpu_malloc()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -31,7 +37,7 @@ from flax import nnx  # noqa: E402
 from mamba2_jax import Mamba2Config, Mamba2LM  # noqa: E402
 from mamba2_jax.flops import model_flops_per_token  # noqa: E402
 from mamba2_jax.generate import decode_tokens, prefill  # noqa: E402
-from mamba2_jax.runtime import tune_cpu_malloc  # noqa: E402
+from mamba2_jax.loss import lm_head_nll  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = {
@@ -40,8 +46,11 @@ PEERS = {
 }
 
 
-def timed(fn, reps):
-  fn()  # compile / warm up
+def timed(fn, reps, warmup=3):
+  # compile, then warm up: the first steps grow the malloc heap to its steady state (with the
+  # tuned malloc each of the first three L=8192 training steps faults in another 2.2 GB)
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
   ts = []
   for _ in range(reps):
     t0 = time.perf_counter()
@@ -66,10 +75,11 @@ def bench_ours(cfg, seq_lens, reps, decode_steps=64):
 
   @jax.jit
   def train_step(state, tokens):
-    def loss_fn(state):
-      logits = nnx.merge(graphdef, state)(tokens[:, :-1])
-      logp = jax.nn.log_softmax(logits, axis=-1)
-      return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+    def loss_fn(state):  # the trainer's loss: the LM head fused with the cross-entropy
+      model = nnx.merge(graphdef, state)
+      h, _ = model.features(tokens[:, :-1])
+      w, vocab_major = model.head_weight()
+      return jnp.mean(lm_head_nll(h, w, tokens[:, 1:], vocab_major=vocab_major))
     return jax.value_and_grad(loss_fn)(state)
 
   rows = []
@@ -129,7 +139,7 @@ def main():
   seq_lens = [int(s) for s in args.seq_lens.split(",")]
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
 
-  malloc_tuned = False if args.no_tune_malloc else tune_cpu_malloc()
+  malloc_tuned = _MALLOC_TUNED
   cfg = Mamba2Config.preset("bench-cpu", scan_unroll=args.scan_unroll)
   if args.chunk_size:
     cfg = cfg.replace(chunk_size=args.chunk_size)

@@ -1,10 +1,11 @@
 r"""Training throughput on this host: tokens/s and MFU of the trainer's own jitted train step.
 
-  .venv/bin/python benchmarks/train_throughput.py [--variants tiny,30m] [--seq_len 2048]
+  .venv/bin/python benchmarks/train_throughput.py [--variants tiny,30m,demo64,demo256] [--seq_len 2048]
       [--out benchmarks/results/train_throughput.json]
 
-Each variant is a configs/train.py config at seq 2048, run through `mamba2_jax.train.loop.build`
-on one device (the full step: forward, backward, AdamW update, clipping; no data loading, which
+Each variant is a configs/train.py config at seq 2048 (`demo64`, `demo256`: the main demo's two
+runs, configs/train.py:small with vocab 64 at 64 x 64 and 256 x 16 tokens), run through
+`mamba2_jax.train.loop.build` on one device (the full step: forward, backward, AdamW update, clipping; no data loading, which
 benchmarks/data_pipeline.py measures separately), timed as the median of `--reps` steps after
 compilation. MFU = model FLOPs (3 x forward FLOPs of the dense matmuls and the chunked SSD,
 mamba2_jax/flops.py) / step time / the measured fp32 matmul peak of this host. The table also
@@ -25,12 +26,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mamba2_jax.runtime import tune_cpu_malloc  # noqa: E402  (imports no numpy / jax)
+
+_MALLOC_TUNED = tune_cpu_malloc()  # before numpy and jax start threads (see tune_cpu_malloc)
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import train as train_configs  # noqa: E402
 from mamba2_jax.flops import model_flops_per_token  # noqa: E402
-from mamba2_jax.runtime import tune_cpu_malloc  # noqa: E402
 from mamba2_jax.train.config import validate  # noqa: E402
 from mamba2_jax.train.loop import build  # noqa: E402
 from mamba2_jax.train.metrics import peak_flops  # noqa: E402
@@ -38,10 +42,18 @@ from mamba2_jax.train.sharding import make_mesh  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = {"tiny": 8, "small": 4, "30m": 2}
+# The main demo's two training runs (configs/sweeps/demo.py): configs/train.py:small with vocab
+# 64 at (seq_len, batch) = (64, 64) and (256, 16), 4096 tokens per step.
+DEMO = {"demo64": (64, 64), "demo256": (256, 16)}
 
 
 def bench(variant: str, seq_len: int, batch: int, reps: int, chunk: int | None) -> dict:
-  config = train_configs.get_config(variant)
+  if variant in DEMO:
+    config = train_configs.get_config("small")
+    config.model.vocab_size = 64
+    seq_len, batch = DEMO[variant]
+  else:
+    config = train_configs.get_config(variant)
   config.seq_len, config.global_batch_size = seq_len, batch
   if chunk:
     config.model.chunk_size = chunk
@@ -57,6 +69,9 @@ def bench(variant: str, seq_len: int, batch: int, reps: int, chunk: int | None) 
     state, m = setup.train_step(state, b)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - t0
+    for _ in range(2):  # the first steps grow the malloc heap to its steady state
+      state, m = setup.train_step(state, b)
+      jax.block_until_ready(m)
     ts = []
     for _ in range(reps):
       t0 = time.perf_counter()
@@ -72,13 +87,13 @@ def bench(variant: str, seq_len: int, batch: int, reps: int, chunk: int | None) 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--variants", default="tiny,30m")
+  p.add_argument("--variants", default="tiny,30m,demo64,demo256")
   p.add_argument("--seq_len", type=int, default=2048)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--chunk_size", type=int, default=None, help="override model.chunk_size")
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_throughput.json"))
   args = p.parse_args()
-  tuned = tune_cpu_malloc()
+  tuned = _MALLOC_TUNED
   peak = peak_flops()
   print(f"# jax {jax.__version__} backend={jax.default_backend()} cpus={os.cpu_count()} "
         f"peak={peak / 1e9:.0f} GFLOP/s malloc_tuned={tuned}")

@@ -9,11 +9,14 @@ def ssd_flops_per_token(cfg: Mamba2Config, seq_len: int) -> float:
   """Forward FLOPs per token of one layer's chunked SSD (multiply-add = 2 FLOPs).
 
   Per chunk of Q tokens: C·Bᵀ per group (2·Q²·N·G), the masked diagonal block applied to x
-  (2·Q²·H·P), chunk states (2·Q·H·P·N) and the state-to-output term (2·Q·H·P·N).
+  (2·Q²·H·P), chunk states (2·Q·H·P·N) and the state-to-output term (2·Q·H·P·N). A sequence
+  of one chunk (seq_len <= chunk_size, trained from a zero state) is only the diagonal block,
+  which is all the XLA path computes then.
   """
   q = min(cfg.chunk_size, seq_len)
   h, p, n, g = cfg.nheads, cfg.headdim, cfg.d_state, cfg.ngroups
-  return 2 * q * n * g + 2 * q * h * p + 4 * h * p * n
+  states = 0 if seq_len <= cfg.chunk_size else 4 * h * p * n
+  return 2 * q * n * g + 2 * q * h * p + states
 
 
 def model_flops_per_token(cfg: Mamba2Config, seq_len: int) -> float:

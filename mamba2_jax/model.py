@@ -76,13 +76,22 @@ class Mamba2LM(nnx.Module):
     h = jnp.take(self.embedding[...], tokens, axis=0)
     return h.astype(jnp.float32 if c.residual_in_fp32 else c.compute_dtype)
 
+  def _final_norm(self, residual):
+    c = self.config
+    return rms_norm(residual, self.norm_f[...], c.norm_eps, c.compute_dtype)
+
+  def head_weight(self) -> tuple[jax.Array, bool]:
+    """(w, vocab_major): the LM head, (padded_vocab, d_model) if vocab_major (tied) else
+    (d_model, padded_vocab)."""
+    if self.config.tie_embeddings:
+      return self.embedding[...], True
+    return self.lm_head[...], False
+
   def _logits(self, residual):
     c = self.config
-    h = rms_norm(residual, self.norm_f[...], c.norm_eps, c.compute_dtype)
-    if c.tie_embeddings:
-      w, spec = self.embedding[...], "...d,vd->...v"
-    else:
-      w, spec = self.lm_head[...], "...d,dv->...v"
+    h = self._final_norm(residual)
+    w, vocab_major = self.head_weight()
+    spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
     return jnp.einsum(spec, h, w.astype(c.compute_dtype), preferred_element_type=jnp.float32)
 
   def _scan_layers(self, fn, residual, cache):
@@ -103,6 +112,23 @@ class Mamba2LM(nnx.Module):
     residual, _ = self._scan_layers(
         lambda blk, r, _: blk(r, segment_ids=segment_ids), residual, None)
     return self._logits(residual)
+
+  def features(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+               cache: Mamba2Cache | None = None) -> tuple[jax.Array, Mamba2Cache | None]:
+    """The LM head's input: final-normed hidden states (b, L, d_model) in the compute dtype,
+    and with `cache` (continued from, as in `prefill`) the new cache, else None.
+
+    `logits = h @ head_weight()`; the training loss applies the head fused with the
+    cross-entropy (mamba2_jax.loss.lm_head_nll) instead of materialising log-probabilities.
+    """
+    residual = self._embed(tokens)
+    if cache is None:
+      residual, _ = self._scan_layers(
+          lambda blk, r, _: blk(r, segment_ids=segment_ids), residual, None)
+    else:
+      residual, cache = self._scan_layers(
+          lambda blk, r, lc: blk(r, segment_ids=segment_ids, cache=lc), residual, cache)
+    return self._final_norm(residual), cache
 
   def init_cache(self, batch: int) -> Mamba2Cache:
     return Mamba2Cache.zeros(self.config, batch)

@@ -176,15 +176,11 @@ def _parse_value(v: str):
 
 def apply_mitigation(model, spec: str, *, tokenizer=None, train_len: int | None = None):
   """`model` with the mitigation `spec` applied (see the module docstring); returns it unchanged
-  for an empty spec. Imports mamba2_jax.mitigations only when needed."""
+  for an empty spec."""
+  from mamba2_jax import mitigations  # pylint: disable=g-import-not-at-top
   preset, fields = parse_mitigation(spec)
   if preset is None and not fields:
     return model
-  try:
-    from mamba2_jax import mitigations  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(f"mitigation {spec!r} needs mamba2_jax.mitigations, which is not "
-                      f"available: {e}") from e
   multiplier = fields.pop("calibrate", None)
   calibrate_len = int(fields.pop("calibrate_len", 0) or train_len or 8192)
   calibrate_span = int(fields.pop("calibrate_span", 32))  # synthetic copy vocabularies

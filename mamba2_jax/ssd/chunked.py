@@ -39,6 +39,10 @@ common.segment_runs, so equality means "no reset in between"):
   carried state:  zeroed when seg[chunk end] != seg[previous chunk end] (0 before chunk 0)
   state -> output: only rows with seg == seg[token before the chunk] (0 for chunk 0)
 
+Single chunk (L <= chunk_size, no initial state; e.g. training on short sequences): a third
+custom VJP runs only the diagonal block (no chunk states, state passing or state -> output,
+forward or backward); the final state, when asked for, is computed outside it in plain XLA.
+
 Sliding window (``window=r``): the custom VJP has a variant that also returns the
 chunk-entry states prev (and accepts their cotangent, added before the reverse state
 passing); window.py builds the correction y_old from them in plain XLA, and the output
@@ -169,6 +173,35 @@ def _state_passing(h0, decay, S, reverse=False):
     return lax.scan(step, h0, (decay, S), reverse=reverse)
 
 
+def _diag_fwd(x, dt, Acs, Bt, C, intra):
+    """Diagonal blocks y_d = (L o CB) @ (dt x), head-major (b,T,G,R,Q,P); CB and the mask once
+    per group."""
+    CBm = jnp.where(intra, _dot("btgln,btgns->btgls", C, Bt), 0.0)
+    M = _decay_matrix(Acs) * CBm[:, :, :, None]  # (b,T,G,R,Q(l),Q(s))
+    xdt = jnp.transpose(x * _nat(dt)[..., None], (0, 1, 3, 4, 2, 5))  # (b,T,G,R,Q,P)
+    return _dot("btgrls,btgrsp->btgrlp", M, xdt)
+
+
+def _diag_bwd(x, dt, Acs, B, Bt, C, intra, dy):
+    """Cotangents through the diagonal blocks: (d(dt x) natural (b,T,Q,G,R,P), dB, dC).
+
+    In transposed [s, l] order (no Q*Q transposes): d(dt x) = M^T dy, dM^T = (dt x) dy^T,
+    dCB^T = sum_r dM^T o L^T.
+    """
+    CBmT = jnp.swapaxes(jnp.where(intra, _dot("btgln,btgns->btgls", C, Bt), 0.0), -1, -2)
+    LmT = _decay_matrix_t(Acs)  # (b,T,G,R,Q(s),Q(l))
+    dyh = jnp.transpose(dy, (0, 1, 3, 4, 2, 5))  # (b,T,G,R,Q(l),P)
+    dxdt = _dot("btgrsl,btgrlp->btgrsp", LmT * CBmT[:, :, :, None], dyh)
+    xdt = jnp.transpose(x * _nat(dt)[..., None], (0, 1, 3, 4, 2, 5))  # (b,T,G,R,Q(s),P)
+    # NT GEMM: a (P, Q)-transposed copy of dy is a strided element-wise transpose that
+    # XLA:CPU runs far slower than the GEMM penalty
+    dMT = _dot("btgrsp,btgrlp->btgrsl", xdt, dyh)
+    dCBT = jnp.where(jnp.swapaxes(intra, -1, -2), jnp.sum(dMT * LmT, axis=3), 0.0)  # (b,T,G,Q(s),Q(l))
+    dC = _dot("btgsl,btgsn->btgln", dCBT, B)
+    dB = _dot("btgsl,btgln->btgsn", dCBT, C)
+    return jnp.transpose(dxdt, (0, 1, 4, 2, 3, 5)), dB, dC
+
+
 def _fwd_impl(x, dt, Acs, B, C, h0, seg):
     """x (b,T,Q,G,R,P); dt, Acs (b,T,G,R,Q); B, C (b,T,G,Q,N); h0 (b,G,N,K).
 
@@ -178,12 +211,7 @@ def _fwd_impl(x, dt, Acs, B, C, h0, seg):
     b, T, Q, G, R, P = x.shape
     dt, Acs, intra, wexp, e, decay = _small_terms(dt, Acs, seg, Q)
     Bt = jnp.swapaxes(B, -1, -2)  # (b,T,G,N,Q), small
-
-    # diagonal blocks: y_d = (L o CB) @ (dt x); CB and the mask once per group
-    CBm = jnp.where(intra, _dot("btgln,btgns->btgls", C, Bt), 0.0)
-    M = _decay_matrix(Acs) * CBm[:, :, :, None]  # (b,T,G,R,Q(l),Q(s))
-    xdt = jnp.transpose(x * _nat(dt)[..., None], (0, 1, 3, 4, 2, 5))  # (b,T,G,R,Q,P)
-    yd = _dot("btgrls,btgrsp->btgrlp", M, xdt)
+    yd = _diag_fwd(x, dt, Acs, Bt, C, intra)
 
     # chunk states, stored transposed as (N, K)
     xw = _grouped(x * _nat(wexp * dt)[..., None])  # (b,T,G,Q,K)
@@ -259,31 +287,26 @@ def _bwd_impl(res, dy, dh_last, dprev_ext):
     xw = _grouped(x * _nat(wexp * dt)[..., None])
     dB = _dot("btgsk,btgnk->btgsn", xw, dS)
 
-    # ---- diagonal blocks, in transposed [s, l] order (no Q*Q transposes):
-    #      d(dt x) = M^T dy,  dM^T = (dt x) dy^T,  dCB^T = sum_r dM^T o L^T
-    CBmT = jnp.swapaxes(jnp.where(intra, _dot("btgln,btgns->btgls", C, Bt), 0.0), -1, -2)
-    LmT = _decay_matrix_t(Acs)  # (b,T,G,R,Q(s),Q(l))
-    dyh = jnp.transpose(dy, (0, 1, 3, 4, 2, 5))  # (b,T,G,R,Q(l),P)
-    dxdt = _dot("btgrsl,btgrlp->btgrsp", LmT * CBmT[:, :, :, None], dyh)
-    xdt = jnp.transpose(x * _nat(dt)[..., None], (0, 1, 3, 4, 2, 5))  # (b,T,G,R,Q(s),P)
-    # NT GEMM: a (P, Q)-transposed copy of dy is a strided element-wise transpose that
-    # XLA:CPU runs far slower than the GEMM penalty
-    dMT = _dot("btgrsp,btgrlp->btgrsl", xdt, dyh)
-    dCBT = jnp.where(jnp.swapaxes(intra, -1, -2), jnp.sum(dMT * LmT, axis=3), 0.0)  # (b,T,G,Q(s),Q(l))
-    dC = dC + _dot("btgsl,btgsn->btgln", dCBT, B)
-    dB = dB + _dot("btgsl,btgln->btgsn", dCBT, C)
+    # ---- diagonal blocks
+    dxdt, dB_d, dC_d = _diag_bwd(x, dt, Acs, B, Bt, C, intra, dy)
+    dB, dC = dB + dB_d, dC + dC_d
 
-    # ---- x, dt, Acs: with V = dxw * exp(Acs_end - Acs) + d(dt x),
-    #      dx = dt V, ddt = sum_p x V, d(Acs) columns = -dt ddt
+    # ---- x, dt, Acs: with V = dxw * exp(Acs_end - Acs) + d(dt x)
     dxw_n = jnp.swapaxes(dxw.reshape(b, T, G, Q, R, P), 2, 3)  # (b,T,Q,G,R,P)
-    V = dxw_n * _nat(wexp)[..., None] + jnp.transpose(dxdt, (0, 1, 4, 2, 3, 5))
+    V = dxw_n * _nat(wexp)[..., None] + dxdt
+    dx, ddt, dAcs = _x_dt_acs_cotangents(x, dt, V, dAcs_row)
+    dAcs = dAcs.at[..., -1].add(dAcs_last)
+    return dx, ddt, dAcs, dB, dC, dh0, None
+
+
+def _x_dt_acs_cotangents(x, dt, V, dAcs_row):
+    """dx = dt V, ddt = sum_p x V, d(Acs) = rows - dt ddt (columns), V = d(dt x) natural."""
     dt_n = _nat(dt)
     dx = V * dt_n[..., None]
     ddt_n = jnp.sum(V * x, axis=-1)  # (b,T,Q,G,R)
     ddt = jnp.transpose(ddt_n, (0, 1, 3, 4, 2))
     dAcs = jnp.transpose(dAcs_row - dt_n * ddt_n, (0, 1, 3, 4, 2))
-    dAcs = dAcs.at[..., -1].add(dAcs_last)
-    return dx, ddt, dAcs, dB, dC, dh0, None
+    return dx, ddt, dAcs
 
 
 _ssd_chunks.defvjp(_ssd_chunks_fwd, _ssd_chunks_bwd)
@@ -306,6 +329,41 @@ def _ssd_chunks_states_bwd(res, cts):
 
 
 _ssd_chunks_states.defvjp(_ssd_chunks_states_fwd, _ssd_chunks_states_bwd)
+
+
+@jax.custom_vjp
+def _ssd_one_chunk(x, dt, Acs, B, C, seg):
+    """y of a sequence that is a single chunk and starts from a zero state: only the diagonal
+    block (no chunk states, state passing or state -> output term, forward or backward)."""
+    return _one_chunk_fwd(x, dt, Acs, B, C, seg)[0]
+
+
+def _one_chunk_fwd(x, dt, Acs, B, C, seg):
+    Q = x.shape[2]
+    dt, Acs, intra, _, _, _ = _small_terms(dt, Acs, seg, Q)
+    y = jnp.transpose(_diag_fwd(x, dt, Acs, jnp.swapaxes(B, -1, -2), C, intra), (0, 1, 4, 2, 3, 5))
+    return y, (x, dt, Acs, B, C, seg, y)
+
+
+def _one_chunk_bwd(res, dy):
+    x, dt, Acs, B, C, seg, y = res
+    Q = x.shape[2]
+    dt, Acs, intra, _, _, _ = _small_terms(dt, Acs, seg, Q)
+    dAcs_row = jnp.sum(dy * y, axis=-1)  # (b,T,Q,G,R)
+    dxdt, dB, dC = _diag_bwd(x, dt, Acs, B, jnp.swapaxes(B, -1, -2), C, intra, dy)
+    dx, ddt, dAcs = _x_dt_acs_cotangents(x, dt, dxdt, dAcs_row)
+    return dx, ddt, dAcs, dB, dC, None
+
+
+_ssd_one_chunk.defvjp(_one_chunk_fwd, _one_chunk_bwd)
+
+
+def _one_chunk_final_state(x, dt, Acs, B, seg):
+    """The state after a single chunk from a zero state, (b,1,G,N,K), in plain XLA (autodiff):
+    sum_s exp(Acs_end - Acs_s) dt_s B_s x_s^T over the positions of the last segment."""
+    _, state_m, _, _ = _masks(seg, x.shape[2])
+    xw = _grouped(x * _nat(_state_weights(Acs, state_m) * dt)[..., None])  # (b,1,G,Q,K)
+    return _dot("btgsn,btgsk->btgnk", B, xw)
 
 
 def chunked_core(p: Prepared, *, chunk_size: int = 256, window: int | None = None):
@@ -337,7 +395,13 @@ def chunked_core(p: Prepared, *, chunk_size: int = 256, window: int | None = Non
     )
 
     Acs = jnp.cumsum(dA, axis=-1)  # (b,T,G,R,Q)
-    if window is None or window_is_noop(window, L):
+    no_window = window is None or window_is_noop(window, L)
+    if T == 1 and p.initial_state is None and no_window:
+        # one chunk from a zero state (e.g. training on sequences <= chunk_size): only the
+        # diagonal block; the final state, when asked for, outside the custom VJP
+        y = _ssd_one_chunk(x, dt, Acs, Bc, Cc, seg)
+        h_last = _one_chunk_final_state(x, dt, Acs, Bc, seg)[:, 0]
+    elif no_window:
         y, h_last = _ssd_chunks(x, dt, Acs, Bc, Cc, h0, seg)
     else:
         y, prev, h_last = _ssd_chunks_states(x, dt, Acs, Bc, Cc, h0, seg)

@@ -4,7 +4,8 @@ Call `initialize()` first thing in a binary's main, before any jax backend start
 order: the flags --coordinator_address / --num_processes / --process_id (and
 --local_device_ids); else the environment variables JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID; else JAX's own cluster detection (TPU VMs, SLURM, ...),
-which is a no-op on a single host.
+which is a no-op on a single host. On CPU hosts it also tunes glibc's malloc for XLA:CPU
+(`mamba2_jax.runtime.tune_cpu_malloc`), which must happen before jax is imported.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def _flag(name):
 
 
 def initialize() -> None:
+  # First, before numpy or jax start threads (see tune_cpu_malloc): XLA:CPU's per-step scratch
+  # memory is then reused instead of mapped and page-faulted in afresh on every step. Only on
+  # CPU hosts: the tuned heap never returns freed memory to the OS.
+  from mamba2_jax.runtime import cpu_only_host, tune_cpu_malloc  # pylint: disable=g-import-not-at-top
+  if cpu_only_host():
+    tune_cpu_malloc()
   import jax  # pylint: disable=g-import-not-at-top
 
   addr = _flag("addr") or os.environ.get("JAX_COORDINATOR_ADDRESS")

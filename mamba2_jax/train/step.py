@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mamba2_jax.loss import lm_head_nll
 from mamba2_jax.train.optimizer import global_norm
 
 __all__ = ["StepConfig", "make_train_step", "make_eval_step", "split_batch"]
@@ -39,13 +40,9 @@ class StepConfig:
 def _segment_loss(graphdef, params, inputs, targets, mask, seg, cache):
   """Sum of token losses of one segment, the count, and the final cache (if carried)."""
   model = nnx.merge(graphdef, params)
-  if cache is None:
-    logits = model(inputs, segment_ids=seg)
-    new_cache = None
-  else:
-    logits, new_cache = model.prefill(inputs, cache, segment_ids=seg)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  h, new_cache = model.features(inputs, segment_ids=seg, cache=cache)
+  w, vocab_major = model.head_weight()
+  nll = lm_head_nll(h, w, targets, vocab_major=vocab_major)  # head + cross-entropy, fused
   m = mask.astype(jnp.float32)
   return jnp.sum(nll * m), (jnp.sum(m), new_cache)
 

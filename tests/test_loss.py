@@ -1,0 +1,65 @@
+"""The fused LM-head cross-entropy (mamba2_jax/loss.py) against log_softmax + take_along_axis."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mamba2_jax import Mamba2Config, Mamba2LM
+from mamba2_jax.loss import lm_head_nll
+
+
+def _reference(h, w, targets, vocab_major, weights):
+  spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+  logits = jnp.einsum(spec, h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * weights)
+
+
+@pytest.mark.parametrize("vocab_major", [True, False])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_matches_log_softmax(vocab_major, dtype, tol):
+  k = jax.random.split(jax.random.key(0), 4)
+  b, L, d, V = 2, 37, 24, 80
+  h = jax.random.normal(k[0], (b, L, d)).astype(dtype)
+  w = jax.random.normal(k[1], (V, d) if vocab_major else (d, V)) * 0.5
+  targets = jax.random.randint(k[2], (b, L), 0, V)
+  weights = (jax.random.uniform(k[3], (b, L)) > 0.3).astype(jnp.float32)  # a loss mask
+
+  def fused(h, w):
+    return jnp.sum(lm_head_nll(h, w, targets, vocab_major=vocab_major) * weights)
+
+  want, (gh_want, gw_want) = jax.value_and_grad(
+      lambda h, w: _reference(h, w, targets, vocab_major, weights), argnums=(0, 1))(h, w)
+  got, (gh, gw) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, w)
+  assert got.dtype == jnp.float32 and gh.dtype == h.dtype and gw.dtype == w.dtype
+  rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+                           / jnp.max(jnp.abs(b.astype(jnp.float32))))  # noqa: E731
+  assert abs(float(got - want)) <= tol * abs(float(want))
+  assert rel(gh, gh_want) <= tol
+  assert rel(gw, gw_want) <= tol
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_model_features_give_the_logits(tie):
+  cfg = Mamba2Config.preset("tiny", n_layer=2, tie_embeddings=tie)
+  model = Mamba2LM(cfg, rngs=nnx.Rngs(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 50), 0, cfg.vocab_size)
+  logits = model(tokens)
+  h, cache = model.features(tokens)
+  assert cache is None
+  w, vocab_major = model.head_weight()
+  assert vocab_major == tie
+  targets = jnp.roll(tokens, -1, axis=1)
+  want = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(lm_head_nll(h, w, targets, vocab_major=vocab_major), want,
+                             rtol=1e-5, atol=1e-5)
+  # with a cache: the same hidden states as prefill's logits, and the same cache
+  logits_p, cache_p = model.prefill(tokens[:, :30])
+  h2, cache2 = model.features(tokens[:, 30:], cache=cache_p)
+  logits_full, cache_full = model.prefill(tokens)
+  spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+  np.testing.assert_allclose(jnp.einsum(spec, h2, w), logits_full[:, 30:], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(cache2.ssm, cache_full.ssm, rtol=1e-4, atol=1e-5)
