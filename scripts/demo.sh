@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# README command 1: set up, then reproduce state collapse on CPU (about 12 minutes): train two
+# README command 1: set up, then reproduce state collapse on CPU (about 10 minutes): train two
 # small Mamba-2 models on the synthetic copy task at training lengths 64 and 256, evaluate each
 # 32-128x beyond its training length with and without the paper's mitigations, write the report.
 #   bash scripts/demo.sh                       # the CPU demo -> runs/demo/report/report.md

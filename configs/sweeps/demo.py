@@ -23,7 +23,7 @@ _COPY = "synthetic:copy:vocab=64,span=32,pairs={}"
 
 
 def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
-  steps = {"cpu": 1500, "quick": 4, "full": 6000}
+  steps = {"cpu": 3000, "quick": 4, "full": 12000}
   if arg not in steps:
     raise ValueError(f"configs/sweeps/demo.py: unknown variant {arg!r}; allowed: {sorted(steps)}")
   c = ml_collections.ConfigDict()

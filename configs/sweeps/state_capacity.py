@@ -4,7 +4,7 @@ r"""State capacity: training length x state size -> T_forget, T_recall and the p
   python -m experiments.report --sweep=DIR
 
 Variants:
-  copy   CPU, about an hour: the synthetic copy task (mamba2_jax/data/synthetic.py) with k pairs
+  copy   CPU, about 40 minutes: the synthetic copy task (mamba2_jax/data/synthetic.py) with k pairs
          of 32 tokens per training sequence (T = 64k) x d_state. A model has to learn to forget
          only when its state cannot hold the k pairs it is trained on, so the smallest k that
          avoids collapse (T_forget) should grow with the state size N_S.
@@ -33,7 +33,7 @@ def _copy():
   c.train_config = "configs/train.py:small"
   c.train_overrides = (
       ("model.vocab_size", 64), ("data.tokenizer", "synthetic"), ("data.add_eos", False),
-      ("total_steps", 1500), ("checkpoint_every", 1500), ("log_every", 150),
+      ("total_steps", 3000), ("checkpoint_every", 3000), ("log_every", 300),
       ("optimizer.schedule", "cosine"), ("optimizer.lr", 3e-3), ("optimizer.warmup_steps", 100))
   src = "synthetic:copy:vocab=64,span=32,pairs={}"
   c.grid = (("model.d_state", (16, 64, 128)),
