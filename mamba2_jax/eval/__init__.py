@@ -16,6 +16,8 @@ All of them stream their inputs through `model.prefill` in chunks with the cache
 
 import importlib
 
+from mamba2_jax.eval.task_configs import TASKS
+
 _EXPORTS = {
     "run_ppl_by_position": "mamba2_jax.eval.ppl_by_position",
     "run_passkey": "mamba2_jax.eval.passkey",
@@ -29,7 +31,6 @@ _EXPORTS = {
     "apply_mitigation": "mamba2_jax.eval.sources",
     "evaluate_source": "mamba2_jax.eval.runner",
 }
-from mamba2_jax.eval.task_configs import TASKS  # noqa: E402
 __all__ = sorted([*_EXPORTS, "TASKS", "get_task_config", "get_task_runner"])
 
 
