@@ -8,15 +8,13 @@ Deselect with ``-m 'not cuda_compile'``.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = ROOT / ".venv-cuda" / "bin" / "python"
+from tests.venv_subprocess import run_module, venv_python
+
+PY = venv_python(".venv-cuda")
 
 pytestmark = [
     pytest.mark.cuda_compile,
@@ -25,12 +23,8 @@ pytestmark = [
 
 
 def _run(*args, timeout=1800):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="", JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")
-    env.pop("XLA_FLAGS", None)
-    p = subprocess.run(
-        [str(PY), "-m", "pallas_kernels.ssd_gpu.compile_check", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    p = run_module(PY, "pallas_kernels.ssd_gpu.compile_check", *args, timeout=timeout,
+                   extra_env={"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"})
     sys.stdout.write(p.stdout)
     return p
 

@@ -10,15 +10,13 @@ Deselect with ``-m 'not tpu_compile'``.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-PY = ROOT / ".venv-tpu" / "bin" / "python"
+from tests.venv_subprocess import run_module, venv_python
+
+PY = venv_python(".venv-tpu")
 
 pytestmark = [
     pytest.mark.tpu_compile,
@@ -27,12 +25,7 @@ pytestmark = [
 
 
 def _run(*args, timeout=900):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="")
-    env.pop("XLA_FLAGS", None)
-    p = subprocess.run(
-        [str(PY), "-m", "pallas_kernels.ssd_tpu.compile_check", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    p = run_module(PY, "pallas_kernels.ssd_tpu.compile_check", *args, timeout=timeout)
     sys.stdout.write(p.stdout)
     return p
 
@@ -56,10 +49,7 @@ def test_tpu_compile_rejects_misaligned_block():
 
 
 def _train_compile(*args, timeout=900):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="")
-    env.pop("XLA_FLAGS", None)
-    return subprocess.run([str(PY), "-m", "experiments.train_compile", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_module(PY, "experiments.train_compile", *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("variant,extra", [
