@@ -239,3 +239,10 @@ def test_report_recovers_known_capacity_laws(tmp_path):
   assert abs(fr["params"]["base"] ** 1000 - 1.5) < 1e-3
   assert rep["fit_t_forget"]["params"]["a"] > 0 and "T_forget = a·N_S + b: **" in md
   assert (wd / "report" / "t_recall_fit.png").exists()
+
+
+def test_t_forget_bounds_bracket_or_bound_from_above():
+  pts = [(1e3, 64, False), (1e3, 128, True), (1e3, 256, True),   # (64, 128]
+         (2e3, 256, True), (2e3, 512, True),                      # <= 256: nothing shorter ran
+         (3e3, 64, False), (3e3, 128, False)]                     # never
+  assert capacity.t_forget_bounds(pts) == {1e3: (64, 128), 2e3: (None, 256), 3e3: (None, None)}

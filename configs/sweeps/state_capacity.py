@@ -4,7 +4,7 @@ r"""State capacity: training length x state size -> T_forget, T_recall and the p
   python -m experiments.report --sweep=DIR
 
 Variants:
-  copy   CPU, about 40 minutes: the synthetic copy task (mamba2_jax/data/synthetic.py) with k pairs
+  copy   CPU, about 40 minutes (README: measured results): the synthetic copy task (mamba2_jax/data/synthetic.py) with k pairs
          of 32 tokens per training sequence (T = 64k) x d_state. A model has to learn to forget
          only when its state cannot hold the k pairs it is trained on, so the smallest k that
          avoids collapse (T_forget) should grow with the state size N_S.

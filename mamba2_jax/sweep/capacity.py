@@ -5,6 +5,9 @@ states, the paper's N_S = L·[2dN + (2d + 2N)(d_conv − 1)]):
   T_forget  the smallest training length without state collapse: the smallest trained T such
             that every run of that state size trained at T or longer passes the forgetting test
             (§2.4: the loss never exceeds 2x its maximum within T). None if no run passes.
+            It is bracketed, T_forget in (T', T_forget], when a shorter run T' of that state
+            size collapsed; otherwise (it is the shortest length that counts) only an upper
+            bound: the fits use bracketed values only (`t_forget_bounds`).
   T_recall  the largest context length with passkey accuracy > 95%, maximised over the runs of
             that state size (§4.3).
 Laws fitted over the state sizes (§5.1; the paper in K tokens and M scalars):
@@ -21,7 +24,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["t_forget", "t_recall", "Fit", "fit_linear", "fit_exponential", "r_squared"]
+__all__ = ["t_forget", "t_forget_bounds", "t_recall", "Fit", "fit_linear", "fit_exponential", "r_squared"]
 
 
 def t_forget(points: Iterable[tuple[float, int, bool]]) -> dict[float, int | None]:
@@ -38,6 +41,19 @@ def t_forget(points: Iterable[tuple[float, int, bool]]) -> dict[float, int | Non
         break
       best = runs[i][0]
     out[ns] = best
+  return out
+
+
+def t_forget_bounds(points: Iterable[tuple[float, int, bool]]
+                    ) -> dict[float, tuple[int | None, int | None]]:
+  """points as for `t_forget` -> {state_size: (lower, T_forget)}: lower is the longest training
+  length below T_forget (a run that collapsed), None if T_forget is the shortest length run (an
+  upper bound only) or if there is no T_forget."""
+  points = list(points)
+  out = {}
+  for ns, upper in t_forget(points).items():
+    below = [int(t) for n, t, _ in points if n == ns and upper is not None and t < upper]
+    out[ns] = (max(below) if below else None, upper)
   return out
 
 

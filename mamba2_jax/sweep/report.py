@@ -228,9 +228,10 @@ def write_report(workdir, out_dir=None) -> Path:
         recall_pts.append((r["state_size"], r["train_len"], tr))
     rows.append((r, cres, passed, tr))
 
-  t_forget = capacity.t_forget(forget_pts)
+  bounds = capacity.t_forget_bounds(forget_pts)
+  t_forget = {k: v for k, (_, v) in bounds.items()}
   t_recall = capacity.t_recall(recall_pts)
-  f_items = [(k, v) for k, v in t_forget.items() if v is not None]
+  f_items = [(k, v) for k, (lo, v) in bounds.items() if lo is not None]  # bracketed only
   r_items = [(k, v) for k, v in t_recall.items() if v is not None]
   fit_f = capacity.fit_linear([k for k, _ in f_items], [v for _, v in f_items])
   fit_r = capacity.fit_exponential([k for k, _ in r_items], [v for _, v in r_items])
@@ -260,14 +261,19 @@ def write_report(workdir, out_dir=None) -> Path:
     lines.append("| " + " | ".join(cells) + " |")
 
   lines += _mitigation_table(runs, sweep, collapse) + _state_table(runs)
-  lines += ["", "## State capacity", "", "| N_S | T_forget | T_recall |", "|---|---|---|"]
+  lines += ["", "## State capacity", "",
+            "T_forget is bracketed, (T', T], when the next shorter run T' collapsed; "
+            "\"≤ T\" when T is the shortest length that counts (an upper bound, not fitted).", "",
+            "| N_S | T_forget | T_recall |", "|---|---|---|"]
   for ns in sorted(set(t_forget) | set(t_recall)):
-    lines.append(f"| {_fmt(ns)} | {_fmt(t_forget.get(ns))} | {_fmt(t_recall.get(ns))} |")
+    lo, hi = bounds.get(ns, (None, None))
+    tf = _fmt(hi) if hi is None else (f"{hi} ({lo}, {hi}]" if lo is not None else f"≤ {hi}")
+    lines.append(f"| {_fmt(ns)} | {tf} | {_fmt(t_recall.get(ns))} |")
   lines.append("")
-  for label, fit, pts in (("T_forget = a·N_S + b", fit_f, f_items),
-                          ("T_recall = a·(base^N_S − 1) + c", fit_r, r_items)):
+  for label, fit, pts, what in (("T_forget = a·N_S + b", fit_f, f_items, "a bracketed value"),
+                                ("T_recall = a·(base^N_S − 1) + c", fit_r, r_items, "a value")):
     if fit is None:
-      lines.append(f"- {label}: not fitted ({len(pts)} state size(s) with a value; the linear "
+      lines.append(f"- {label}: not fitted ({len(pts)} state size(s) with {what}; the linear "
                    "fit needs 2, the exponential 3).")
     else:
       lines.append(f"- {label}: **{fit.formula()}**, R² = {fit.r2:.4f} over {fit.n} state "
@@ -312,6 +318,7 @@ def write_report(workdir, out_dir=None) -> Path:
     lines += [f"### {title}", "", f"![{title}]({Path(path).name})", ""]
   report = {"collapse_eval": collapse, "recall_eval": recall,
             "t_forget": {str(k): v for k, v in t_forget.items()},
+            "t_forget_lower": {str(k): lo for k, (lo, _) in bounds.items()},
             "t_recall": {str(k): v for k, v in t_recall.items()},
             "fit_t_forget": fit_f.to_dict() if fit_f else None,
             "fit_t_recall": fit_r.to_dict() if fit_r else None,
