@@ -93,6 +93,10 @@ class Mamba2Mixer(nnx.Module):
           jnp.full((h,), c.state_norm_threshold, jnp.float32))
 
   # Parameter views --------------------------------------------------------------------------
+  def _tau(self):
+    """State-norm thresholds (H,): constants of the model, never trained (no gradient)."""
+    return jax.lax.stop_gradient(self.state_norm_tau[...])
+
   def _opt(self, name):
     v = getattr(self, name, None)
     return None if v is None else v[...]
@@ -157,14 +161,14 @@ class Mamba2Mixer(nnx.Module):
       extra["pos"] = cache.pos + x.shape[1]
     if c.state_norm == "token":
       y, h = token_normalized_ssd(
-          x, dt, A, B, C, tau=self.state_norm_tau[...], D=D, dt_bias=self.dt_bias[...],
+          x, dt, A, B, C, tau=self._tau(), D=D, dt_bias=self.dt_bias[...],
           dt_limit=c.dt_limit, dt_scale=c.dt_scale, log_decay_offset=off, initial_state=h0,
           segment_ids=segment_ids)
     elif c.state_norm == "chunk":
       op = ssd_op(c.ssd_impl, dt_softplus=False, dt_limit=(-math.inf, math.inf),
                   chunk_size=min(c.chunk_size, c.state_norm_chunk), return_final_state=True)
       y, h = block_normalized_ssd(
-          op, x, self._processed_dt(dt), A, B, C, tau=self.state_norm_tau[...],
+          op, x, self._processed_dt(dt), A, B, C, tau=self._tau(),
           block=c.state_norm_chunk, position=0 if cache is None else cache.pos, D=D,
           log_decay_offset=off, initial_state=h0, segment_ids=segment_ids)
     elif c.ssd_window > 0 and cache is not None:
@@ -236,10 +240,10 @@ class Mamba2Mixer(nnx.Module):
     elif cache.pos is not None:
       extra["pos"] = cache.pos + 1
     if c.state_norm == "token":
-      h = normalize_state(h, self.state_norm_tau[...])
+      h = normalize_state(h, self._tau())
     elif c.state_norm == "chunk":  # this token ends a block of absolute positions
       ends = (cache.pos + 1) % c.state_norm_chunk == 0
-      h = jnp.where(ends, normalize_state(h, self.state_norm_tau[...]), h)
+      h = jnp.where(ends, normalize_state(h, self._tau()), h)
     D = self._D().astype(jnp.float32)
     y = jnp.einsum("bhpn,bhn->bhp", h_out, C) + (D[..., None] if D.ndim == 1 else D) * x
     out = self._output(y.reshape(b, c.d_inner).astype(c.compute_dtype), z)

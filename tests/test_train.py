@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from configs import train as train_configs
 from mamba2_jax.config import ConfigError
@@ -102,6 +103,34 @@ def test_sharded_step_with_pallas_kernel_matches():
   np.testing.assert_allclose(l_pal, l_ref, rtol=1e-4)
 
 
+@pytest.mark.parametrize("granularity", ["chunk", "token"])
+def test_training_with_state_normalization_keeps_tau_fixed(granularity):
+  """The mitigation trains: finite losses, thresholds that never change (no gradient, no weight
+  decay), and trained states under them where the same weights without it exceed them."""
+  tau = 0.05
+  kw = {"model.state_norm": granularity, "model.state_norm_threshold": tau,
+        "model.state_norm_chunk": 8, "optimizer.weight_decay": 0.1}
+  config = tiny_config(**kw)
+  batches = [_batch(config, s) for s in range(3)]
+  setup = _setup(config, (2, 1, 1), jax.devices()[:2])
+  state = setup.init_state(0)
+  tau0 = _host(state["params"]["layers"]["mixer"]["state_norm_tau"])
+  state, losses = _run_steps(setup, state, batches)
+  assert all(np.isfinite(losses))
+  params = _host(state["params"])
+  np.testing.assert_array_equal(params["layers"]["mixer"]["state_norm_tau"], tau0)
+
+  def state_norms(graphdef, p):
+    _, cache = nnx.merge(graphdef, p).prefill(jnp.asarray(batches[0]["tokens"][:2, :32]))
+    return np.sqrt(np.sum(np.square(np.asarray(cache.ssm)), axis=(-2, -1)))  # 32 = 4 blocks
+
+  plain = _setup(tiny_config(), (1, 1, 1), jax.devices()[:1])
+  del params["layers"]["mixer"]["state_norm_tau"]
+  assert state_norms(plain.graphdef, params).max() > 2 * tau  # the norm is active
+  params["layers"]["mixer"]["state_norm_tau"] = tau0
+  assert state_norms(setup.graphdef, params).max() <= tau * (1 + 1e-5)
+
+
 def test_grad_accumulation_equals_one_big_batch():
   base = tiny_config()
   acc = tiny_config(grad_accum_steps=4)
@@ -143,7 +172,8 @@ def test_tbptt_same_loss_truncated_gradient():
     ("model.headdim", 48, "config.model: Mamba2Config.headdim"),
     ("optimizer.lr", -1.0, "config.optimizer.lr: must be > 0.0"),
     ("seq_len", 0, "config.seq_len: must be an integer >= 1"),
-    ("model.state_norm", "chunk", "config.model.state_norm: is an inference-time mitigation"),
+    ("model.state_norm", "chunk", "config.model.state_norm_threshold: must be finite when "
+     "training with model.state_norm='chunk'"),
     ("model.rri_decay_scale", 1.5, r"config.model: Mamba2Config.rri_decay_scale: must be in \(0, 1\]"),
 ])
 def test_config_errors_name_the_field(field, value, match):

@@ -156,10 +156,10 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
 
   del seq_len
   mc = model_config(c)
-  if mc.state_norm != "off":
-    _fail("model.state_norm", "is an inference-time mitigation (its thresholds are calibrated "
-          "on a trained model, mamba2_jax.mitigations.calibrate_state_norm); train with 'off'",
-          mc.state_norm)
+  if mc.state_norm != "off" and not math.isfinite(mc.state_norm_threshold):
+    _fail("model.state_norm_threshold", f"must be finite when training with model.state_norm="
+          f"{mc.state_norm!r} (every head's threshold tau, held fixed; inf normalizes nothing)",
+          mc.state_norm_threshold)
   return mc
 
 

@@ -46,11 +46,17 @@ def _no_decay(name: str, tokens) -> bool:
   return any(name == t or name.endswith("_" + t) or name.startswith(t + "_") for t in tokens)
 
 
+# Model constants stored beside the parameters (non-Param nnx variables): the model stops
+# their gradient, so AdamW's update is exactly 0 — and they must not decay either.
+FROZEN = ("state_norm_tau",)
+
+
 def decay_mask(params, no_decay):
-  """True for the leaves that get weight decay (leaf name matched against `no_decay`)."""
+  """True for the leaves that get weight decay (leaf name matched against `no_decay`; never
+  the FROZEN constants)."""
   def leaf(path, _):
     name = str(getattr(path[-1], "key", path[-1]))
-    return not _no_decay(name, tuple(no_decay))
+    return name not in FROZEN and not _no_decay(name, tuple(no_decay))
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
