@@ -24,7 +24,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["t_forget", "t_forget_bounds", "t_recall", "Fit", "fit_linear", "fit_exponential", "r_squared"]
+__all__ = ["t_forget", "t_forget_bounds", "t_recall", "Fit", "fit_linear", "fit_exponential",
+           "r_squared"]
 
 
 def t_forget(points: Iterable[tuple[float, int, bool]]) -> dict[float, int | None]:
