@@ -94,6 +94,13 @@ def _last(v, n):
     return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, v.shape, 0) == n - 1, v, 0))
 
 
+def _launch(cfg: Config, kernel, name, grid, in_specs, out_specs, out_shape, args):
+    """One pallas_call with the config's compiler params and interpret mode."""
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                          out_shape=out_shape, compiler_params=cfg.compiler_params,
+                          interpret=cfg.interpret, name=name)(*args)
+
+
 def _seg_refs(has_seg, refs):
     if has_seg:
         return refs[:3], refs[3:]
@@ -150,16 +157,8 @@ def state_fwd(x, dt, acs, B, h0, segs, cfg: Config):
         pl.BlockSpec((None, None, cfg.BP, cfg.BN), lambda i, h, k: (i, h, k // nN, k % nN)),
     ]
     out_shape = [jax.ShapeDtypeStruct((b, H, T, P, N), F32), jax.ShapeDtypeStruct((b, H, P, N), F32)]
-    return pl.pallas_call(
-        functools.partial(_state_fwd_kernel, cfg=cfg, T=T),
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=cfg.compiler_params,
-        interpret=cfg.interpret,
-        name="ssd_state_fwd",
-    )(*args)
+    return _launch(cfg, functools.partial(_state_fwd_kernel, cfg=cfg, T=T), "ssd_state_fwd",
+                   grid, in_specs, out_specs, out_shape, args)
 
 
 # --------------------------------------------------------------------------- forward outputs
@@ -246,16 +245,9 @@ def scan_fwd(x, dt, acs, B, C, prev, segs, cfg: Config):
     if cfg.has_seg:
         in_specs += _seg_specs(cfg, nL, Q)
         args += list(segs)
-    return pl.pallas_call(
-        functools.partial(_scan_fwd_kernel, cfg=cfg, nL=nL),
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, BL, None, P), lambda i, k, h: (i, k, h, 0)),
-        out_shape=jax.ShapeDtypeStruct((b, Lp, H, P), F32),
-        compiler_params=cfg.compiler_params,
-        interpret=cfg.interpret,
-        name="ssd_scan_fwd",
-    )(*args)
+    return _launch(cfg, functools.partial(_scan_fwd_kernel, cfg=cfg, nL=nL), "ssd_scan_fwd", grid,
+                   in_specs, pl.BlockSpec((None, BL, None, P), lambda i, k, h: (i, k, h, 0)),
+                   jax.ShapeDtypeStruct((b, Lp, H, P), F32), args)
 
 
 # --------------------------------------------------------------------------- backward states
@@ -319,16 +311,8 @@ def state_bwd(dy, acs, C, prev, dhT, segs, cfg: Config):
         jax.ShapeDtypeStruct((b, H, nN, T, P), F32),
         jax.ShapeDtypeStruct((b, H, P, N), F32),
     ]
-    return pl.pallas_call(
-        functools.partial(_state_bwd_kernel, cfg=cfg, T=T),
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=cfg.compiler_params,
-        interpret=cfg.interpret,
-        name="ssd_state_bwd",
-    )(*args)
+    return _launch(cfg, functools.partial(_state_bwd_kernel, cfg=cfg, T=T), "ssd_state_bwd",
+                   grid, in_specs, out_specs, out_shape, args)
 
 
 # --------------------------------------------------------------------------- backward, columns
@@ -414,16 +398,8 @@ def scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg: Config):
         jax.ShapeDtypeStruct((b, H, Lp), F32),
         jax.ShapeDtypeStruct((b, H, Lp), F32),
     ]
-    return pl.pallas_call(
-        functools.partial(_scan_bwd_s_kernel, cfg=cfg, nL=nL),
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=cfg.compiler_params,
-        interpret=cfg.interpret,
-        name="ssd_scan_bwd_s",
-    )(*args)
+    return _launch(cfg, functools.partial(_scan_bwd_s_kernel, cfg=cfg, nL=nL), "ssd_scan_bwd_s",
+                   grid, in_specs, out_specs, out_shape, args)
 
 
 # --------------------------------------------------------------------------- backward, rows
@@ -483,16 +459,8 @@ def scan_bwd_l(x, dt, acs, B, C, prev, dy, segs, cfg: Config):
     if cfg.has_seg:
         in_specs += _seg_specs(cfg, nL, Q)
         args += list(segs)
-    return pl.pallas_call(
-        functools.partial(_scan_bwd_l_kernel, cfg=cfg, nL=nL),
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, BL, None, N), lambda i, k, h: (i, k, h, 0)),
-            pl.BlockSpec((None, None, BL), lambda i, k, h: (i, h, k)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct((b, Lp, H, N), F32), jax.ShapeDtypeStruct((b, H, Lp), F32)],
-        compiler_params=cfg.compiler_params,
-        interpret=cfg.interpret,
-        name="ssd_scan_bwd_l",
-    )(*args)
+    out_specs = [pl.BlockSpec((None, BL, None, N), lambda i, k, h: (i, k, h, 0)),
+                 pl.BlockSpec((None, None, BL), lambda i, k, h: (i, h, k))]
+    out_shape = [jax.ShapeDtypeStruct((b, Lp, H, N), F32), jax.ShapeDtypeStruct((b, H, Lp), F32)]
+    return _launch(cfg, functools.partial(_scan_bwd_l_kernel, cfg=cfg, nL=nL), "ssd_scan_bwd_l",
+                   grid, in_specs, out_specs, out_shape, args)
