@@ -161,6 +161,19 @@ def _fwd_kernel(*refs, hb, Q, P, cd, has_seg, save_states, packed):
         hT_ref[...] = state[...].astype(hT_ref.dtype)
 
 
+def _sizes(x, C, Bt, hb, P):
+    """(packed, b, H, Lp, P, G, N, T, Q, R, nhb) of the forward/backward call operands."""
+    packed = P is not None
+    if packed:
+        b, Lp, HP = x.shape
+        H = HP // P
+    else:
+        b, H, Lp, P = x.shape
+    G, N, T = C.shape[1], C.shape[3], Bt.shape[2]
+    R = H // G
+    return packed, b, H, Lp, P, G, N, T, Lp // T, R, R // hb
+
+
 def ssd_fwd_call(x, C, Bt, rows, h0, seg_row, *, hb, out_dtype, cd, save_states, interpret,
                  P=None):
     """x (b,H,Lp,P), or packed (b,Lp,H*P) when ``P`` is given (head block = hb*P lanes); C (b,G,Lp,N); Bt (b,G,T,N,Q); rows (b,H,T,NCOLS,Q) fp32;
@@ -169,17 +182,7 @@ def ssd_fwd_call(x, C, Bt, rows, h0, seg_row, *, hb, out_dtype, cd, save_states,
     Returns y (b,H,Lp,P) out_dtype, final state (b,H,N,P) fp32 and, with save_states,
     the states entering every chunk (b,H,T,N,P) fp32.
     """
-    packed = P is not None
-    if packed:
-        b, Lp, HP = x.shape
-        H = HP // P
-    else:
-        b, H, Lp, P = x.shape
-    G, N = C.shape[1], C.shape[3]
-    T = Bt.shape[2]
-    Q = Lp // T
-    R = H // G
-    nhb = R // hb
+    packed, b, H, Lp, P, G, N, T, Q, R, nhb = _sizes(x, C, Bt, hb, P)
     has_seg = seg_row is not None
     S_ = pl.Squeezed()
 
@@ -334,17 +337,7 @@ def ssd_bwd_call(x, dy, C, Ct, Bm, Bt, rows, prev, dhT, seg_row, *, hb, cd, dx_d
     dB, dC as per-head-block
     partials (b, G*nhb, Lp, N) fp32, dh0 (b,H,N,P) fp32.
     """
-    packed = P is not None
-    if packed:
-        b, Lp, HP = x.shape
-        H = HP // P
-    else:
-        b, H, Lp, P = x.shape
-    G, N = C.shape[1], C.shape[3]
-    T = Bt.shape[2]
-    Q = Lp // T
-    R = H // G
-    nhb = R // hb
+    packed, b, H, Lp, P, G, N, T, Q, R, nhb = _sizes(x, C, Bt, hb, P)
     has_seg = seg_row is not None
     S_ = pl.Squeezed()
 
