@@ -14,7 +14,7 @@ import pytest
 
 from mamba2_jax.sweep import capacity
 from mamba2_jax.sweep.grid import eval_specs, expand
-from mamba2_jax.sweep.runner import eval_command, run_sweep, train_command
+from mamba2_jax.sweep.runner import check_collapse_buckets, eval_command, run_sweep, train_command
 
 
 def _sweep(**kw):
@@ -41,6 +41,31 @@ def test_grid_expansion_product_zip_and_derived_batch():
   assert over["model.d_state"] == 8 and over["seq_len"] == 16 and over["tbptt_segments"] == 4
   assert over["total_steps"] == 3 and over["global_batch_size"] == 256 // (16 * 4)
   assert dict(r.values) == {"model.d_state": 8, "seq_len": 16, "tbptt_segments": 4}
+
+
+def test_collapse_eval_needs_a_bucket_within_every_training_length(tmp_path):
+  sweep = _sweep(collapse_eval="ppl")
+  sweep.evals.ppl.overrides = (("bucket_size", 32),)  # first bucket dropped: [32, 64) > T = 32
+  with pytest.raises(ValueError, match=r"sweep eval 'ppl': bucket_size 32 with drop_first_bucket "
+                     r"leaves no bucket within the training length 32 of run "
+                     r"'d_state-8_seq_len-32'.*set bucket_size <= 16"):
+    run_sweep(sweep, tmp_path / "sw", launcher="print")
+  assert not (tmp_path / "sw").exists()  # nothing started
+
+
+@pytest.mark.parametrize("config", ["demo.py:cpu", "demo.py:quick", "demo.py:full",
+                                    "state_capacity.py:copy", "state_capacity.py:text",
+                                    "state_capacity.py:ci", "state_capacity.py:paper"])
+def test_shipped_sweeps_expand_and_resolve_their_forgetting_test(config):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, arg = config.split(":")
+  spec = importlib.util.spec_from_file_location("sweep_cfg", f"configs/sweeps/{path}")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  sweep = mod.get_config(arg)
+  runs, evals = expand(sweep), eval_specs(sweep)
+  assert runs and evals
+  check_collapse_buckets(sweep, runs, evals)
 
 
 def test_grid_errors():

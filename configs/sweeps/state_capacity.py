@@ -53,14 +53,15 @@ def _text():
                        ("optimizer.schedule", "cosine"), ("optimizer.warmup_steps", 100))
   c.grid = (("model.d_state", (16, 128)), ("seq_len", (64, 256, 1024)))
   c.tokens_per_step = 8192
+  # 32-token buckets (the first dropped): the shortest T = 64 keeps one reference bucket
   ppl = (("prompt", "docs"), ("data", "builtin:shakespeare"), ("min_doc_len", 16384),
-         ("num_prompts", 8), ("max_len", 16384), ("bucket_size", 256), ("chunk_len", 4096),
+         ("num_prompts", 8), ("max_len", 16384), ("bucket_size", 32), ("chunk_len", 4096),
          ("ppl_ymax", 0.0))
   c.evals = ml_collections.ConfigDict({
       "ppl": {"task": "ppl_by_position", "overrides": ppl},
       "newlines": {"task": "ppl_by_position", "overrides": (("max_len", 16384),
-                                                            ("bucket_size", 256))},
-      "states": {"task": "state_stats", "overrides": (("max_len", 16384),)},
+                                                            ("bucket_size", 32))},
+      "states": {"task": "state_stats", "overrides": (("max_len", 16384), ("stat_chunk", 32))},
   })
   c.collapse_eval, c.recall_eval = "ppl", ""
   return c
@@ -106,7 +107,9 @@ def _paper(data=PAPER_DATA, ckpts=PAPER_CKPTS):
   c.grid = ((keys, models, tuple(_PAPER_MODELS)), (("seq_len", "tbptt_segments"), lengths))
   c.tokens_per_step = 524288
   c.evals = ml_collections.ConfigDict({
-      "newlines": {"task": "ppl_by_position", "overrides": (("max_len", 1 << 20),)},
+      # 256-token buckets: with the first dropped, T = 512 keeps one reference bucket
+      "newlines": {"task": "ppl_by_position", "overrides": (("max_len", 1 << 20),
+                                                            ("bucket_size", 256))},
       "passkey": {"task": "passkey", "overrides": (("max_len", 1 << 18),)},
       "states": {"task": "state_stats", "overrides": ()},
   })

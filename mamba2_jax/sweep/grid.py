@@ -23,7 +23,10 @@ import json
 import re
 from typing import Any
 
-__all__ = ["Run", "EvalSpec", "expand", "eval_specs", "format_value"]
+__all__ = ["Run", "EvalSpec", "CURVE_TASKS", "expand", "eval_specs", "format_value"]
+
+# evaluation tasks whose bucketed loss curve carries the forgetting test (collapse)
+CURVE_TASKS = ("ppl_by_position", "copy_task")
 
 
 @dataclasses.dataclass(frozen=True)

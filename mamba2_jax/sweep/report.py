@@ -22,10 +22,10 @@ import numpy as np
 
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.sweep import capacity
+from mamba2_jax.sweep.grid import CURVE_TASKS
 
 __all__ = ["collect", "write_report"]
 
-_CURVE_TASKS = ("ppl_by_position", "copy_task")
 
 
 def _read(path: Path, default=None):
@@ -147,17 +147,23 @@ def _within_beyond(summary: dict):
           summary.get("copy_loss_beyond_train", summary.get("mean_loss_beyond_train")))
 
 
-def _mitigation_table(runs, sweep, collapse) -> list[str]:
-  """Every eval of the collapse eval's task (mitigation variants) per run."""
+def _mitigation_evals(run, sweep, collapse) -> list[str]:
+  """The run's collapse eval and its task's evals under a mitigation (not other prompts)."""
   task = (sweep.get("evals") or {}).get(collapse or "", {}).get("task")
+  return [n for n, res in run["evals"].items() if n == collapse or (
+      res.get("task") == task and res.get("config", {}).get("mitigation"))]
+
+
+def _mitigation_table(runs, sweep, collapse) -> list[str]:
+  """The collapse eval and its mitigation variants, per run."""
   rows = []
   for r in runs:
-    for n, res in r["evals"].items():
-      if res.get("task") == task:
-        s = res.get("summary", {})
-        within, beyond = _within_beyond(s)
-        rows.append(f"| {r['name']} | {n} | {res.get('config', {}).get('mitigation') or 'none'} "
-                    f"| {_fmt(within)} | {_fmt(beyond)} | {_fmt(s.get('forget_test_passed'))} |")
+    for n in _mitigation_evals(r, sweep, collapse):
+      res = r["evals"][n]
+      s = res.get("summary", {})
+      within, beyond = _within_beyond(s)
+      rows.append(f"| {r['name']} | {n} | {res.get('config', {}).get('mitigation') or 'none'} "
+                  f"| {_fmt(within)} | {_fmt(beyond)} | {_fmt(s.get('forget_test_passed'))} |")
   if len({row.split(' | ')[2] for row in rows}) <= 1:
     return []
   return ["", "## Mitigations", "", "Loss inside / beyond the training length with each "
@@ -208,7 +214,7 @@ def write_report(workdir, out_dir=None) -> Path:
   sweep, runs = data["sweep"], data["runs"]
   out = Path(out_dir or Path(workdir) / "report")
   out.mkdir(parents=True, exist_ok=True)
-  collapse = _pick(sweep, "collapse_eval", _CURVE_TASKS)
+  collapse = _pick(sweep, "collapse_eval", CURVE_TASKS)
   recall = _pick(sweep, "recall_eval", ("passkey",))
 
   learned_max = sweep.get("learned_max_loss")
@@ -294,9 +300,8 @@ def write_report(workdir, out_dir=None) -> Path:
                     f"{collapse}: loss by position, every run")
     if p:
       plots.append(("Loss by position, every run (dashed: training length)", p))
-    task = (sweep.get("evals") or {}).get(collapse, {}).get("task")
-    for r in runs:  # the same task under other mitigations: one figure per run
-      same = [n for n, res in r["evals"].items() if res.get("task") == task]
+    for r in runs:  # the collapse eval and the same task under mitigations: one figure per run
+      same = _mitigation_evals(r, sweep, collapse)
       if len(same) > 1:
         curves = [(f"{n} ({r['evals'][n].get('config', {}).get('mitigation') or 'none'})",
                    r["evals"][n], r["train_len"]) for n in same]

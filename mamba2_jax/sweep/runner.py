@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from mamba2_jax.sweep.grid import EvalSpec, Run, cli_value, eval_specs, expand, to_json
+from mamba2_jax.sweep.grid import (CURVE_TASKS, EvalSpec, Run, cli_value, eval_specs, expand,
+                                   to_json)
 
 __all__ = ["train_command", "eval_command", "run_sweep", "LAUNCHERS", "run_dir"]
 
@@ -103,6 +104,29 @@ def _run_logged(cmd: list[str], log_path: Path, echo_prefix: str) -> None:
     raise CommandFailed(f"exit code {rc} (log: {log_path}):\n" + "".join(tail[-15:]))
 
 
+def check_collapse_buckets(sweep, runs: list[Run], evals: list[EvalSpec]) -> None:
+  """Fails before any work if a run's collapse evaluation would have no loss bucket inside its
+  training length (the forgetting test's reference; the test would be undetermined)."""
+  from mamba2_jax.eval.task_configs import get_config as task_config  # pylint: disable=g-import-not-at-top
+  name = sweep.get("collapse_eval") or ""
+  for spec in evals:
+    if spec.task not in CURVE_TASKS or (name and spec.name != name
+                                         and not spec.name.startswith(name + "_")):
+      continue
+    cfg, over = task_config(spec.task), dict(spec.overrides)
+    bucket = int(over.get("bucket_size", cfg.bucket_size))
+    drop = bool(over.get("drop_first_bucket", cfg.get("drop_first_bucket", False)))
+    for run in runs:
+      T = over.get("train_len") or (int(run.value("seq_len") or 0)
+                                    * int(run.value("tbptt_segments", 1) or 1))
+      if T and bucket * (2 if drop else 1) > int(T):
+        raise ValueError(
+            f"sweep eval {spec.name!r}: bucket_size {bucket}"
+            + (" with drop_first_bucket" if drop else "") + f" leaves no bucket within the "
+            f"training length {T} of run {run.name!r}, so its forgetting test is undetermined; "
+            f"set bucket_size <= {int(T) // (2 if drop else 1)}")
+
+
 def run_sweep(sweep, workdir, *, launcher: str = "local", python: str = sys.executable,
               only: tuple[str, ...] = ()) -> dict:
   """Runs (or prints / scripts) every run of `sweep`; returns {"done", "failed", "skipped"}."""
@@ -111,6 +135,7 @@ def run_sweep(sweep, workdir, *, launcher: str = "local", python: str = sys.exec
   workdir = Path(workdir).resolve()
   runs = [r for r in expand(sweep) if not only or r.name in only]
   evals = eval_specs(sweep)
+  check_collapse_buckets(sweep, runs, evals)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "sweep.json").write_text(json.dumps(
       {"sweep": json.loads(sweep.to_json_best_effort()), "runs": json.loads(to_json(runs))},
