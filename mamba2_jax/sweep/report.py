@@ -208,12 +208,15 @@ def _half_lives(retention, train_len):
 
 
 def write_report(workdir, out_dir=None) -> Path:
-  """Builds report.md / report.json / plots; returns the report.md path."""
+  """Builds report.md / report.json / plots (replacing the PNGs of an earlier report in
+  `out_dir`, default WORKDIR/report); returns the report.md path."""
   from mamba2_jax.eval.plotting import plt  # noqa: F401  pylint: disable=g-import-not-at-top
   data = collect(workdir)
   sweep, runs = data["sweep"], data["runs"]
   out = Path(out_dir or Path(workdir) / "report")
   out.mkdir(parents=True, exist_ok=True)
+  for stale in out.glob("*.png"):  # plots of an earlier report (e.g. of fewer or other evals)
+    stale.unlink()
   collapse = _pick(sweep, "collapse_eval", CURVE_TASKS)
   recall = _pick(sweep, "recall_eval", ("passkey",))
 
