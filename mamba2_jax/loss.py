@@ -20,7 +20,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["lm_head_nll"]
+__all__ = ["lm_head_logits", "lm_head_nll"]
+
+
+def lm_head_logits(h: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
+  """h (..., d) @ the head weight -> float32 logits (..., V); w as in `lm_head_nll`."""
+  spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
+  return jnp.einsum(spec, h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def lm_head_nll(h: jax.Array, w: jax.Array, targets: jax.Array, *,
@@ -35,18 +41,13 @@ def lm_head_nll(h: jax.Array, w: jax.Array, targets: jax.Array, *,
   return nll.reshape(lead)
 
 
-def _logits(h, w, vocab_major):
-  spec = "td,vd->tv" if vocab_major else "td,dv->tv"
-  return jnp.einsum(spec, h, w.astype(h.dtype), preferred_element_type=jnp.float32)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _nll(h, w, targets, vocab_major):
   return _nll_fwd(h, w, targets, vocab_major)[0]
 
 
 def _nll_fwd(h, w, targets, vocab_major):
-  logits = _logits(h, w, vocab_major)  # (T, V) float32
+  logits = lm_head_logits(h, w, vocab_major)  # (T, V) float32
   lse = jax.nn.logsumexp(logits, axis=-1)
   picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
   return lse - picked, (h, w, targets, logits, lse)

@@ -14,6 +14,7 @@ from flax import nnx
 from mamba2_jax.cache import Mamba2Cache
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.layers import param, rms_norm
+from mamba2_jax.loss import lm_head_logits
 from mamba2_jax.mixer import Mamba2Mixer
 
 _REMAT = {
@@ -87,12 +88,9 @@ class Mamba2LM(nnx.Module):
       return self.embedding[...], True
     return self.lm_head[...], False
 
-  def _logits(self, residual):
-    c = self.config
-    h = self._final_norm(residual)
-    w, vocab_major = self.head_weight()
-    spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
-    return jnp.einsum(spec, h, w.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+  def _logits(self, h):
+    """Final-normed hidden states (compute dtype) -> float32 logits (..., padded_vocab)."""
+    return lm_head_logits(h, *self.head_weight())
 
   def _scan_layers(self, fn, residual, cache):
     """Runs fn(block, residual, layer_cache) -> (residual, layer_cache) over stacked layers."""
@@ -108,10 +106,7 @@ class Mamba2LM(nnx.Module):
     return jax.lax.scan(body, residual, (state, cache), unroll=self.config.scan_unroll)
 
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
-    residual = self._embed(tokens)
-    residual, _ = self._scan_layers(
-        lambda blk, r, _: blk(r, segment_ids=segment_ids), residual, None)
-    return self._logits(residual)
+    return self._logits(self.features(tokens, segment_ids=segment_ids)[0])
 
   def features(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                cache: Mamba2Cache | None = None) -> tuple[jax.Array, Mamba2Cache | None]:
@@ -141,13 +136,11 @@ class Mamba2LM(nnx.Module):
     """
     if cache is None:
       cache = self.init_cache(tokens.shape[0])
-    residual = self._embed(tokens)
-    residual, cache = self._scan_layers(
-        lambda blk, r, lc: blk(r, segment_ids=segment_ids, cache=lc), residual, cache)
-    return self._logits(residual), cache
+    h, cache = self.features(tokens, segment_ids=segment_ids, cache=cache)
+    return self._logits(h), cache
 
   def decode_step(self, token: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
     """One token per sequence: token (b,) int -> (logits (b, padded_vocab) float32, cache)."""
     residual = self._embed(token)
     residual, cache = self._scan_layers(lambda blk, r, lc: blk.step(r, lc), residual, cache)
-    return self._logits(residual), cache
+    return self._logits(self._final_norm(residual)), cache

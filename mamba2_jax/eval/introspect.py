@@ -110,4 +110,5 @@ def forward_with_internals(model, tokens: jax.Array, cache: Mamba2Cache | None =
     return carry, (new_cache, out)
 
   residual, (new_cache, outs) = jax.lax.scan(body, residual, (state, cache))
-  return model._logits(residual), new_cache, outs  # pylint: disable=protected-access
+  h = model._final_norm(residual)  # pylint: disable=protected-access
+  return model._logits(h), new_cache, outs  # pylint: disable=protected-access
