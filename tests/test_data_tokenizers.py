@@ -1,5 +1,5 @@
-"""Tokenizers: byte, HF tokenizer.json (a synthetic one; the real NeoX file when ../shared has
-it)."""
+"""Tokenizers: byte, HF tokenizer.json (a synthetic one; the real NeoX file from ../shared when a
+checkout has it beside it, else the one scripts/get_neox_tokenizer.sh fetches — .ci/run does)."""
 
 import os
 import pickle

@@ -199,8 +199,7 @@ def load_documents(dir_or_glob, tokenizer=None, *, min_doc_tokens: int = 0, subs
   """
   from mamba2_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   if synthetic.is_synthetic(dir_or_glob):
-    docs = [d for d in synthetic.documents(synthetic.parse(dir_or_glob)) if d.size >= min_doc_tokens]
-    yield from docs[:max_docs]
+    yield from synthetic.load(dir_or_glob, min_doc_tokens)[0][:max_docs]
     return
   if not isinstance(dir_or_glob, (list, tuple)) and is_prepared_dir(dir_or_glob):
     ds = PreparedDataset(os.path.expanduser(str(dir_or_glob)))

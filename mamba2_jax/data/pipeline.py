@@ -124,9 +124,8 @@ def open_documents(source, tokenizer=None, min_doc_tokens: int = 0):
   """(random-access documents, tokenizer identity) for a prepared dir, raw inputs, or a
   synthetic source (`synthetic:copy:...`, mamba2_jax/data/synthetic.py)."""
   if synthetic.is_synthetic(source):
-    task = synthetic.parse(source)
-    docs = [d for d in synthetic.documents(task) if d.size >= min_doc_tokens]
-    return InMemoryDocuments(docs), synthetic.identity(task)
+    docs, ident = synthetic.load(source, min_doc_tokens)
+    return InMemoryDocuments(docs), ident
   if docs_lib.is_prepared_dir(source):
     ds = docs_lib.PreparedDataset(source)
     if tokenizer is not None:

@@ -23,8 +23,8 @@ import numpy as np
 PREFIX = "synthetic:"
 PAD_ID, BOS_ID = 0, 1
 
-__all__ = ["CopyTask", "SyntheticTokenizer", "is_synthetic", "parse", "documents", "identity",
-           "tokenizer_for", "copy_stream"]
+__all__ = ["CopyTask", "SyntheticTokenizer", "is_synthetic", "parse", "documents", "load",
+           "identity", "tokenizer_for", "copy_stream", "copy_prompt", "pairs_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +67,23 @@ def parse(source: str) -> CopyTask:
   return CopyTask(**kw)
 
 
+def _pairs(seed: int, vocab: int, span: int, shape: tuple[int, ...]) -> np.ndarray:
+  """Pairs [S S] of random spans, shape[-1] pairs per row: int32 shape[:-1] + (2*span*pairs,)."""
+  rng = np.random.default_rng(seed)
+  spans = rng.integers(2, vocab, shape + (1, span), dtype=np.int32)
+  return np.broadcast_to(spans, shape + (2, span)).reshape(shape[:-1] + (-1,))
+
+
 def documents(task: CopyTask) -> list[np.ndarray]:
   """task.docs documents of task.doc_len int32 tokens (deterministic in task.seed)."""
-  rng = np.random.default_rng(task.seed)
-  spans = rng.integers(2, task.vocab, (task.docs, task.pairs, 1, task.span), dtype=np.int32)
-  body = np.broadcast_to(spans, (task.docs, task.pairs, 2, task.span)).reshape(task.docs, -1)
-  docs = np.concatenate([np.full((task.docs, 1), BOS_ID, np.int32), body], axis=1)
-  return list(docs)
+  body = _pairs(task.seed, task.vocab, task.span, (task.docs, task.pairs))
+  return list(np.concatenate([np.full((task.docs, 1), BOS_ID, np.int32), body], axis=1))
+
+
+def load(source: str, min_doc_tokens: int = 0) -> tuple[list[np.ndarray], dict]:
+  """(the source's documents of at least min_doc_tokens tokens, tokenizer identity)."""
+  task = parse(source)
+  return [d for d in documents(task) if d.size >= min_doc_tokens], identity(task)
 
 
 class SyntheticTokenizer:
@@ -132,10 +142,7 @@ def identity(task: CopyTask) -> dict:
 def copy_stream(vocab: int, span: int, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """(tokens (1 + 2*span*n_pairs,) int32, mask bool): BOS then n_pairs fresh pairs [S S];
   mask[i] is True where tokens[i + 1] is a copied token (the loss/accuracy positions)."""
-  rng = np.random.default_rng(seed)
-  spans = rng.integers(2, vocab, (n_pairs, 1, span), dtype=np.int32)
-  body = np.broadcast_to(spans, (n_pairs, 2, span)).reshape(-1)
-  tokens = np.concatenate([[BOS_ID], body]).astype(np.int32)
+  tokens = np.concatenate([[BOS_ID], _pairs(seed, vocab, span, (n_pairs,))]).astype(np.int32)
   copied = np.zeros(tokens.size, bool)
   starts = 1 + np.arange(n_pairs) * 2 * span + span  # first token of each second half
   for s in starts:
@@ -143,3 +150,13 @@ def copy_stream(vocab: int, span: int, n_pairs: int, seed: int) -> tuple[np.ndar
   mask = np.zeros(tokens.size, bool)
   mask[:-1] = copied[1:]  # predicting tokens[i + 1] from tokens[: i + 1]
   return tokens, mask
+
+
+def pairs_for(length: int, span: int) -> int:
+  """The number of whole pairs in a copy stream of `length` tokens (BOS included), >= 1."""
+  return max(1, (length - 1) // (2 * span))
+
+
+def copy_prompt(vocab: int, span: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+  """`copy_stream` with as many pairs as fit in `length` tokens."""
+  return copy_stream(vocab, span, pairs_for(length, span), seed)

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mamba2_jax.data import get_tokenizer
-from mamba2_jax.data.synthetic import copy_stream
+from mamba2_jax.data.synthetic import copy_stream, pairs_for
 from mamba2_jax.eval import criteria, io, streaming
 from mamba2_jax.eval.task_configs import resolve_train_len
 
@@ -35,7 +35,7 @@ def copied_half_scores(model, vocab: int, span: int, length: int, num_prompts: i
   Returns three (ceil((length-1)/bucket_size),) float64 arrays. Positions index the predicting
   token (loss[i] scores token i+1).
   """
-  n_pairs = max(1, (length - 1) // (2 * span))
+  n_pairs = pairs_for(length, span)
   K = -(-(2 * span * n_pairs) // bucket_size)
   loss_s, corr_s, cnt_s = (np.zeros((1, K)) for _ in range(3))
   with tqdm(total=num_prompts, desc="copy_task", unit="prompt", disable=not progress) as bar:

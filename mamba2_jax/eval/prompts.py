@@ -114,9 +114,8 @@ def iter_prompts(kind: str, tokenizer, *, length: int, num_prompts: int = 1, tex
         source, tokenizer, num_prompts=num_prompts, length=length, min_doc_len=min_doc_len,
         max_docs=max_docs, separator=separator)
   if kind == "copy":  # synthetic copy-task streams: BOS + fresh pairs [S S] (vocab = tokenizer's)
-    from mamba2_jax.data.synthetic import copy_stream  # pylint: disable=g-import-not-at-top
-    pairs = max(1, (length - 1) // (2 * span))
-    return num_prompts, (repeat_to(copy_stream(tokenizer.vocab_size, span, pairs, seed + i)[0],
+    from mamba2_jax.data.synthetic import copy_prompt  # pylint: disable=g-import-not-at-top
+    return num_prompts, (repeat_to(copy_prompt(tokenizer.vocab_size, span, length, seed + i)[0],
                                    length) for i in range(num_prompts))
   raise ValueError(f"unknown prompt kind {kind!r}; kinds: {', '.join(PROMPT_KINDS)}")
 

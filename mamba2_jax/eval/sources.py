@@ -189,12 +189,12 @@ def apply_mitigation(model, spec: str, *, tokenizer=None, train_len: int | None 
   if multiplier is not None and not state_norm_on:
     raise ValueError(f"mitigation {spec!r}: calibrate= needs state normalization on")
   if state_norm_on and "state_norm_threshold" not in fields:
-    from mamba2_jax.data.synthetic import SyntheticTokenizer, copy_stream  # pylint: disable=g-import-not-at-top
+    from mamba2_jax.data.synthetic import SyntheticTokenizer, copy_prompt  # pylint: disable=g-import-not-at-top
     from mamba2_jax.eval.prompts import newline_prompt  # pylint: disable=g-import-not-at-top
     tok = get_tokenizer(tokenizer or "byte")
     if isinstance(tok, SyntheticTokenizer):  # no text: a copy stream of fresh pairs
-      pairs = max(1, (calibrate_len - 1) // (2 * calibrate_span))
-      ref, kind = copy_stream(tok.vocab_size, calibrate_span, pairs, 54321)[0][None], "copy-task"
+      ref = copy_prompt(tok.vocab_size, calibrate_span, calibrate_len, 54321)[0][None]
+      kind = "copy-task"
     else:
       ref, kind = newline_prompt(tok, calibrate_len)[None], "newline"
     multiplier = 1.0 if multiplier is None else float(multiplier)
