@@ -260,8 +260,7 @@ def write_report(workdir, out_dir=None) -> Path:
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r, cres, passed, tr in rows:
     s = (cres or {}).get("summary", {})
-    within = s.get("copy_loss_within_train", s.get("mean_loss_within_train"))
-    beyond = s.get("copy_loss_beyond_train", s.get("mean_loss_beyond_train"))
+    within, beyond = _within_beyond(s)
     cells = [r["name"], _fmt(r["state_size"]), _fmt(r["params"]), _fmt(r["train_len"]),
              r["status"].get("state", "not run"), _fmt(passed), _fmt(s.get("first_fail_position")),
              _fmt(within), _fmt(beyond)] + (
