@@ -47,6 +47,12 @@ class Run:
   def value(self, key, default=None):
     return dict(self.overrides).get(key, default)
 
+  def train_len(self) -> int | None:
+    """T_train of the run, seq_len x tbptt_segments (None without seq_len)."""
+    if self.value("seq_len") is None:
+      return None
+    return int(self.value("seq_len")) * int(self.value("tbptt_segments", 1) or 1)
+
 
 def format_value(v) -> str:
   if isinstance(v, float):

@@ -52,11 +52,10 @@ def eval_command(spec: EvalSpec, run: Run, workdir, python=sys.executable,
          "--mode=latest", "--poll_interval_s=1"]
   over = dict(spec.overrides)
   if spec.max_len_factor:
-    if run.value("seq_len") is None:
+    if run.train_len() is None:
       raise ValueError(f"sweep eval {spec.name!r}: max_len_factor needs seq_len in the sweep's "
                        "grid or train_overrides")
-    train_len = int(run.value("seq_len")) * int(run.value("tbptt_segments", 1) or 1)
-    over.setdefault("max_len", spec.max_len_factor * train_len)
+    over.setdefault("max_len", spec.max_len_factor * run.train_len())
   cmd += [f"--config.{k}={cli_value(v)}" for k, v in over.items()]
   if spec.mitigation:
     cmd.append(f"--config.mitigation={spec.mitigation}")
@@ -117,8 +116,7 @@ def check_collapse_buckets(sweep, runs: list[Run], evals: list[EvalSpec]) -> Non
     bucket = int(over.get("bucket_size", cfg.bucket_size))
     drop = bool(over.get("drop_first_bucket", cfg.get("drop_first_bucket", False)))
     for run in runs:
-      T = over.get("train_len") or (int(run.value("seq_len") or 0)
-                                    * int(run.value("tbptt_segments", 1) or 1))
+      T = over.get("train_len") or run.train_len()
       if T and bucket * (2 if drop else 1) > int(T):
         raise ValueError(
             f"sweep eval {spec.name!r}: bucket_size {bucket}"
