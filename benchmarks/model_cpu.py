@@ -37,7 +37,7 @@ from flax import nnx  # noqa: E402
 from mamba2_jax import Mamba2Config, Mamba2LM  # noqa: E402
 from mamba2_jax.flops import model_flops_per_token  # noqa: E402
 from mamba2_jax.generate import decode_tokens, prefill  # noqa: E402
-from mamba2_jax.loss import lm_head_nll  # noqa: E402
+from mamba2_jax.loss import model_nll  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = {
@@ -76,10 +76,7 @@ def bench_ours(cfg, seq_lens, reps, decode_steps=64):
   @jax.jit
   def train_step(state, tokens):
     def loss_fn(state):  # the trainer's loss: the LM head fused with the cross-entropy
-      model = nnx.merge(graphdef, state)
-      h, _ = model.features(tokens[:, :-1])
-      w, vocab_major = model.head_weight()
-      return jnp.mean(lm_head_nll(h, w, tokens[:, 1:], vocab_major=vocab_major))
+      return jnp.mean(model_nll(nnx.merge(graphdef, state), tokens[:, :-1], tokens[:, 1:])[0])
     return jax.value_and_grad(loss_fn)(state)
 
   rows = []

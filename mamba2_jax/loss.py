@@ -20,7 +20,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["lm_head_logits", "lm_head_nll"]
+__all__ = ["lm_head_logits", "lm_head_nll", "model_nll"]
+
+
+def model_nll(model, inputs: jax.Array, targets: jax.Array, *, segment_ids=None, cache=None):
+  """Per-token NLL (b, L) float32 of a `Mamba2LM` on inputs (b, L) -> targets (b, L), with its
+  head fused with the cross-entropy; continues from `cache` if given. Returns (nll, new cache
+  or None)."""
+  h, new_cache = model.features(inputs, segment_ids=segment_ids, cache=cache)
+  w, vocab_major = model.head_weight()
+  return lm_head_nll(h, w, targets, vocab_major=vocab_major), new_cache
 
 
 def lm_head_logits(h: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mamba2_jax import Mamba2Config, Mamba2LM
-from mamba2_jax.loss import lm_head_nll
+from mamba2_jax.loss import lm_head_nll, model_nll
 
 
 def _reference(h, w, targets, vocab_major, weights):
@@ -56,6 +56,9 @@ def test_model_features_give_the_logits(tie):
   want = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(lm_head_nll(h, w, targets, vocab_major=vocab_major), want,
                              rtol=1e-5, atol=1e-5)
+  nll, no_cache = model_nll(model, tokens, targets)  # the trainer's loss
+  assert no_cache is None
+  np.testing.assert_allclose(nll, want, rtol=1e-5, atol=1e-5)
   # with a cache: the same hidden states as prefill's logits, and the same cache
   logits_p, cache_p = model.prefill(tokens[:, :30])
   h2, cache2 = model.features(tokens[:, 30:], cache=cache_p)
@@ -63,3 +66,6 @@ def test_model_features_give_the_logits(tie):
   spec = "...d,vd->...v" if vocab_major else "...d,dv->...v"
   np.testing.assert_allclose(jnp.einsum(spec, h2, w), logits_full[:, 30:], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(cache2.ssm, cache_full.ssm, rtol=1e-4, atol=1e-5)
+  nll2, cache3 = model_nll(model, tokens[:, 30:], targets[:, 30:], cache=cache_p)
+  np.testing.assert_allclose(nll2, want[:, 30:], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(cache3.ssm, cache_full.ssm, rtol=1e-4, atol=1e-5)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mamba2_jax.loss import lm_head_nll
+from mamba2_jax.loss import model_nll
 from mamba2_jax.train.optimizer import global_norm
 
 __all__ = ["StepConfig", "make_train_step", "make_eval_step", "split_batch"]
@@ -40,9 +40,7 @@ class StepConfig:
 def _segment_loss(graphdef, params, inputs, targets, mask, seg, cache):
   """Sum of token losses of one segment, the count, and the final cache (if carried)."""
   model = nnx.merge(graphdef, params)
-  h, new_cache = model.features(inputs, segment_ids=seg, cache=cache)
-  w, vocab_major = model.head_weight()
-  nll = lm_head_nll(h, w, targets, vocab_major=vocab_major)  # head + cross-entropy, fused
+  nll, new_cache = model_nll(model, inputs, targets, segment_ids=seg, cache=cache)
   m = mask.astype(jnp.float32)
   return jnp.sum(nll * m), (jnp.sum(m), new_cache)
 
