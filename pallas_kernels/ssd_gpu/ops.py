@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from mamba2_jax.ssd.common import pad_axis
+from pallas_kernels.log_decay import log_decay_grad
 from pallas_kernels.platform import target_platform
 
 from . import kernel as K
@@ -107,16 +108,10 @@ def _ssd_kernels_bwd(cfg, res, cts):
     dS, red, dh0 = K.state_bwd(dy, acs, C, prev, dhT.astype(jnp.float32), segs, cfg)
     dx, ddt, dBh, col, st = K.scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg)
     dCh, row = K.scan_bwd_l(x, dt, acs, B, C, prev, dy, segs, cfg)
-    # Gradient w.r.t. the per-token log-decay dA_k, without cancellation (the "stable" form):
-    # pairs (l, s) of the diagonal block with s < k <= l: rev_cumsum(row - col) (row/col exclude
-    # the undecayed diagonal l = s); y_off rows l >= k: in row; chunk-state terms s < k:
-    # exclusive prefix sum of st; the carried decay of the chunk: red.
+    # Gradient w.r.t. the per-token log-decay dA_k without cancellation (pallas_kernels/log_decay)
     shape = (b, H, T, Q)
-    rc = (row - col).reshape(shape)
-    rev = jnp.flip(jnp.cumsum(jnp.flip(rc, -1), axis=-1), -1)
-    st = st.reshape(shape)
-    dlast = jnp.sum(red, axis=(2, 4))  # (b,H,T)
-    ddA = (rev + (jnp.cumsum(st, axis=-1) - st) + dlast[..., None]).reshape(b, H, Lp)
+    ddA = log_decay_grad(row.reshape(shape), col.reshape(shape), st.reshape(shape),
+                         jnp.sum(red, axis=(2, 4))).reshape(b, H, Lp)
     dB = jnp.sum(dBh.reshape(b, Lp, G, H // G, N), axis=3).astype(B.dtype)
     dC = jnp.sum(dCh.reshape(b, Lp, G, H // G, N), axis=3).astype(C.dtype)
     return dx.astype(x.dtype), ddt, ddA, dB, dC, dh0, None
