@@ -20,17 +20,19 @@ The exponent is clamped to <= 0 before exp, so entries outside the causal mask
 give exp(0) = 1 (never inf) and are zeroed by the mask on the per-group CB: no
 inf * 0 can occur.
 
-Backward: a hand-written ``jax.custom_vjp`` that stores only x, dt, Acs, B, C,
-the chunk-entry states prev (b,T,H,P,N) and y (b,L,H,P), and recomputes CB, the
-Q*Q decay matrix (once, in transposed [s, l] order so that d(dt x) = M^T dy and
-dM^T = (dt x) dy^T need no Q*Q transpose) and the per-token factors. The gradient w.r.t.
-the decay cumsum needs no Q*Q elementwise work:
-  rows:    sum_p dy o y                  (every output term is scaled by exp(Acs_l))
-  columns: -dt o sum_p x o V,  V = d(dt x) + exp(Acs_end - Acs) o d(x w)
-  chunk end: sum_{n,p} dS_t o h_{t+1}     (carried decay + chunk-state weights)
-with dx = dt o V and d(dt) = sum_p x o V. The reverse state passing is a second
-scan. The prologue (Acs = cumsum(dt * A), padding, reshapes) is differentiated
-by XLA.
+Backward: a hand-written ``jax.custom_vjp`` over (x, dt, dA, B, C, h0) (the per-token
+log-decay dA, its per-chunk cumsum Acs taken inside) that stores only x, dt, Acs, B, C, the
+chunk-entry states prev (b,T,H,P,N) and the state -> output part of y, y_off (b,L,H,P), and
+recomputes CB, the Q*Q decay matrix (once, in transposed [s, l] order so that d(dt x) = M^T dy
+and dM^T = (dt x) dy^T need no Q*Q transpose) and the per-token factors. The gradient w.r.t.
+dA is the cancellation-free form of pallas_kernels/log_decay.py (shared with the kernels):
+  row[l] = sum_{s<l} G[l, s] + sum_p dy_l o y_off_l,  col[s] = sum_{l>s} G[l, s]
+      (G = dM^T o M^T, one more Q*Q product per head; the undecayed diagonal l = s never enters)
+  st[s]  = sum_p (x w dt)_s o d(x w)_s               (chunk-state weights exp(Acs_end - Acs_s))
+  carried = sum dS_t o decay_t prev_t                 (the carried chunk decay)
+with dx = dt o V, d(dt) = sum_p x o V, V = d(dt x) + exp(Acs_end - Acs) o d(x w). The reverse
+state passing is a second scan. The prologue (dA = dt * A, padding, reshapes) is
+differentiated by XLA.
 
 Segment resets are masks, never dA = -inf (seg = monotone run indices from
 common.segment_runs, so equality means "no reset in between"):
@@ -62,6 +64,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from pallas_kernels.log_decay import log_decay_grad
 
 from .common import Prepared, pad_axis
 from .window import window_correction, window_is_noop
@@ -183,12 +187,16 @@ def _diag_fwd(x, dt, Acs, Bt, C, intra):
 
 
 def _diag_bwd(x, dt, Acs, B, Bt, C, intra, dy):
-    """Cotangents through the diagonal blocks: (d(dt x) natural (b,T,Q,G,R,P), dB, dC).
+    """Cotangents through the diagonal blocks: (d(dt x) natural (b,T,Q,G,R,P), dB, dC, row, col).
 
     In transposed [s, l] order (no Q*Q transposes): d(dt x) = M^T dy, dM^T = (dt x) dy^T,
-    dCB^T = sum_r dM^T o L^T.
+    dCB^T = sum_r dM^T o L^T. row, col (b,T,G,R,Q): the off-diagonal pair terms of the
+    log-decay gradient, G^T = dM^T o M^T summed over s < l (row[l]) and over l > s (col[s]).
     """
-    CBmT = jnp.swapaxes(jnp.where(intra, _dot("btgln,btgns->btgls", C, Bt), 0.0), -1, -2)
+    Q = x.shape[2]
+    CBT = jnp.swapaxes(_dot("btgln,btgns->btgls", C, Bt), -1, -2)  # (b,T,G,Q(s),Q(l))
+    maskT = jnp.swapaxes(intra, -1, -2)
+    CBmT = jnp.where(maskT, CBT, 0.0)
     LmT = _decay_matrix_t(Acs)  # (b,T,G,R,Q(s),Q(l))
     dyh = jnp.transpose(dy, (0, 1, 3, 4, 2, 5))  # (b,T,G,R,Q(l),P)
     dxdt = _dot("btgrsl,btgrlp->btgrsp", LmT * CBmT[:, :, :, None], dyh)
@@ -196,17 +204,21 @@ def _diag_bwd(x, dt, Acs, B, Bt, C, intra, dy):
     # NT GEMM: a (P, Q)-transposed copy of dy is a strided element-wise transpose that
     # XLA:CPU runs far slower than the GEMM penalty
     dMT = _dot("btgrsp,btgrlp->btgrsl", xdt, dyh)
-    dCBT = jnp.where(jnp.swapaxes(intra, -1, -2), jnp.sum(dMT * LmT, axis=3), 0.0)  # (b,T,G,Q(s),Q(l))
+    dLT = dMT * LmT
+    dCBT = jnp.where(maskT, jnp.sum(dLT, axis=3), 0.0)  # (b,T,G,Q(s),Q(l))
+    strictT = maskT & ~jnp.eye(Q, dtype=bool)
+    GT = dLT * jnp.where(strictT, CBT, 0.0)[:, :, :, None]  # (b,T,G,R,Q(s),Q(l))
+    row, col = jnp.sum(GT, axis=-2), jnp.sum(GT, axis=-1)
     dC = _dot("btgsl,btgsn->btgln", dCBT, B)
     dB = _dot("btgsl,btgln->btgsn", dCBT, C)
-    return jnp.transpose(dxdt, (0, 1, 4, 2, 3, 5)), dB, dC
+    return jnp.transpose(dxdt, (0, 1, 4, 2, 3, 5)), dB, dC, row, col
 
 
 def _fwd_impl(x, dt, Acs, B, C, h0, seg):
     """x (b,T,Q,G,R,P); dt, Acs (b,T,G,R,Q); B, C (b,T,G,Q,N); h0 (b,G,N,K).
 
-    Returns y (b,T,Q,G,R,P), the states entering each chunk (b,T,G,N,K) and the
-    final state (b,G,N,K).
+    Returns y (b,T,Q,G,R,P), the states entering each chunk (b,T,G,N,K), the final state
+    (b,G,N,K) and the state -> output part of y, y_off (b,T,Q,G,R,P).
     """
     b, T, Q, G, R, P = x.shape
     dt, Acs, intra, wexp, e, decay = _small_terms(dt, Acs, seg, Q)
@@ -225,21 +237,25 @@ def _fwd_impl(x, dt, Acs, B, C, h0, seg):
 
     # state -> output
     yo = _dot("btgln,btgnk->btglk", C, prev).reshape(b, T, G, Q, R, P)
-    y = jnp.transpose(yd, (0, 1, 4, 2, 3, 5)) + jnp.transpose(
-        yo * jnp.transpose(e, (0, 1, 2, 4, 3))[..., None], (0, 1, 3, 2, 4, 5)
-    )
-    return y, prev, h_last
+    y_off = jnp.transpose(yo * jnp.transpose(e, (0, 1, 2, 4, 3))[..., None], (0, 1, 3, 2, 4, 5))
+    y = jnp.transpose(yd, (0, 1, 4, 2, 3, 5)) + y_off
+    return y, prev, h_last, y_off
+
+
+def _cumsum(dA):
+    return jnp.cumsum(dA, axis=-1)  # per chunk: (b,T,G,R,Q)
 
 
 @jax.custom_vjp
-def _ssd_chunks(x, dt, Acs, B, C, h0, seg):
-    y, _, h_last = _fwd_impl(x, dt, Acs, B, C, h0, seg)
+def _ssd_chunks(x, dt, dA, B, C, h0, seg):
+    y, _, h_last, _ = _fwd_impl(x, dt, _cumsum(dA), B, C, h0, seg)
     return y, h_last
 
 
-def _ssd_chunks_fwd(x, dt, Acs, B, C, h0, seg):
-    y, prev, h_last = _fwd_impl(x, dt, Acs, B, C, h0, seg)
-    return (y, h_last), (x, dt, Acs, B, C, seg, prev, h_last, y)
+def _ssd_chunks_fwd(x, dt, dA, B, C, h0, seg):
+    Acs = _cumsum(dA)
+    y, prev, h_last, y_off = _fwd_impl(x, dt, Acs, B, C, h0, seg)
+    return (y, h_last), (x, dt, Acs, B, C, seg, prev, y_off)
 
 
 def _ssd_chunks_bwd(res, cts):
@@ -248,18 +264,13 @@ def _ssd_chunks_bwd(res, cts):
 
 
 def _bwd_impl(res, dy, dh_last, dprev_ext):
-    """Cotangents of (x, dt, Acs, B, C, h0, seg); ``dprev_ext`` is an extra cotangent of the
+    """Cotangents of (x, dt, dA, B, C, h0, seg); ``dprev_ext`` is an extra cotangent of the
     chunk-entry states (b,T,G,N,K) or None."""
-    x, dt, Acs, B, C, seg, prev, h_last, y = res
+    x, dt, Acs, B, C, seg, prev, y_off = res
     b, T, Q, G, R, P = x.shape
-    N = B.shape[-1]
-    K = R * P
     dt, Acs, intra, wexp, e, decay = _small_terms(dt, Acs, seg, Q)
     Bt = jnp.swapaxes(B, -1, -2)  # (b,T,G,N,Q)
     Ct = jnp.swapaxes(C, -1, -2)
-
-    # every term of y_t is scaled by exp(Acs_t): d(Acs) rows = sum_p dy * y
-    dAcs_row = jnp.sum(dy * y, axis=-1)  # (b,T,Q,G,R)
 
     # ---- state -> output
     dyo = _grouped(dy * _nat(e)[..., None])  # (b,T,G,Q,K)
@@ -268,19 +279,12 @@ def _bwd_impl(res, dy, dh_last, dprev_ext):
         dprev = dprev + dprev_ext
     dC = _dot("btglk,btgnk->btgln", dyo, prev)
 
-    # ---- reverse state passing: g_t = dprev_t + decay_t g_{t+1}, with
-    #      d(Acs_end of chunk t) = sum g_{t+1} * (state leaving chunk t), which covers
-    #      both the carried decay and the chunk-state weights exp(Acs_end - Acs_s).
+    # ---- reverse state passing: g_t = dprev_t + decay_t g_{t+1}
     decay_k = jnp.repeat(decay, P, axis=-1)[:, :, :, None, :]  # (b,T,G,1,K)
-
     dh0, dS = _state_passing(dh_last, _tmajor(decay_k), _tmajor(dprev), reverse=True)
     dS = _tmajor(dS)  # (b,T,G,N,K): gradient w.r.t. the state leaving chunk t
-    # state leaving chunk t = prev[t + 1] (t < T-1) or h_last; reduce over N, then P
-    red = jnp.concatenate(
-        [jnp.sum(dS[:, :-1] * prev[:, 1:], axis=-2), jnp.sum(dS[:, -1:] * h_last[:, None], axis=-2)],
-        axis=1,
-    )  # (b,T,G,K)
-    dAcs_last = jnp.sum(red.reshape(b, T, G, R, P), axis=-1)  # (b,T,G,R)
+    # the carried chunk decay: sum dS_t o decay_t prev_t, reduced over N, then P
+    carried = decay * jnp.sum(jnp.sum(dS * prev, axis=-2).reshape(b, T, G, R, P), axis=-1)
 
     # ---- chunk states
     dxw = _dot("btgsn,btgnk->btgsk", B, dS)  # (b,T,G,Q,K)
@@ -288,39 +292,40 @@ def _bwd_impl(res, dy, dh_last, dprev_ext):
     dB = _dot("btgsk,btgnk->btgsn", xw, dS)
 
     # ---- diagonal blocks
-    dxdt, dB_d, dC_d = _diag_bwd(x, dt, Acs, B, Bt, C, intra, dy)
+    dxdt, dB_d, dC_d, row, col = _diag_bwd(x, dt, Acs, B, Bt, C, intra, dy)
     dB, dC = dB + dB_d, dC + dC_d
 
-    # ---- x, dt, Acs: with V = dxw * exp(Acs_end - Acs) + d(dt x)
-    dxw_n = jnp.swapaxes(dxw.reshape(b, T, G, Q, R, P), 2, 3)  # (b,T,Q,G,R,P)
-    V = dxw_n * _nat(wexp)[..., None] + dxdt
-    dx, ddt, dAcs = _x_dt_acs_cotangents(x, dt, V, dAcs_row)
-    dAcs = dAcs.at[..., -1].add(dAcs_last)
-    return dx, ddt, dAcs, dB, dC, dh0, None
+    # ---- x, dt, dA: with V = d(dt x) + exp(Acs_end - Acs) o d(x w)
+    dxw_n = jnp.swapaxes(dxw.reshape(b, T, G, Q, R, P), 2, 3) * _nat(wexp)[..., None]
+    dx, ddt = _x_dt_cotangents(x, dt, dxw_n + dxdt)
+    st = _heads(jnp.sum(x * dxw_n, axis=-1)) * dt  # (b,T,G,R,Q)
+    row = row + _heads(jnp.sum(dy * y_off, axis=-1))
+    return dx, ddt, log_decay_grad(row, col, st, carried), dB, dC, dh0, None
 
 
-def _x_dt_acs_cotangents(x, dt, V, dAcs_row):
-    """dx = dt V, ddt = sum_p x V, d(Acs) = rows - dt ddt (columns), V = d(dt x) natural."""
-    dt_n = _nat(dt)
-    dx = V * dt_n[..., None]
-    ddt_n = jnp.sum(V * x, axis=-1)  # (b,T,Q,G,R)
-    ddt = jnp.transpose(ddt_n, (0, 1, 3, 4, 2))
-    dAcs = jnp.transpose(dAcs_row - dt_n * ddt_n, (0, 1, 3, 4, 2))
-    return dx, ddt, dAcs
+def _heads(t):
+    """(b,T,Q,G,R) -> (b,T,G,R,Q)."""
+    return jnp.transpose(t, (0, 1, 3, 4, 2))
+
+
+def _x_dt_cotangents(x, dt, V):
+    """dx = dt V, ddt = sum_p x V (b,T,G,R,Q); V = d(dt x) natural (b,T,Q,G,R,P)."""
+    return V * _nat(dt)[..., None], _heads(jnp.sum(V * x, axis=-1))
 
 
 _ssd_chunks.defvjp(_ssd_chunks_fwd, _ssd_chunks_bwd)
 
 
 @jax.custom_vjp
-def _ssd_chunks_states(x, dt, Acs, B, C, h0, seg):
+def _ssd_chunks_states(x, dt, dA, B, C, h0, seg):
     """:func:`_ssd_chunks` that also returns the chunk-entry states prev (b,T,G,N,K)."""
-    return _fwd_impl(x, dt, Acs, B, C, h0, seg)
+    return _fwd_impl(x, dt, _cumsum(dA), B, C, h0, seg)[:3]
 
 
-def _ssd_chunks_states_fwd(x, dt, Acs, B, C, h0, seg):
-    y, prev, h_last = _fwd_impl(x, dt, Acs, B, C, h0, seg)
-    return (y, prev, h_last), (x, dt, Acs, B, C, seg, prev, h_last, y)
+def _ssd_chunks_states_fwd(x, dt, dA, B, C, h0, seg):
+    Acs = _cumsum(dA)
+    y, prev, h_last, y_off = _fwd_impl(x, dt, Acs, B, C, h0, seg)
+    return (y, prev, h_last), (x, dt, Acs, B, C, seg, prev, y_off)
 
 
 def _ssd_chunks_states_bwd(res, cts):
@@ -332,27 +337,27 @@ _ssd_chunks_states.defvjp(_ssd_chunks_states_fwd, _ssd_chunks_states_bwd)
 
 
 @jax.custom_vjp
-def _ssd_one_chunk(x, dt, Acs, B, C, seg):
+def _ssd_one_chunk(x, dt, dA, B, C, seg):
     """y of a sequence that is a single chunk and starts from a zero state: only the diagonal
     block (no chunk states, state passing or state -> output term, forward or backward)."""
-    return _one_chunk_fwd(x, dt, Acs, B, C, seg)[0]
+    return _one_chunk_fwd(x, dt, dA, B, C, seg)[0]
 
 
-def _one_chunk_fwd(x, dt, Acs, B, C, seg):
+def _one_chunk_fwd(x, dt, dA, B, C, seg):
     Q = x.shape[2]
-    dt, Acs, intra, _, _, _ = _small_terms(dt, Acs, seg, Q)
+    dt, Acs, intra, _, _, _ = _small_terms(dt, _cumsum(dA), seg, Q)
     y = jnp.transpose(_diag_fwd(x, dt, Acs, jnp.swapaxes(B, -1, -2), C, intra), (0, 1, 4, 2, 3, 5))
-    return y, (x, dt, Acs, B, C, seg, y)
+    return y, (x, dt, Acs, B, C, seg)
 
 
 def _one_chunk_bwd(res, dy):
-    x, dt, Acs, B, C, seg, y = res
+    x, dt, Acs, B, C, seg = res
     Q = x.shape[2]
     dt, Acs, intra, _, _, _ = _small_terms(dt, Acs, seg, Q)
-    dAcs_row = jnp.sum(dy * y, axis=-1)  # (b,T,Q,G,R)
-    dxdt, dB, dC = _diag_bwd(x, dt, Acs, B, jnp.swapaxes(B, -1, -2), C, intra, dy)
-    dx, ddt, dAcs = _x_dt_acs_cotangents(x, dt, dxdt, dAcs_row)
-    return dx, ddt, dAcs, dB, dC, None
+    dxdt, dB, dC, row, col = _diag_bwd(x, dt, Acs, B, jnp.swapaxes(B, -1, -2), C, intra, dy)
+    dx, ddt = _x_dt_cotangents(x, dt, dxdt)
+    ddA = log_decay_grad(row, col, jnp.zeros_like(row), jnp.zeros_like(row[..., 0]))
+    return dx, ddt, ddA, dB, dC, None
 
 
 _ssd_one_chunk.defvjp(_one_chunk_fwd, _one_chunk_bwd)
@@ -394,17 +399,16 @@ def chunked_core(p: Prepared, *, chunk_size: int = 256, window: int | None = Non
         else jnp.transpose(p.initial_state.reshape(b, G, R, P, N), (0, 1, 4, 2, 3)).reshape(b, G, N, R * P)
     )
 
-    Acs = jnp.cumsum(dA, axis=-1)  # (b,T,G,R,Q)
     no_window = window is None or window_is_noop(window, L)
     if T == 1 and p.initial_state is None and no_window:
         # one chunk from a zero state (e.g. training on sequences <= chunk_size): only the
         # diagonal block; the final state, when asked for, outside the custom VJP
-        y = _ssd_one_chunk(x, dt, Acs, Bc, Cc, seg)
-        h_last = _one_chunk_final_state(x, dt, Acs, Bc, seg)[:, 0]
+        y = _ssd_one_chunk(x, dt, dA, Bc, Cc, seg)
+        h_last = _one_chunk_final_state(x, dt, _cumsum(dA), Bc, seg)[:, 0]
     elif no_window:
-        y, h_last = _ssd_chunks(x, dt, Acs, Bc, Cc, h0, seg)
+        y, h_last = _ssd_chunks(x, dt, dA, Bc, Cc, h0, seg)
     else:
-        y, prev, h_last = _ssd_chunks_states(x, dt, Acs, Bc, Cc, h0, seg)
-        y = y - window_correction(x, dt, Acs, Bc, Cc, h0, prev, seg, window)
+        y, prev, h_last = _ssd_chunks_states(x, dt, dA, Bc, Cc, h0, seg)
+        y = y - window_correction(x, dt, _cumsum(dA), Bc, Cc, h0, prev, seg, window)
     h_last = jnp.transpose(h_last.reshape(b, G, N, R, P), (0, 1, 3, 4, 2)).reshape(b, H, P, N)
     return y.reshape(b, Lp, H, P)[:, :L], h_last

@@ -128,20 +128,20 @@ def run_case(mesh, case, mode):
 
 def negative(mesh):
     """A misaligned chunk (12 rows) must be rejected by Mosaic."""
-    from .kernel import NCOLS, ssd_fwd_call
+    from .kernel import NCOLS, Grid, ssd_fwd_call
 
     b, H, P, G, N, Q, T = 1, 2, 64, 1, 128, 12, 4
     Lp = Q * T
 
-    def local(x, C, Bt, rows, h0):
-        return ssd_fwd_call(x, C, Bt, rows, h0, None, hb=2,
-                            out_dtype=jnp.float32, cd=jnp.float32, save_states=False,
-                            interpret=False)
+    def local(x, C, Bm, rows, h0):
+        g = Grid(b=b, G=G, R=H, hb=2, split=1, T=T, Q=Q, P=P, N=N, packed=False)
+        return ssd_fwd_call(x, C, Bm, rows, h0, None, g=g, out_dtype=jnp.float32,
+                            cd=jnp.float32, save_states=False, interpret=False)
 
     nd = mesh.shape["data"]
     f32 = jnp.float32
-    shapes = [(b * nd, H, Lp, P), (b * nd, G, Lp, N), (b * nd, G, T, N, Q),
-              (b * nd, H, T, NCOLS, Q), (b * nd, H, N, P)]
+    shapes = [(b * nd, H, Lp, P), (b * nd, G, Lp, N), (b * nd, G, Lp, N),
+              (b * nd, H, T, NCOLS, Q), (b * nd, H, P, N)]
     args = [jax.ShapeDtypeStruct(s, f32, sharding=NamedSharding(mesh, PS("data"))) for s in shapes]
     fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PS("data"),) * 5,
                                out_specs=(PS("data"), PS("data")), check_vma=False))
@@ -160,14 +160,14 @@ def negative(mesh):
     # (Mosaic + libtpu), not the Python-side Pallas checks, can see
     H, P, Q, T = 8, 4096, 256, 2
     Lp = Q * T
-    shapes = [(nd, H, Lp, P), (nd, G, Lp, N), (nd, G, T, N, Q), (nd, H, T, NCOLS, Q),
-              (nd, H, N, P)]
+    shapes = [(nd, H, Lp, P), (nd, G, Lp, N), (nd, G, Lp, N), (nd, H, T, NCOLS, Q),
+              (nd, H, P, N)]
     args = [jax.ShapeDtypeStruct(s, f32, sharding=NamedSharding(mesh, PS("data"))) for s in shapes]
 
-    def local2(x, C, Bt, rows, h0):
-        return ssd_fwd_call(x, C, Bt, rows, h0, None, hb=8,
-                            out_dtype=jnp.float32, cd=jnp.float32, save_states=False,
-                            interpret=False)
+    def local2(x, C, Bm, rows, h0):
+        g = Grid(b=1, G=G, R=H, hb=8, split=1, T=T, Q=Q, P=P, N=N, packed=False)
+        return ssd_fwd_call(x, C, Bm, rows, h0, None, g=g, out_dtype=jnp.float32,
+                            cd=jnp.float32, save_states=False, interpret=False)
 
     fn = jax.jit(jax.shard_map(local2, mesh=mesh, in_specs=(PS("data"),) * 5,
                                out_specs=(PS("data"), PS("data")), check_vma=False))

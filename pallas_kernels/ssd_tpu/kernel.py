@@ -1,11 +1,18 @@
 """Mosaic TPU kernels of the chunked SSD: one fused forward and one fused backward kernel.
 
-See the package docstring (``pallas_kernels/ssd_tpu/__init__.py``) for the design. Shapes
-of one program (grid (b, G, head blocks, chunks), chunks last and "arbitrary"):
+See the package docstring (``pallas_kernels/ssd_tpu/__init__.py``) for the design. Grid
+(parallel units, chunks, head blocks): the leading axis flattens (batch, group, core split)
+and is the only "parallel" one (so megacore chips split it across their TensorCores even at
+batch 1 per device and one group); chunks and head blocks are "arbitrary", head blocks
+innermost, so everything per (chunk, group) is computed once and shared by the head blocks:
+C·Bᵀ (a VMEM scratch filled at head block 0) and, in the backward, dB and dC, which stay
+resident in VMEM and are accumulated over the heads (one partial per core split).
+
+Shapes of one program:
 
   x, y, dy, dx  (Q, hb*P) packed natural layout (head r = lanes [r*P, (r+1)*P)), or
              (hb, Q, P)   head-major fallback; heads of one head block share the group g
-  C, B       (Q, N)       per group; Bt, Ct (N, Q) the same data transposed by XLA
+  B, C       (Q, N)       per group
   rows       (hb, 8, Q)   per-token vectors, one per sublane, dense (8, 128) tiles in HBM:
                           [Acs, dt, wexp, e, decay, 0, 0, 0] with
                           wexp = exp(min(Acs_end - Acs, 0)) masked to the chunk's last segment,
@@ -15,16 +22,23 @@ of one program (grid (b, G, head blocks, chunks), chunks last and "arbitrary"):
                           (Q, 1) column vectors (an XLU transpose; a (Q, k) HBM layout would be
                           padded to 128 lanes, 25x the bytes).
   seg_row    (1, Q)       float run indices (only with segment ids); column by transpose
-  state      (hb, N, P)   fp32, transposed (N, P) so that every state GEMM is NN or NT.
+  state      (hb, P, N)   fp32, N = d_state on the lanes: (P, 64) states would pad to 128 lanes
+  drows      (hb, 8, Q)   backward per-token outputs [d dt, row, col, st, carried, 0, 0, 0] of
+                          the cancellation-free log-decay gradient (pallas_kernels/log_decay.py)
 
 All Q x Q exponentials take ``where(mask, Acs_l - Acs_s, -inf)`` clamped to <= 0, so the
-masked entries are exp(-inf) = 0 and no inf can appear (docs/ssd.md sections 6 and 9).
-MXU operands are in the input dtype (bf16 stays bf16), accumulation is fp32
-(``preferred_element_type``); elementwise work is fp32.
+masked entries are exp(-inf) = 0 and no inf can appear. MXU operands are in the input dtype
+(bf16 stays bf16), accumulation is fp32 (``preferred_element_type``); elementwise work is
+fp32. With the cancellation-free log-decay gradient no product needs fp32 operands: measured
+in interpret mode (bf16 inputs, L 512, chunk 256, headdim 64, d_state 128, against the float64
+reference), dA's error is 4.4e-4 with bf16 operands for dMᵀ = (dt x) dyᵀ, the product whose
+entries feed the pair sums, and 6.5e-4 with fp32 ones (weak decays: 5.9e-4 / 4.8e-4; the `xla`
+path, fp32 throughout: 6.6e-4 / 2.6e-3); the rows-minus-columns form had 7.5e-1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -33,39 +47,131 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-__all__ = ["ssd_fwd_call", "ssd_bwd_call", "NCOLS"]
+__all__ = ["Grid", "ssd_fwd_call", "ssd_bwd_call", "NCOLS", "vmem_bytes"]
 
 NCOLS = 8  # sublanes of the per-token rows: Acs, dt, wexp, e, decay, 0, 0, 0
 _ACS, _DT, _WEXP, _E, _DECAY = range(5)
+_DDT, _ROW, _COL, _ST, _CARRIED = range(5)  # sublanes of the backward's drows
 
 _NN = (((1,), (0,)), ((), ()))
 _NT = (((1,), (1,)), ((), ()))
 _TN = (((0,), (0,)), ((), ()))
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Static geometry: b sequences, G groups, R heads per group in blocks of hb heads, split
+    over ``split`` cores (split divides R // hb); T chunks of Q; P headdim (None: head-major
+    layout, else the packed layout's lanes per head), N d_state."""
+
+    b: int
+    G: int
+    R: int
+    hb: int
+    split: int
+    T: int
+    Q: int
+    P: int
+    N: int
+    packed: bool
+
+    @property
+    def J(self):  # head blocks per parallel unit
+        return self.R // self.hb // self.split
+
+    @property
+    def units(self):  # the leading "parallel" axis: (batch, group, core split)
+        return self.b * self.G * self.split
+
+    def bgs(self, u):
+        return u // (self.G * self.split), (u // self.split) % self.G, u % self.split
+
+    def hblk(self, u, j):
+        """Global head-block index (units of hb heads) of head block j of unit u."""
+        _, g, sp = self.bgs(u)
+        return g * (self.R // self.hb) + sp * self.J + j
+
+    def x_spec(self, chunk):
+        """BlockSpec of x / y / dy / dx; ``chunk(t)`` maps the grid's chunk index."""
+        S_ = pl.Squeezed()
+        if self.packed:
+            return pl.BlockSpec((S_, self.Q, self.hb * self.P),
+                                lambda u, t, j: (self.bgs(u)[0], chunk(t), self.hblk(u, j)))
+        return pl.BlockSpec((S_, self.hb, self.Q, self.P),
+                            lambda u, t, j: (self.bgs(u)[0], self.hblk(u, j), chunk(t), 0))
+
+    def group_spec(self, chunk):
+        """(Q, N) blocks of B / C: constant over head blocks (fetched once per chunk)."""
+        S_ = pl.Squeezed()
+        return pl.BlockSpec((S_, S_, self.Q, self.N),
+                            lambda u, t, j: (self.bgs(u)[0], self.bgs(u)[1], chunk(t), 0))
+
+    def head_chunk_spec(self, chunk, tail):
+        """(hb, *tail) blocks of a (b, H, T, *tail) array: rows, prev, drows."""
+        S_ = pl.Squeezed()
+        return pl.BlockSpec((S_, self.hb, S_, *tail),
+                            lambda u, t, j: (self.bgs(u)[0], self.hblk(u, j), chunk(t), 0, 0))
+
+    def state_spec(self, at_step):
+        """(hb, P, N) blocks of a (b, H, P, N) state read or written at grid chunk step
+        ``at_step`` only: at other steps the block index stays on one block, so the pipeline
+        neither refetches nor writes it back once per chunk."""
+        S_ = pl.Squeezed()
+        last = self.J - 1 if at_step == 0 else 0
+
+        def index(u, t, j):
+            jj = jnp.where(t == at_step, j, last)
+            return self.bgs(u)[0], self.hblk(u, jj), 0, 0
+
+        return pl.BlockSpec((S_, self.hb, self.P, self.N), index)
+
+    def unit_spec(self, chunk):
+        """(Q, N) dB / dC blocks of a (b, G*split, Lp, N) array: resident over head blocks."""
+        S_ = pl.Squeezed()
+        return pl.BlockSpec((S_, S_, self.Q, self.N),
+                            lambda u, t, j: (self.bgs(u)[0], u % (self.G * self.split),
+                                             chunk(t), 0))
+
+    def seg_spec(self, chunk):
+        S_ = pl.Squeezed()
+        return pl.BlockSpec((S_, S_, 1, self.Q), lambda u, t, j: (self.bgs(u)[0], chunk(t), 0, 0))
+
+
+def vmem_bytes(Q, hb, P, N, J, itemsize, *, backward):
+    """Upper estimate of a program's VMEM: double-buffered blocks, scratch and the largest live
+    per-head temporaries (Q x Q fp32 matrices); used to choose the head block."""
+    xblk = Q * hb * P
+    io = 2 * (2 if backward else 1) * xblk * itemsize + 2 * xblk * (itemsize if backward else 4)
+    io += 2 * 2 * Q * N * itemsize + 2 * hb * NCOLS * Q * 4 * (2 if backward else 1)
+    io += 2 * hb * P * N * 4 * (2 if backward else 2)  # prev (and h0/hT or dhT/dh0) blocks
+    if backward:
+        io += 2 * 2 * Q * N * 4  # dB, dC resident fp32 blocks
+    scratch = J * hb * P * N * 4 + Q * Q * 4 * (2 if backward else 1)
+    temps = Q * Q * 4 * (6 if backward else 3) + 6 * Q * P * 4 + 2 * P * N * 4
+    return io + scratch + temps
 
 
 def _mm(a, b, dims, cd):
     """fp32-accumulated matmul with operands cast to the compute dtype ``cd``."""
-    prec = lax.Precision.HIGHEST if cd == jnp.float32 else None
+    prec = lax.Precision.HIGHEST if cd == F32 else None
     return lax.dot_general(
-        a.astype(cd), b.astype(cd), dims, precision=prec, preferred_element_type=jnp.float32
+        a.astype(cd), b.astype(cd), dims, precision=prec, preferred_element_type=F32
     )
 
 
-def _causal(Q, transposed):
+def _causal(Q, transposed, strict=False):
     r = lax.broadcasted_iota(jnp.int32, (Q, Q), 0)
     c = lax.broadcasted_iota(jnp.int32, (Q, Q), 1)
-    # [l, s]: s <= l ; transposed [s, l]: s <= l
-    return (c <= r) if not transposed else (r <= c)
+    if transposed:  # [s, l]
+        r, c = c, r
+    return (c < r) if strict else (c <= r)  # [l, s]: s <= l
 
 
-def _intra_mask(Q, seg_row_ref, transposed):
-    m = _causal(Q, transposed)
-    if seg_row_ref is not None:
-        srow = seg_row_ref[...]  # (1, Q)
-        scol = jnp.transpose(jnp.broadcast_to(srow, (8, Q)))[:, 0:1]  # (Q, 1)
-        # equality is symmetric, so the same mask serves [l, s] and [s, l]
-        m = jnp.logical_and(m, scol == srow)
-    return m
+def _seg_eq(Q, seg_row_ref):
+    srow = seg_row_ref[...]  # (1, Q)
+    scol = jnp.transpose(jnp.broadcast_to(srow, (8, Q)))[:, 0:1]  # (Q, 1)
+    return scol == srow  # symmetric: serves [l, s] and [s, l]
 
 
 def _decay_qq(acs_c, acs_r, mask, transposed):
@@ -97,307 +203,236 @@ def _loop_heads(hb, packed, body, init):
     return carry
 
 
+def _head_vectors(rows_ref, r):
+    """(Q, 1) columns acs, dt, wexp, e; (1, 1) decay; (1, Q) acs row of head r."""
+    rows = rows_ref[r]  # (NCOLS, Q)
+    cols = jnp.transpose(rows)  # (Q, NCOLS)
+    col = lambda i: cols[:, i:i + 1]  # noqa: E731
+    return (col(_ACS), col(_DT), col(_WEXP), col(_E), cols[0:1, _DECAY:_DECAY + 1],
+            rows[_ACS:_ACS + 1])
+
+
 def _nbytes(*arrs):
     return int(sum(a.size * jnp.dtype(a.dtype).itemsize for a in arrs if a is not None))
 
 
-def _cost(flops, trans, args, out_shape):
-    """Tells XLA's scheduler what the opaque kernel costs (shows in cost_analysis too)."""
-    return pl.CostEstimate(flops=int(flops), transcendentals=int(trans),
+def _call(kernel, name, g, in_specs, out_specs, out_shape, scratch, args, flops, interpret):
+    cost = pl.CostEstimate(flops=int(flops), transcendentals=int(g.b * g.G * g.R * g.T * g.Q ** 2),
                            bytes_accessed=_nbytes(*args) + _nbytes(*out_shape))
-
-
-def _dims(grid_dims_semantics=("parallel", "parallel", "parallel", "arbitrary")):
-    return pltpu.CompilerParams(dimension_semantics=grid_dims_semantics)
+    return pl.pallas_call(
+        kernel, grid=(g.units, g.T, g.J), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, scratch_shapes=scratch,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        interpret=interpret, cost_estimate=cost, name=name,
+    )(*args)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(*refs, hb, Q, P, cd, has_seg, save_states, packed):
+def _fwd_kernel(*refs, g: Grid, cd, has_seg, save_states):
     it = iter(refs)
-    x_ref, c_ref, bt_ref, rows_ref, h0_ref = (next(it) for _ in range(5))
+    x_ref, c_ref, b_ref, rows_ref, h0_ref = (next(it) for _ in range(5))
     seg_row_ref = next(it) if has_seg else None
     y_ref, hT_ref = next(it), next(it)
     prev_ref = next(it) if save_states else None
-    state = next(it)  # VMEM scratch (hb, N, P) fp32
-
-    t = pl.program_id(3)
+    state, cb_scr = next(it), next(it)  # VMEM (J, hb, P, N) fp32, (Q, Q) fp32
+    Q, P, hb = g.Q, g.P, g.hb
+    t, j = pl.program_id(1), pl.program_id(2)
 
     @pl.when(t == 0)
     def _init():
-        state[...] = h0_ref[...].astype(jnp.float32)
+        state[j] = h0_ref[...].astype(F32)
 
+    mask = _causal(Q, transposed=False)
+    if has_seg:
+        mask = jnp.logical_and(mask, _seg_eq(Q, seg_row_ref))
     C = c_ref[...]
-    Bt = bt_ref[...]
-    mask = _intra_mask(Q, seg_row_ref, transposed=False)
-    CBm = jnp.where(mask, _mm(C, Bt, _NN, cd), 0.0)  # (Q, Q) once per program
+    Bm = b_ref[...]
+
+    @pl.when(j == 0)
+    def _cb():  # once per (chunk, group): C Bᵀ, shared by every head block
+        cb_scr[...] = jnp.where(mask, _mm(C, Bm, _NT, cd), 0.0)
+
+    CBm = cb_scr[...]
 
     def head(r, carry):
-        rows = rows_ref[r]  # (NCOLS, Q)
-        cols = jnp.transpose(rows)  # (Q, NCOLS)
-        acs_c = cols[:, _ACS:_ACS + 1]
-        dt_c = cols[:, _DT:_DT + 1]
-        wexp_c = cols[:, _WEXP:_WEXP + 1]
-        e_c = cols[:, _E:_E + 1]
-        decay = cols[0:1, _DECAY:_DECAY + 1]  # (1, 1)
-        acs_r = rows[_ACS:_ACS + 1]  # (1, Q)
-        x = _ld(x_ref, r, P, packed).astype(jnp.float32)  # (Q, P)
-        h = state[r]  # (N, P) fp32: state entering this chunk
+        acs_c, dt_c, wexp_c, e_c, decay, acs_r = _head_vectors(rows_ref, r)
+        x = _ld(x_ref, r, P, g.packed).astype(F32)  # (Q, P)
+        h = state[j, r]  # (P, N) fp32: state entering this chunk
         if save_states:
             prev_ref[r] = h
         M = _decay_qq(acs_c, acs_r, mask, transposed=False) * CBm
-        y = _mm(M, x * dt_c, _NN, cd)
-        y = y + e_c * _mm(C, h, _NN, cd)
-        _st(y_ref, r, P, packed, y.astype(y_ref.dtype))
-        S = _mm(Bt, x * (dt_c * wexp_c), _NN, cd)  # (N, P)
-        state[r] = decay * h + S
+        y = _mm(M, x * dt_c, _NN, cd) + e_c * _mm(C, h, _NT, cd)
+        _st(y_ref, r, P, g.packed, y.astype(y_ref.dtype))
+        S = _mm(x * (dt_c * wexp_c), Bm, _TN, cd)  # (P, N)
+        state[j, r] = decay * h + S
         return carry
 
-    _loop_heads(hb, packed, head, 0)
+    _loop_heads(hb, g.packed, head, 0)
 
-    @pl.when(t == pl.num_programs(3) - 1)
+    @pl.when(t == g.T - 1)
     def _fin():
-        hT_ref[...] = state[...].astype(hT_ref.dtype)
+        hT_ref[...] = state[j].astype(hT_ref.dtype)
 
 
-def _sizes(x, C, Bt, hb, P):
-    """(packed, b, H, Lp, P, G, N, T, Q, R, nhb) of the forward/backward call operands."""
-    packed = P is not None
-    if packed:
-        b, Lp, HP = x.shape
-        H = HP // P
-    else:
-        b, H, Lp, P = x.shape
-    G, N, T = C.shape[1], C.shape[3], Bt.shape[2]
-    R = H // G
-    return packed, b, H, Lp, P, G, N, T, Lp // T, R, R // hb
+def ssd_fwd_call(x, C, Bm, rows, h0, seg_row, *, g: Grid, out_dtype, cd, save_states,
+                 interpret):
+    """x (b,H,Lp,P), or packed (b,Lp,H*P); C, Bm (b,G,Lp,N); rows (b,H,T,NCOLS,Q) fp32;
+    h0 (b,H,P,N) fp32; seg_row (b,T,1,Q) float32 or None.
 
-
-def ssd_fwd_call(x, C, Bt, rows, h0, seg_row, *, hb, out_dtype, cd, save_states, interpret,
-                 P=None):
-    """x (b,H,Lp,P), or packed (b,Lp,H*P) when ``P`` is given (head block = hb*P lanes); C (b,G,Lp,N); Bt (b,G,T,N,Q); rows (b,H,T,NCOLS,Q) fp32;
-    h0 (b,H,N,P) fp32; seg_row (b,T,1,Q) float32 or None.
-
-    Returns y (b,H,Lp,P) out_dtype, final state (b,H,N,P) fp32 and, with save_states,
-    the states entering every chunk (b,H,T,N,P) fp32.
+    Returns y (like x) in out_dtype, the final state (b,H,P,N) fp32 and, with save_states,
+    the states entering every chunk (b,H,T,P,N) fp32.
     """
-    packed, b, H, Lp, P, G, N, T, Q, R, nhb = _sizes(x, C, Bt, hb, P)
-    has_seg = seg_row is not None
-    S_ = pl.Squeezed()
-
-    def hblk(bi, g, j, t):
-        return g * nhb + j
-
-    if packed:
-        xspec = pl.BlockSpec((S_, Q, hb * P), lambda bi, g, j, t: (bi, t, hblk(bi, g, j, t)))
-    else:
-        xspec = pl.BlockSpec((S_, hb, Q, P), lambda bi, g, j, t: (bi, hblk(bi, g, j, t), t, 0))
-    in_specs = [
-        xspec,
-        pl.BlockSpec((S_, S_, Q, N), lambda bi, g, j, t: (bi, g, t, 0)),
-        pl.BlockSpec((S_, S_, S_, N, Q), lambda bi, g, j, t: (bi, g, t, 0, 0)),
-        pl.BlockSpec((S_, hb, S_, NCOLS, Q), lambda bi, g, j, t: (bi, hblk(bi, g, j, t), t, 0, 0)),
-        pl.BlockSpec((S_, hb, N, P), lambda bi, g, j, t: (bi, hblk(bi, g, j, t), 0, 0)),
-    ]
-    args = [x, C, Bt, rows, h0]
-    if has_seg:
-        in_specs.append(pl.BlockSpec((S_, S_, 1, Q), lambda bi, g, j, t: (bi, t, 0, 0)))
+    ident = lambda t: t  # noqa: E731
+    H = g.G * g.R
+    xspec = g.x_spec(ident)
+    in_specs = [xspec, g.group_spec(ident), g.group_spec(ident),
+                g.head_chunk_spec(ident, (NCOLS, g.Q)), g.state_spec(0)]
+    args = [x, C, Bm, rows, h0]
+    if seg_row is not None:
+        in_specs.append(g.seg_spec(ident))
         args.append(seg_row)
-    out_specs = [
-        xspec,
-        pl.BlockSpec((S_, hb, N, P), lambda bi, g, j, t: (bi, hblk(bi, g, j, t), 0, 0)),
-    ]
-    out_shape = [
-        jax.ShapeDtypeStruct(x.shape, out_dtype),
-        jax.ShapeDtypeStruct((b, H, N, P), jnp.float32),
-    ]
+    out_specs = [xspec, g.state_spec(g.T - 1)]
+    out_shape = [jax.ShapeDtypeStruct(x.shape, out_dtype),
+                 jax.ShapeDtypeStruct((g.b, H, g.P, g.N), F32)]
     if save_states:
-        out_specs.append(
-            pl.BlockSpec((S_, hb, S_, N, P), lambda bi, g, j, t: (bi, hblk(bi, g, j, t), t, 0, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((b, H, T, N, P), jnp.float32))
-    kernel = functools.partial(_fwd_kernel, hb=hb, Q=Q, P=P, cd=cd, has_seg=has_seg,
-                               save_states=save_states, packed=packed)
-    nch = b * H * T  # head-chunks
-    flops = nch * (2 * Q * Q * P + 4 * Q * N * P + 2 * Q * Q * N / hb + 4 * Q * Q)
-    cost = _cost(flops, nch * (Q * Q), args, out_shape)
-    return pl.pallas_call(
-        kernel,
-        grid=(b, G, nhb, T),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((hb, N, P), jnp.float32)],
-        compiler_params=_dims(),
-        interpret=interpret,
-        cost_estimate=cost,
-        name="ssd_tpu_fwd",
-    )(*args)
+        out_specs.append(g.head_chunk_spec(ident, (g.P, g.N)))
+        out_shape.append(jax.ShapeDtypeStruct((g.b, H, g.T, g.P, g.N), F32))
+    kernel = functools.partial(_fwd_kernel, g=g, cd=cd, has_seg=seg_row is not None,
+                               save_states=save_states)
+    Q, P, N = g.Q, g.P, g.N
+    flops = g.b * g.T * (g.G * g.split * 2 * Q * Q * N + H * (2 * Q * Q * P + 4 * Q * N * P))
+    scratch = [pltpu.VMEM((g.J, g.hb, P, N), F32), pltpu.VMEM((Q, Q), F32)]
+    return _call(kernel, "ssd_tpu_fwd", g, in_specs, out_specs, out_shape, scratch, args, flops,
+                 interpret)
 
 
 # ----------------------------------------------------------------------------- backward
 
 
-def _bwd_kernel(*refs, hb, Q, P, cd, has_seg, packed):
+def _bwd_kernel(*refs, g: Grid, cd, has_seg):
     it = iter(refs)
-    (x_ref, dy_ref, c_ref, ct_ref, b_ref, bt_ref, rows_ref, prev_ref,
-     dhT_ref) = (next(it) for _ in range(9))
+    x_ref, dy_ref, c_ref, b_ref, rows_ref, prev_ref, dhT_ref = (next(it) for _ in range(7))
     seg_row_ref = next(it) if has_seg else None
     dx_ref, drows_ref, dB_ref, dC_ref, dh0_ref = (next(it) for _ in range(5))
-    g_scr, dcbt_scr = next(it), next(it)
-
-    s = pl.program_id(3)  # chunk t = T - 1 - s: chunks visited in reverse
+    g_scr, cbt_scr, dcbt_scr = next(it), next(it), next(it)
+    Q, P, hb = g.Q, g.P, g.hb
+    s, j = pl.program_id(1), pl.program_id(2)  # chunk t = T - 1 - s: chunks visited in reverse
 
     @pl.when(s == 0)
     def _init():
-        g_scr[...] = dhT_ref[...].astype(jnp.float32)
+        g_scr[j] = dhT_ref[...].astype(F32)
 
+    maskT = _causal(Q, transposed=True)  # [s, l]
+    strictT = _causal(Q, transposed=True, strict=True)
+    if has_seg:
+        eq = _seg_eq(Q, seg_row_ref)
+        maskT, strictT = jnp.logical_and(maskT, eq), jnp.logical_and(strictT, eq)
     C = c_ref[...]
-    Ct = ct_ref[...]
     Bm = b_ref[...]
-    Bt = bt_ref[...]
-    maskT = _intra_mask(Q, seg_row_ref, transposed=True)  # [s, l]
-    CBmT = jnp.where(maskT, _mm(Bm, Ct, _NN, cd), 0.0)  # (Q(s), Q(l)) once per program
-    dcbt_scr[...] = jnp.zeros_like(dcbt_scr)
-    dB_acc = jnp.zeros(dB_ref.shape, jnp.float32)
-    dC_acc = jnp.zeros(dC_ref.shape, jnp.float32)
-    lane = lax.broadcasted_iota(jnp.int32, (1, Q), 1)
+
+    @pl.when(j == 0)
+    def _first():  # once per (chunk, group): B Cᵀ; zero the accumulators
+        cbt_scr[...] = jnp.where(maskT, _mm(Bm, C, _NT, cd), 0.0)
+        dcbt_scr[...] = jnp.zeros_like(dcbt_scr)
+        dB_ref[...] = jnp.zeros_like(dB_ref)
+        dC_ref[...] = jnp.zeros_like(dC_ref)
+
+    CBmT = cbt_scr[...]  # (Q(s), Q(l))
+    CBsT = jnp.where(strictT, CBmT, 0.0)  # off the diagonal: the log-decay pair terms
     lane8 = lax.broadcasted_iota(jnp.int32, (Q, NCOLS), 1)
     sub8 = lax.broadcasted_iota(jnp.int32, (NCOLS, Q), 0)
 
     def head(r, carry):
         dB_acc, dC_acc = carry
-        rows = rows_ref[r]
-        cols = jnp.transpose(rows)
-        acs_c = cols[:, _ACS:_ACS + 1]
-        dt_c = cols[:, _DT:_DT + 1]
-        wexp_c = cols[:, _WEXP:_WEXP + 1]
-        e_c = cols[:, _E:_E + 1]
-        decay = cols[0:1, _DECAY:_DECAY + 1]
-        acs_r = rows[_ACS:_ACS + 1]
-        x = _ld(x_ref, r, P, packed).astype(jnp.float32)
-        dy = _ld(dy_ref, r, P, packed).astype(jnp.float32)
-        h = prev_ref[r]  # (N, P) state entering the chunk
-        dS = g_scr[r]  # (N, P) gradient w.r.t. the state leaving the chunk
-
+        acs_c, dt_c, wexp_c, e_c, decay, acs_r = _head_vectors(rows_ref, r)
+        x = _ld(x_ref, r, P, g.packed).astype(F32)
+        dy = _ld(dy_ref, r, P, g.packed).astype(F32)
+        h = prev_ref[r]  # (P, N) state entering the chunk
+        dS = g_scr[j, r]  # (P, N) gradient w.r.t. the state leaving the chunk
         xdt = x * dt_c
         xw = xdt * wexp_c
-        # recompute the chunk state: state leaving the chunk, for d(Acs_end)
-        S = _mm(Bt, xw, _NN, cd)
-        h_next = decay * h + S
-        dend = jnp.sum(jnp.sum(dS * h_next, axis=1, keepdims=True), axis=0, keepdims=True)  # (1,1)
 
         # state -> output
-        Ch = _mm(C, h, _NN, cd)  # (Q, P)
         dyo = dy * e_c
-        de_row = e_c * jnp.sum(dy * Ch, axis=1, keepdims=True)  # (Q,1): d Acs_l via e_l
-        dprev = _mm(Ct, dyo, _NN, cd)  # (N, P)
-        dC_acc = dC_acc + _mm(dyo, h, _NT, cd)  # (Q, N)
+        row_off = e_c * jnp.sum(dy * _mm(C, h, _NT, cd), axis=1, keepdims=True)  # dy . y_off
+        dprev = _mm(dyo, C, _TN, cd)  # (P, N)
+        dC_acc = dC_acc + _mm(dyo, h, _NN, cd)  # (Q, N)
 
-        # chunk states
-        dxw = _mm(Bm, dS, _NN, cd)  # (Q, P)
-        dB_acc = dB_acc + _mm(xw, dS, _NT, cd)  # (Q, N)
+        # chunk state and the carried decay
+        dxw = _mm(Bm, dS, _NT, cd)  # (Q, P)
+        dB_acc = dB_acc + _mm(xw, dS, _NN, cd)  # (Q, N)
+        carried = decay * jnp.sum(jnp.sum(dS * h, axis=1, keepdims=True), axis=0, keepdims=True)
 
         # diagonal block in transposed [s, l] order, decay recomputed
         LT = _decay_qq(acs_c, acs_r, maskT, transposed=True)
-        MT = LT * CBmT
-        dxdt = _mm(MT, dy, _NN, cd)  # (Q(s), P)
-        dMT = _mm(xdt, dy, _NT, cd)  # (Q(s), Q(l))
-        dLMT = dMT * LT
-        dcbt_scr[...] += dLMT
-        drow = jnp.sum(dLMT * CBmT, axis=0, keepdims=True)  # (1, Q(l)): d Acs_l via L rows
+        dxdt = _mm(LT * CBmT, dy, _NN, cd)  # (Q(s), P)
+        dLT = _mm(xdt, dy, _NT, cd) * LT  # dMᵀ o Lᵀ
+        dcbt_scr[...] += dLT
+        GT = dLT * CBsT
+        row = jnp.sum(GT, axis=0, keepdims=True)  # (1, Q(l)): pairs s < l
+        col = jnp.sum(GT, axis=1, keepdims=True)  # (Q(s), 1): pairs l > s
 
         V = dxdt + dxw * wexp_c
-        _st(dx_ref, r, P, packed, (V * dt_c).astype(dx_ref.dtype))
+        _st(dx_ref, r, P, g.packed, (V * dt_c).astype(dx_ref.dtype))
         ddt = jnp.sum(V * x, axis=1, keepdims=True)  # (Q, 1)
-        # [d dt, d Acs] as lane-dense rows: column parts transposed, row parts added to row 1
-        colmat = jnp.where(lane8 == 0, ddt, jnp.where(lane8 == 1, de_row - dt_c * ddt, 0.0))
-        drow = drow + jnp.where(lane == Q - 1, dend, 0.0)  # (1, Q)
-        drows_ref[r] = jnp.transpose(colmat) + jnp.where(sub8 == 1, drow, 0.0)
-
-        g_scr[r] = dprev + decay * dS
+        st = jnp.sum(xw * dxw, axis=1, keepdims=True)  # (Q, 1)
+        colmat = jnp.where(lane8 == _DDT, ddt, jnp.where(lane8 == _ROW, row_off, jnp.where(
+            lane8 == _COL, col, jnp.where(lane8 == _ST, st, 0.0))))
+        drows_ref[r] = (jnp.transpose(colmat) + jnp.where(sub8 == _ROW, row, 0.0)
+                        + jnp.where(sub8 == _CARRIED, carried, 0.0))
+        g_scr[j, r] = dprev + decay * dS
         return dB_acc, dC_acc
 
-    dB_acc, dC_acc = _loop_heads(hb, packed, head, (dB_acc, dC_acc))
-    dCBT = jnp.where(maskT, dcbt_scr[...], 0.0)
-    dB_ref[...] = dB_acc + _mm(dCBT, C, _NN, cd)
-    dC_ref[...] = dC_acc + _mm(dCBT, Bm, _TN, cd)
+    zeros = jnp.zeros((Q, g.N), F32)
+    dB_acc, dC_acc = _loop_heads(hb, g.packed, head, (zeros, zeros))
+    dB_ref[...] += dB_acc
+    dC_ref[...] += dC_acc
 
-    @pl.when(s == pl.num_programs(3) - 1)
+    @pl.when(j == g.J - 1)
+    def _diag():  # the diagonal blocks' dB, dC from the head-summed dCBᵀ
+        dCBT = jnp.where(maskT, dcbt_scr[...], 0.0)
+        dB_ref[...] += _mm(dCBT, C, _NN, cd)
+        dC_ref[...] += _mm(dCBT, Bm, _TN, cd)
+
+    @pl.when(s == g.T - 1)
     def _fin():
-        dh0_ref[...] = g_scr[...]
+        dh0_ref[...] = g_scr[j]
 
 
-def ssd_bwd_call(x, dy, C, Ct, Bm, Bt, rows, prev, dhT, seg_row, *, hb, cd, dx_dtype,
-                 interpret, P=None):
-    """Backward of :func:`ssd_fwd_call`. dy (b,H,Lp,P); Ct, Bt (b,G,T,N,Q); C, Bm (b,G,Lp,N);
-    prev (b,H,T,N,P); dhT (b,H,N,P).
+def ssd_bwd_call(x, dy, C, Bm, rows, prev, dhT, seg_row, *, g: Grid, cd, dx_dtype, interpret):
+    """Backward of :func:`ssd_fwd_call`. dy like x; prev (b,H,T,P,N); dhT (b,H,P,N).
 
-    Returns dx (b,H,Lp,P), drows (b,H,T,NCOLS,Q) with rows 0, 1 = d dt, d Acs (all terms),
-    dB, dC as per-head-block
-    partials (b, G*nhb, Lp, N) fp32, dh0 (b,H,N,P) fp32.
+    Returns dx (like x, dx_dtype), drows (b,H,T,NCOLS,Q) fp32 = [d dt, row, col, st, carried]
+    per token (pallas_kernels/log_decay.py), dB, dC (b, G*split, Lp, N) fp32 (summed over the
+    heads of each core split), dh0 (b,H,P,N) fp32.
     """
-    packed, b, H, Lp, P, G, N, T, Q, R, nhb = _sizes(x, C, Bt, hb, P)
-    has_seg = seg_row is not None
-    S_ = pl.Squeezed()
-
-    def rt(t):
-        return T - 1 - t
-
-    def hblk(g, j):
-        return g * nhb + j
-
-    if packed:
-        xspec = pl.BlockSpec((S_, Q, hb * P), lambda bi, g, j, t: (bi, rt(t), hblk(g, j)))
-    else:
-        xspec = pl.BlockSpec((S_, hb, Q, P), lambda bi, g, j, t: (bi, hblk(g, j), rt(t), 0))
-    gq = lambda bi, g, j, t: (bi, g, rt(t), 0)
-    gt = lambda bi, g, j, t: (bi, g, rt(t), 0, 0)
-    ht = lambda bi, g, j, t: (bi, hblk(g, j), rt(t), 0, 0)
-    hs = lambda bi, g, j, t: (bi, hblk(g, j), 0, 0)
-    in_specs = [
-        xspec,  # x
-        xspec,  # dy
-        pl.BlockSpec((S_, S_, Q, N), gq),  # C
-        pl.BlockSpec((S_, S_, S_, N, Q), gt),  # Ct
-        pl.BlockSpec((S_, S_, Q, N), gq),  # B
-        pl.BlockSpec((S_, S_, S_, N, Q), gt),  # Bt
-        pl.BlockSpec((S_, hb, S_, NCOLS, Q), ht),  # rows
-        pl.BlockSpec((S_, hb, S_, N, P), ht),  # prev
-        pl.BlockSpec((S_, hb, N, P), hs),  # dhT
-    ]
-    args = [x, dy, C, Ct, Bm, Bt, rows, prev, dhT]
-    if has_seg:
-        in_specs.append(pl.BlockSpec((S_, S_, 1, Q), lambda bi, g, j, t: (bi, rt(t), 0, 0)))
+    rt = lambda t: g.T - 1 - t  # noqa: E731
+    H = g.G * g.R
+    xspec = g.x_spec(rt)
+    in_specs = [xspec, xspec, g.group_spec(rt), g.group_spec(rt),
+                g.head_chunk_spec(rt, (NCOLS, g.Q)), g.head_chunk_spec(rt, (g.P, g.N)),
+                g.state_spec(0)]
+    args = [x, dy, C, Bm, rows, prev, dhT]
+    if seg_row is not None:
+        in_specs.append(g.seg_spec(rt))
         args.append(seg_row)
-    out_specs = [
-        xspec,  # dx
-        pl.BlockSpec((S_, hb, S_, NCOLS, Q), ht),  # drows
-        pl.BlockSpec((S_, S_, Q, N), lambda bi, g, j, t: (bi, hblk(g, j), rt(t), 0)),  # dB
-        pl.BlockSpec((S_, S_, Q, N), lambda bi, g, j, t: (bi, hblk(g, j), rt(t), 0)),  # dC
-        pl.BlockSpec((S_, hb, N, P), hs),  # dh0
-    ]
+    out_specs = [xspec, g.head_chunk_spec(rt, (NCOLS, g.Q)), g.unit_spec(rt), g.unit_spec(rt),
+                 g.state_spec(g.T - 1)]
+    Lp = g.T * g.Q
     out_shape = [
         jax.ShapeDtypeStruct(x.shape, dx_dtype),
-        jax.ShapeDtypeStruct((b, H, T, NCOLS, Q), jnp.float32),
-        jax.ShapeDtypeStruct((b, G * nhb, Lp, N), jnp.float32),
-        jax.ShapeDtypeStruct((b, G * nhb, Lp, N), jnp.float32),
-        jax.ShapeDtypeStruct((b, H, N, P), jnp.float32),
+        jax.ShapeDtypeStruct((g.b, H, g.T, NCOLS, g.Q), F32),
+        jax.ShapeDtypeStruct((g.b, g.G * g.split, Lp, g.N), F32),
+        jax.ShapeDtypeStruct((g.b, g.G * g.split, Lp, g.N), F32),
+        jax.ShapeDtypeStruct((g.b, H, g.P, g.N), F32),
     ]
-    kernel = functools.partial(_bwd_kernel, hb=hb, Q=Q, P=P, cd=cd, has_seg=has_seg,
-                               packed=packed)
-    nch = b * H * T
-    flops = nch * (4 * Q * Q * P + 12 * Q * N * P + 6 * Q * Q * N / hb + 8 * Q * Q)
-    cost = _cost(flops, nch * (Q * Q), args, out_shape)
-    return pl.pallas_call(
-        kernel,
-        grid=(b, G, nhb, T),
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        scratch_shapes=[pltpu.VMEM((hb, N, P), jnp.float32), pltpu.VMEM((Q, Q), jnp.float32)],
-        compiler_params=_dims(),
-        interpret=interpret,
-        cost_estimate=cost,
-        name="ssd_tpu_bwd",
-    )(*args)
+    kernel = functools.partial(_bwd_kernel, g=g, cd=cd, has_seg=seg_row is not None)
+    Q, P, N = g.Q, g.P, g.N
+    flops = g.b * g.T * (g.G * g.split * 6 * Q * Q * N + H * (4 * Q * Q * P + 12 * Q * N * P))
+    scratch = [pltpu.VMEM((g.J, g.hb, P, N), F32), pltpu.VMEM((Q, Q), F32),
+               pltpu.VMEM((Q, Q), F32)]
+    return _call(kernel, "ssd_tpu_bwd", g, in_specs, out_specs, out_shape, scratch, args, flops,
+                 interpret)

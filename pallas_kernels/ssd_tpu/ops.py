@@ -1,9 +1,11 @@
 """``ssd_tpu_core``: layouts, padding and the ``jax.custom_vjp`` around the Mosaic kernels.
 
-The prologue here (padding after the dt prologue, Acs = cumsum(dA) in fp32 with the per-token
-log-decay dA = dt * A + log_decay_offset of the shared prologue (``prep.dA``), transposes to
-head-major layouts) is plain XLA and differentiated by XLA; the custom VJP covers only
-(x, dt, Acs, B, C, h0) -> (y, final state), with both directions in Pallas (kernel.py).
+The prologue here (padding after the dt prologue, the per-token log-decay dA = dt * A +
+log_decay_offset of the shared prologue (``prep.dA``), transposes of B and C to (b, G, L, N))
+is plain XLA and differentiated by XLA; the custom VJP covers (x, dt, dA, B, C, h0) ->
+(y, final state), with both directions in Pallas (kernel.py) and the per-chunk cumsum
+Acs = cumsum(dA) inside it, so that the gradient w.r.t. dA is assembled by the
+cancellation-free rule of pallas_kernels/log_decay.py from the kernel's per-token terms.
 Per-token factors (wexp, e, chunk decay, segment masks) are cheap (b, H, L) vectors computed
 by XLA in both the forward and the backward rule (recomputed, never stored).
 
@@ -19,14 +21,16 @@ import jax
 import jax.numpy as jnp
 
 from mamba2_jax.ssd.common import pad_axis
+from pallas_kernels.log_decay import log_decay_grad
 from pallas_kernels.platform import target_platform
 
-from .kernel import ssd_bwd_call, ssd_fwd_call
+from .kernel import Grid, ssd_bwd_call, ssd_fwd_call, vmem_bytes
 
-__all__ = ["ssd_tpu_core", "pick_head_block", "chunk_len"]
+__all__ = ["ssd_tpu_core", "pick_head_block", "pick_layout", "chunk_len", "VMEM_BUDGET"]
 
 MAX_HB_FWD = 8  # heads per program in the forward kernel (divisor of H // G)
 MAX_HB_BWD = 4  # backward holds more blocks per head in VMEM
+VMEM_BUDGET = 16 * 2**20  # the smallest default scoped VMEM limit of the TPU generations
 
 
 def _round_up(n, m):
@@ -58,6 +62,28 @@ def pick_layout(H: int, G: int, P: int, max_hb=None):
     return pick_head_block(R, mf), pick_head_block(R, mb), False
 
 
+def core_split(R: int, hb: int) -> int:
+    """2 when the group's head blocks divide evenly between two TensorCores (megacore)."""
+    return 2 if (R // hb) % 2 == 0 else 1
+
+
+def fit_head_block(hb, R, Q, P, N, itemsize, *, backward, packed, budget=VMEM_BUDGET):
+    """The largest head block <= hb (a divisor of R; a multiple of 128 lanes when packed) whose
+    program fits the VMEM budget. Raises ValueError naming the sizes when none fits."""
+    for d in range(hb, 0, -1):
+        if R % d or (packed and (d * P) % 128):
+            continue
+        J = R // d // core_split(R, d)
+        if vmem_bytes(Q, d, P, N, J, itemsize, backward=backward) <= budget:
+            return d
+    need = vmem_bytes(Q, 1, P, N, R // core_split(R, 1), itemsize, backward=backward)
+    raise ValueError(
+        f"ssd_tpu: no head block fits the {budget / 2**20:.0f} MiB VMEM budget "
+        f"({'backward' if backward else 'forward'}: chunk {Q}, headdim {P}, d_state {N}, "
+        f"{R} heads per group need {need / 2**20:.1f} MiB with one head per block); use a "
+        f"smaller chunk_size or impl='xla'")
+
+
 def _per_token(dt, Acs, seg):
     """dt, Acs (b,H,T,Q) fp32; seg (b,T,Q) int32 or None -> kernel vectors.
 
@@ -85,75 +111,61 @@ def _per_token(dt, Acs, seg):
     return rows, seg_row
 
 
-def _chunk_t(t, T):
-    """(b,G,Lp,N) -> (b,G,T,N,Q): per-chunk transposed copy for NN state GEMMs."""
-    b, G, Lp, N = t.shape
-    return jnp.swapaxes(t.reshape(b, G, T, Lp // T, N), -1, -2)
-
-
 def _compute_dtype(*ts):
     return jnp.bfloat16 if all(t.dtype == jnp.bfloat16 for t in ts) else jnp.float32
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ssd_tpu(x, dt, Acs, Bq, Cq, h0, seg, cfg):
-    y, hT, _ = _fwd(x, dt, Acs, Bq, Cq, h0, seg, cfg, save_states=False)
+def _ssd_tpu(x, dt, dA, Bq, Cq, h0, seg, cfg):
+    y, hT, _ = _fwd(x, dt, dA, Bq, Cq, h0, seg, cfg, save_states=False)
     return y, hT
 
 
-def _fwd(x, dt, Acs, Bq, Cq, h0, seg, cfg, save_states):
-    hb_f, _, interpret, Pp = cfg
-    T = dt.shape[2]
-    rows, seg_row = _per_token(dt, Acs, seg)
-    outs = ssd_fwd_call(
-        x, Cq, _chunk_t(Bq, T), rows, h0, seg_row,
-        hb=hb_f, out_dtype=jnp.float32, cd=_compute_dtype(x, Bq, Cq),
-        save_states=save_states, interpret=interpret, P=Pp,
-    )
-    if save_states:
-        return outs
-    return outs[0], outs[1], None
+def _fwd(x, dt, dA, Bq, Cq, h0, seg, cfg, save_states):
+    gf, _, interpret = cfg
+    rows, seg_row = _per_token(dt, jnp.cumsum(dA, axis=-1), seg)
+    outs = ssd_fwd_call(x, Cq, Bq, rows, h0, seg_row, g=gf, out_dtype=jnp.float32,
+                        cd=_compute_dtype(x, Bq, Cq), save_states=save_states,
+                        interpret=interpret)
+    return outs if save_states else (outs[0], outs[1], None)
 
 
-def _ssd_tpu_fwd(x, dt, Acs, Bq, Cq, h0, seg, cfg):
-    y, hT, prev = _fwd(x, dt, Acs, Bq, Cq, h0, seg, cfg, save_states=True)
-    return (y, hT), (x, dt, Acs, Bq, Cq, seg, prev)
+def _ssd_tpu_fwd(x, dt, dA, Bq, Cq, h0, seg, cfg):
+    y, hT, prev = _fwd(x, dt, dA, Bq, Cq, h0, seg, cfg, save_states=True)
+    return (y, hT), (x, dt, dA, Bq, Cq, seg, prev)
 
 
 def _ssd_tpu_bwd(cfg, res, cts):
-    _, hb_b, interpret, Pp = cfg
-    x, dt, Acs, Bq, Cq, seg, prev = res
+    _, gb, interpret = cfg
+    x, dt, dA, Bq, Cq, seg, prev = res
     dy, dhT = cts
-    b, H = dt.shape[:2]
-    Lp = Bq.shape[2]
-    G, N = Bq.shape[1], Bq.shape[3]
-    T = dt.shape[2]
-    nhb = (H // G) // hb_b
-    rows, seg_row = _per_token(dt, Acs, seg)
+    rows, seg_row = _per_token(dt, jnp.cumsum(dA, axis=-1), seg)
     dx, drows, dB, dC, dh0 = ssd_bwd_call(
-        x, dy.astype(jnp.float32), Cq, _chunk_t(Cq, T), Bq, _chunk_t(Bq, T), rows, prev,
-        dhT.astype(jnp.float32), seg_row,
-        hb=hb_b, cd=_compute_dtype(x, Bq, Cq), dx_dtype=x.dtype, interpret=interpret, P=Pp,
-    )
-    ddt = drows[..., 0, :]
-    dAcs = drows[..., 1, :]
-    dB = dB.reshape(b, G, nhb, Lp, N).sum(axis=2).astype(Bq.dtype)
-    dC = dC.reshape(b, G, nhb, Lp, N).sum(axis=2).astype(Cq.dtype)
-    dseg = None
-    return dx, ddt, dAcs, dB, dC, dh0, dseg
+        x, dy.astype(jnp.float32), Cq, Bq, rows, prev, dhT.astype(jnp.float32), seg_row,
+        g=gb, cd=_compute_dtype(x, Bq, Cq), dx_dtype=x.dtype, interpret=interpret)
+    ddA = log_decay_grad(drows[..., 1, :], drows[..., 2, :], drows[..., 3, :], drows[..., 4, 0])
+    b, G, Lp, N = Bq.shape
+    dB = dB.reshape(b, G, gb.split, Lp, N).sum(axis=2).astype(Bq.dtype)
+    dC = dC.reshape(b, G, gb.split, Lp, N).sum(axis=2).astype(Cq.dtype)
+    return dx, drows[..., 0, :], ddA, dB, dC, dh0, None
 
 
 _ssd_tpu.defvjp(_ssd_tpu_fwd, _ssd_tpu_bwd)
 
 
 def ssd_tpu_core(prep, *, chunk_size: int = 256, interpret=None, max_hb=(MAX_HB_FWD, MAX_HB_BWD),
-                 layout: str = "auto"):
+                 layout: str = "auto", split=None):
     """SSD core on the Mosaic TPU kernels. Returns (y without D (b,L,H,P), final (b,H,P,N)),
-    both in ``prep.acc``. ``interpret=None``: interpret mode on the CPU backend.
-    ``layout``: "auto" (packed when possible), "packed" or "head_major" (tests)."""
+    both in ``prep.acc``.
+
+    ``interpret``: None = interpret mode on the CPU backend; True; or a
+    ``pltpu.InterpretParams`` (TPU interpret mode: race detection, NaN-poisoned uninitialised
+    memory, ...), passed to ``pallas_call`` as given. ``layout``: "auto" (packed when
+    possible), "packed" or "head_major" (tests). ``split``: core split of each group's head
+    blocks (None: :func:`core_split`).
+    """
     if interpret is None:
         interpret = target_platform() == "cpu"
-    interpret = bool(interpret)
     acc = prep.acc
     x = prep.x
     b, L, H, P = x.shape
@@ -166,40 +178,39 @@ def ssd_tpu_core(prep, *, chunk_size: int = 256, interpret=None, max_hb=(MAX_HB_
     if x.dtype not in (jnp.bfloat16, jnp.float32):
         x = x.astype(f32)  # fp64 / fp16 inputs: the kernel computes in fp32
     Bq, Cq = prep.B, prep.C
-    if Bq.dtype not in (jnp.bfloat16, jnp.float32):
-        Bq, Cq = Bq.astype(f32), Cq.astype(f32)
-    if Cq.dtype != Bq.dtype:
+    if Bq.dtype not in (jnp.bfloat16, jnp.float32) or Cq.dtype != Bq.dtype:
         Bq, Cq = Bq.astype(f32), Cq.astype(f32)
 
-    # pad AFTER the dt prologue: dt = 0 and x = B = C = 0 are identity steps; segment ids are
-    # edge-padded so padding never starts a new segment.
     hb_f, hb_b, packed = pick_layout(H, G, P, max_hb)
     if layout == "head_major":
         hb_f, hb_b, packed = pick_head_block(R, max_hb[0]), pick_head_block(R, max_hb[1]), False
     elif layout == "packed" and not packed:
         raise ValueError(f"ssd_tpu: no head block of a multiple of 128 lanes for H/G={R}, P={P}")
+    isz = x.dtype.itemsize
+    hb_f = fit_head_block(hb_f, R, Q, P, N, isz, backward=False, packed=packed)
+    hb_b = fit_head_block(hb_b, R, Q, P, N, isz, backward=True, packed=packed)
+
+    def grid(hb):
+        sp = core_split(R, hb) if split is None else split
+        return Grid(b=b, G=G, R=R, hb=hb, split=sp, T=T, Q=Q, P=P, N=N, packed=packed)
+
+    # pad AFTER the dt prologue: dt = 0, dA = 0 and x = B = C = 0 are identity steps; segment
+    # ids are edge-padded so padding never starts a new segment.
     if packed:  # natural layout, free reshape: (b, Lp, H*P), head block = hb*P lanes
         xt = pad_axis(x, Lp, 1).reshape(b, Lp, H * P)
     else:
         xt = jnp.transpose(pad_axis(x, Lp, 1), (0, 2, 1, 3))  # (b,H,Lp,P)
-    dt = jnp.transpose(pad_axis(prep.dt.astype(f32), Lp, 1), (0, 2, 1)).reshape(b, H, T, Q)
-    # per-token log-decay dt * A + log_decay_offset from the prologue (prep.dA), padded with 0
+    chunked = lambda v: jnp.transpose(pad_axis(v.astype(f32), Lp, 1), (0, 2, 1)).reshape(b, H, T, Q)  # noqa: E731
     dA = prep.dA if getattr(prep, "dA", None) is not None else prep.dt * prep.A
-    dA = jnp.transpose(pad_axis(dA.astype(f32), Lp, 1), (0, 2, 1)).reshape(b, H, T, Q)
-    Acs = jnp.cumsum(dA, axis=-1)  # fp32, XLA (differentiated by XLA)
     Bq = jnp.transpose(pad_axis(Bq, Lp, 1), (0, 2, 1, 3))  # (b,G,Lp,N)
     Cq = jnp.transpose(pad_axis(Cq, Lp, 1), (0, 2, 1, 3))
-    if prep.initial_state is None:
-        h0 = jnp.zeros((b, H, N, P), f32)
-    else:
-        h0 = jnp.swapaxes(prep.initial_state.astype(f32), -1, -2)  # (b,H,N,P)
+    h0 = jnp.zeros((b, H, P, N), f32) if prep.initial_state is None else prep.initial_state.astype(f32)
     seg = None if prep.seg is None else pad_axis(prep.seg.astype(jnp.int32), Lp, 1, "edge").reshape(b, T, Q)
 
-    cfg = (hb_f, hb_b, interpret, P if packed else None)
-    y, hT = _ssd_tpu(xt, dt, Acs, Bq, Cq, h0, seg, cfg)
+    y, hT = _ssd_tpu(xt, chunked(prep.dt), chunked(dA), Bq, Cq, h0, seg,
+                     (grid(hb_f), grid(hb_b), interpret))
     if packed:
         y = y.reshape(b, Lp, H, P)[:, :L].astype(acc)
     else:
         y = jnp.transpose(y, (0, 2, 1, 3))[:, :L].astype(acc)
-    final = jnp.swapaxes(hT, -1, -2).astype(acc)
-    return y, final
+    return y, hT.astype(acc)
