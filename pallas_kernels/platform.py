@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["target_platform"]
+__all__ = ["target_platform", "target_device_kind"]
 
 
 def target_platform() -> str:
@@ -19,3 +19,14 @@ def target_platform() -> str:
         if platform:
             return platform
     return jax.default_backend()
+
+
+def target_device_kind() -> str | None:
+    """The device kind code is being compiled for ('TPU v5 lite', 'TPU v5', 'TPU v4', 'cpu',
+    ...): of the current mesh context's devices, else of the default backend's first device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        kind = getattr(getattr(mesh, "abstract_device", None), "device_kind", None)
+        if kind:
+            return kind
+    return jax.devices()[0].device_kind

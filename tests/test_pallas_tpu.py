@@ -6,13 +6,14 @@ the gradients w.r.t. x, dt, A, B, C, D, dt_bias and initial_state of a random li
 in y and the final state. The oracle is the per-token scan in float64 (``jax.enable_x64``)
 on the same (dtype-rounded) inputs.
 
-Tolerances, max|a - b| / max|b| per tensor:
-  fp32 inputs: 2e-4 (outputs and gradients; the fp32 kernel differs from the fp64 oracle by
-               rounding in the chunk sums and the fp32 decay cumsum)
+Tolerances, max|a - b| / max|b| per tensor, every output and gradient alike:
+  fp32 inputs: 2e-4 (the fp32 kernel differs from the fp64 oracle by rounding in the chunk
+               sums and the fp32 decay cumsum; dA included, also under total decay: its
+               gradient is cancellation-free, pallas_kernels/log_decay.py)
   bf16 inputs: 3e-2 (the MXU operands are bf16: the Q x Q decay-weighted CB, dt*x and the
-               states are rounded to bf16 before each matmul, accumulation is fp32);
-               1e-1 for dA and d dt_bias (per-head sums over all tokens with cancellation)
-  dA is measured against max(|dA|, |d dt|) (see _check: cancelling row/column terms).
+               states are rounded to bf16 before each matmul, accumulation is fp32).
+tests/test_ssd_production.py holds the kernels to tolerances derived from the xla path at the
+production shapes; these cases cover the odd shapes and layouts.
 
 Interpret mode is slow, so the shapes are small (P=8, 32 or 64, N=16, chunk 16) and each case
 jits one ``value_and_grad`` per impl. Both x/y layouts are covered: head-major (b, H, L, P)
@@ -32,8 +33,6 @@ from mamba2_jax.ssd import ssd
 
 Q = 16
 TOL = {"float32": 2e-4, "bfloat16": 3e-2}
-# per-head sums over all b*L tokens whose terms cancel: looser in bf16 (measured 3.5e-2 / 5.7e-2)
-TOL_REDUCED = {"float32": 2e-4, "bfloat16": 1e-1}
 
 
 def _inputs(seed, b, L, H, P, G, N, *, a_range=(0.0, 1.5), dt_shift=-1.0):
@@ -120,14 +119,8 @@ def _check(inp, dtype, seg, **kw):
         assert a.shape == b.shape, n
         assert np.all(np.isfinite(a)), f"{n}: non-finite values"
         scale = np.max(np.abs(b))
-        if n == "dA":
-            # dA sums d(Acs) row terms (+) and column terms (-dt ddt) that cancel exactly when the
-            # decay is total (strong-decay case: true dA ~ 1e-6); both chunked paths (xla too)
-            # carry fp32 rounding of those O(|ddt|) terms, so dA is measured against their scale.
-            scale = max(scale, np.max(np.abs(want[3])))
         errs[n] = float(np.max(np.abs(a - b)) / max(scale, 1e-30))
-    tol = {n: TOL_REDUCED[dtype] if n in ("dA", "ddt_bias") else TOL[dtype] for n in errs}
-    bad = {n: e for n, e in errs.items() if not e <= tol[n]}
+    bad = {n: e for n, e in errs.items() if not e <= TOL[dtype]}
     assert not bad, f"rel errors above {TOL[dtype]}: {bad} (all: {errs})"
 
 
@@ -228,3 +221,54 @@ SLOW_CASES = [
 @pytest.mark.parametrize("case", SLOW_CASES, ids=lambda c: f"L{c[2]}-H{c[3]}-G{c[5]}-{c[7]}-{c[8]}")
 def test_pallas_tpu_matches_reference_slow(case):
     test_pallas_tpu_matches_reference(case)
+
+
+def test_pallas_tpu_core_split_in_tpu_interpret_mode():
+    """The megacore split (two parallel units per group, dB/dC partials summed by XLA) run in TPU
+    interpret mode with two simulated cores, randomised parallel order, race detection and
+    NaN-poisoned uninitialised memory (``interpret=`` passes a pltpu.InterpretParams through),
+    equals plain interpret mode without the split, outputs and gradients."""
+    from types import SimpleNamespace
+
+    from jax.experimental.pallas import tpu as pltpu
+
+    from pallas_kernels.ssd_tpu.ops import core_split, ssd_tpu_core
+
+    assert core_split(24, 4, "TPU v5") == 2 and core_split(24, 4, "TPU v4") == 2
+    assert core_split(24, 4, "TPU v5 lite") == 1 and core_split(20, 4, "TPU v5") == 1
+    params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan",
+                                   num_cores_or_threads=2, random_seed=11)
+    inp = _inputs(13, 1, 40, 8, 32, 2, 16)
+    j = {k: jnp.asarray(v, jnp.float32) for k, v in inp.items()}
+    seg = jnp.asarray(_segments("edges", 1, 40, 13))
+
+    def f(split, interpret, x, dt, A, B, C, h0, D):
+        prep = SimpleNamespace(x=x, dt=jax.nn.softplus(dt), A=A, B=B, C=C, initial_state=h0,
+                               seg=seg, acc=jnp.float32)
+        y, h = ssd_tpu_core(prep, chunk_size=Q, max_hb=(4, 2), split=split, interpret=interpret,
+                            D=jnp.broadcast_to(D[:, None], x.shape[2:]))
+        return jnp.sum(y * j["wy"]) + jnp.sum(h * j["wh"]), (y, h)
+
+    args = [j[k] for k in ("x", "dt", "A", "B", "C", "h0", "D")]
+    outs = [jax.jit(jax.value_and_grad(functools.partial(f, sp, ip), argnums=tuple(range(7)),
+                                       has_aux=True))(*args)
+            for sp, ip in ((2, params), (1, True))]
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+        assert np.all(np.isfinite(np.asarray(a)))
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_pallas_tpu_head_block_fits_vmem_or_says_why():
+    """The head block shrinks until a program fits the VMEM budget; when even one head does
+    not fit, the error names the sizes and what to change."""
+    from pallas_kernels.ssd_tpu.ops import VMEM_BUDGET, fit_head_block
+    from pallas_kernels.ssd_tpu.kernel import vmem_bytes
+
+    assert fit_head_block(8, 24, 256, 64, 128, 2, backward=False, packed=True) == 8  # 130m
+    hb = fit_head_block(8, 16, 256, 256, 256, 2, backward=True, packed=True)
+    assert hb < 8 and vmem_bytes(256, hb, 256, 256, 16 // hb, 2, backward=True) <= VMEM_BUDGET
+    assert vmem_bytes(256, 2 * hb, 256, 256, 16 // (2 * hb), 2, backward=True) > VMEM_BUDGET
+    with pytest.raises(ValueError, match=r"no head block fits the 16 MiB VMEM budget "
+                       r"\(backward: chunk 512, headdim 512, d_state 512.*smaller chunk_size"):
+        fit_head_block(4, 8, 512, 512, 512, 2, backward=True, packed=True)

@@ -61,6 +61,9 @@ _AUTO: dict[str, str] = {"cpu": "xla", "gpu": "pallas_gpu", "cuda": "pallas_gpu"
 PALLAS_IMPLS = frozenset(_LAZY)
 # impls whose core takes ``window=r`` (the sliding window by state difference)
 WINDOW_IMPLS = {"reference", "xla"}
+# impls whose core fuses the D skip: given ``D=`` ((H, P) in the accumulation dtype) it returns
+# y + D x (and may return y in the input dtype)
+SKIP_IMPLS = {"pallas_tpu"}
 
 
 def register_impl(name: str, core: Callable, *, overwrite: bool = False,
@@ -193,8 +196,14 @@ def ssd(
     extra = {"interpret": interpret} if name in _TAKES_INTERPRET else {}
     if window is not None:
         extra["window"] = window
+    fuse_skip = name in SKIP_IMPLS and D is not None
+    if fuse_skip:
+        D_ = jnp.asarray(D).astype(prep.acc)
+        extra["D"] = jnp.broadcast_to(D_.reshape(D_.shape[0], -1), x.shape[2:])
     y, final = core(prep, chunk_size=chunk_size, **extra)
-    y = common.apply_skip(y, prep.x, D, prep.acc).astype(x.dtype)
+    if not fuse_skip:
+        y = common.apply_skip(y, prep.x, D, prep.acc)
+    y = y.astype(x.dtype)
     if return_final_state:
         return y, final.astype(prep.acc)
     return y

@@ -43,6 +43,13 @@ CASES = [
     ("130m-L2048-fp32", 2048, 24, 64, 1, 128, 256, "float32", False),
     ("130m-L4096-bf16-seg", 4096, 24, 64, 1, 128, 256, "bfloat16", True),
     ("2.7b-L2048-bf16", 2048, 80, 64, 1, 128, 256, "bfloat16", False),
+    # bf16 with a chunk of 8 (mod 16) rows (chunk 256 rounds to 104 for L = 100): bf16 tiles
+    # are (16, 128)
+    ("bf16-Q104", 100, 4, 64, 1, 128, 256, "bfloat16", True),
+    # packed headdim 32: four heads per 128-lane tile, lane offsets of 32
+    ("hd32-packed", 512, 8, 32, 2, 64, 128, "bfloat16", True),
+    # larger headdim and d_state (the head block shrinks to fit the VMEM budget)
+    ("hd128-N256", 1024, 16, 128, 1, 256, 256, "bfloat16", False),
 ]
 
 

@@ -29,11 +29,10 @@ Shapes of one program:
 All Q x Q exponentials take ``where(mask, Acs_l - Acs_s, -inf)`` clamped to <= 0, so the
 masked entries are exp(-inf) = 0 and no inf can appear. MXU operands are in the input dtype
 (bf16 stays bf16), accumulation is fp32 (``preferred_element_type``); elementwise work is
-fp32. With the cancellation-free log-decay gradient no product needs fp32 operands: measured
-in interpret mode (bf16 inputs, L 512, chunk 256, headdim 64, d_state 128, against the float64
-reference), dA's error is 4.4e-4 with bf16 operands for dMᵀ = (dt x) dyᵀ, the product whose
-entries feed the pair sums, and 6.5e-4 with fp32 ones (weak decays: 5.9e-4 / 4.8e-4; the `xla`
-path, fp32 throughout: 6.6e-4 / 2.6e-3); the rows-minus-columns form had 7.5e-1.
+fp32. One product is computed to fp32 accuracy: dMᵀ = (dt x) dyᵀ, whose entries feed the pair
+sums of the cancellation-free log-decay gradient (see ``_pair_mm``); the rows-minus-columns
+form it replaces had a dA error of 7.5e-1 with bf16 inputs at chunk 256 (now 6.5e-4, the
+``xla`` path's 6.6e-4).
 """
 
 from __future__ import annotations
@@ -133,6 +132,28 @@ class Grid:
                             lambda u, t, j: (self.bgs(u)[0], u % (self.G * self.split),
                                              chunk(t), 0))
 
+    def skip_spec(self):
+        """Blocks of D per lane: (1, hb*P) of (1, H*P) packed, (hb, 1, P) of (H, 1, P)."""
+        if self.packed:
+            return pl.BlockSpec((1, self.hb * self.P), lambda u, t, j: (0, self.hblk(u, j)))
+        return pl.BlockSpec((self.hb, 1, self.P), lambda u, t, j: (self.hblk(u, j), 0, 0))
+
+    def skip_grad_spec(self, chunk):
+        """Per-chunk dD partials: (1, hb*P) of (b, T, 1, H*P) packed, (hb, 1, P) of
+        (b, H, T, 1, P) head-major."""
+        S_ = pl.Squeezed()
+        if self.packed:
+            return pl.BlockSpec((S_, S_, 1, self.hb * self.P),
+                                lambda u, t, j: (self.bgs(u)[0], chunk(t), 0, self.hblk(u, j)))
+        return pl.BlockSpec((S_, self.hb, S_, 1, self.P),
+                            lambda u, t, j: (self.bgs(u)[0], self.hblk(u, j), chunk(t), 0, 0))
+
+    def skip_grad_shape(self):
+        H = self.G * self.R
+        if self.packed:
+            return (self.b, self.T, 1, H * self.P)
+        return (self.b, H, self.T, 1, self.P)
+
     def seg_spec(self, chunk):
         S_ = pl.Squeezed()
         return pl.BlockSpec((S_, S_, 1, self.Q), lambda u, t, j: (self.bgs(u)[0], chunk(t), 0, 0))
@@ -158,6 +179,19 @@ def _mm(a, b, dims, cd):
     return lax.dot_general(
         a.astype(cd), b.astype(cd), dims, precision=prec, preferred_element_type=F32
     )
+
+
+def _pair_mm(xdt, dy, dy_dtype, cd):
+    """dMᵀ = (dt x) dyᵀ to about fp32 accuracy: its entries feed the pair sums of the log-decay
+    gradient, which cancel when the decay is weak (bf16 operands: dA error 2.8e-2 there, 3.8x
+    the xla path's). With bf16 operands and a bf16 dy (the cotangent of a bf16 y is exact in
+    bf16), dt x is split into bf16 high and low parts: two bf16 MXU passes instead of the six
+    of an fp32 Precision.HIGHEST product."""
+    if cd == F32 or dy_dtype != jnp.bfloat16:
+        return _mm(xdt, dy, _NT, F32)
+    hi = xdt.astype(cd)
+    lo = (xdt - hi.astype(F32)).astype(cd)
+    return _mm(hi, dy, _NT, cd) + _mm(lo, dy, _NT, cd)
 
 
 def _causal(Q, transposed, strict=False):
@@ -233,7 +267,7 @@ def _call(kernel, name, g, in_specs, out_specs, out_shape, scratch, args, flops,
 
 def _fwd_kernel(*refs, g: Grid, cd, has_seg, save_states):
     it = iter(refs)
-    x_ref, c_ref, b_ref, rows_ref, h0_ref = (next(it) for _ in range(5))
+    x_ref, d_ref, c_ref, b_ref, rows_ref, h0_ref = (next(it) for _ in range(6))
     seg_row_ref = next(it) if has_seg else None
     y_ref, hT_ref = next(it), next(it)
     prev_ref = next(it) if save_states else None
@@ -264,7 +298,7 @@ def _fwd_kernel(*refs, g: Grid, cd, has_seg, save_states):
         if save_states:
             prev_ref[r] = h
         M = _decay_qq(acs_c, acs_r, mask, transposed=False) * CBm
-        y = _mm(M, x * dt_c, _NN, cd) + e_c * _mm(C, h, _NT, cd)
+        y = _mm(M, x * dt_c, _NN, cd) + e_c * _mm(C, h, _NT, cd) + _ld(d_ref, r, P, g.packed) * x
         _st(y_ref, r, P, g.packed, y.astype(y_ref.dtype))
         S = _mm(x * (dt_c * wexp_c), Bm, _TN, cd)  # (P, N)
         state[j, r] = decay * h + S
@@ -277,20 +311,21 @@ def _fwd_kernel(*refs, g: Grid, cd, has_seg, save_states):
         hT_ref[...] = state[j].astype(hT_ref.dtype)
 
 
-def ssd_fwd_call(x, C, Bm, rows, h0, seg_row, *, g: Grid, out_dtype, cd, save_states,
+def ssd_fwd_call(x, D, C, Bm, rows, h0, seg_row, *, g: Grid, out_dtype, cd, save_states,
                  interpret):
-    """x (b,H,Lp,P), or packed (b,Lp,H*P); C, Bm (b,G,Lp,N); rows (b,H,T,NCOLS,Q) fp32;
-    h0 (b,H,P,N) fp32; seg_row (b,T,1,Q) float32 or None.
+    """x (b,H,Lp,P), or packed (b,Lp,H*P); D the skip per lane, fp32 (H,1,P) or packed
+    (1,H*P); C, Bm (b,G,Lp,N); rows (b,H,T,NCOLS,Q) fp32; h0 (b,H,P,N) fp32; seg_row
+    (b,T,1,Q) float32 or None.
 
-    Returns y (like x) in out_dtype, the final state (b,H,P,N) fp32 and, with save_states,
-    the states entering every chunk (b,H,T,P,N) fp32.
+    Returns y (like x, with the D skip) in out_dtype, the final state (b,H,P,N) fp32 and,
+    with save_states, the states entering every chunk (b,H,T,P,N) fp32.
     """
     ident = lambda t: t  # noqa: E731
     H = g.G * g.R
     xspec = g.x_spec(ident)
-    in_specs = [xspec, g.group_spec(ident), g.group_spec(ident),
+    in_specs = [xspec, g.skip_spec(), g.group_spec(ident), g.group_spec(ident),
                 g.head_chunk_spec(ident, (NCOLS, g.Q)), g.state_spec(0)]
-    args = [x, C, Bm, rows, h0]
+    args = [x, D, C, Bm, rows, h0]
     if seg_row is not None:
         in_specs.append(g.seg_spec(ident))
         args.append(seg_row)
@@ -314,9 +349,9 @@ def ssd_fwd_call(x, C, Bm, rows, h0, seg_row, *, g: Grid, out_dtype, cd, save_st
 
 def _bwd_kernel(*refs, g: Grid, cd, has_seg):
     it = iter(refs)
-    x_ref, dy_ref, c_ref, b_ref, rows_ref, prev_ref, dhT_ref = (next(it) for _ in range(7))
+    x_ref, dy_ref, d_ref, c_ref, b_ref, rows_ref, prev_ref, dhT_ref = (next(it) for _ in range(8))
     seg_row_ref = next(it) if has_seg else None
-    dx_ref, drows_ref, dB_ref, dC_ref, dh0_ref = (next(it) for _ in range(5))
+    dx_ref, dd_ref, drows_ref, dB_ref, dC_ref, dh0_ref = (next(it) for _ in range(6))
     g_scr, cbt_scr, dcbt_scr = next(it), next(it), next(it)
     Q, P, hb = g.Q, g.P, g.hb
     s, j = pl.program_id(1), pl.program_id(2)  # chunk t = T - 1 - s: chunks visited in reverse
@@ -369,14 +404,15 @@ def _bwd_kernel(*refs, g: Grid, cd, has_seg):
         # diagonal block in transposed [s, l] order, decay recomputed
         LT = _decay_qq(acs_c, acs_r, maskT, transposed=True)
         dxdt = _mm(LT * CBmT, dy, _NN, cd)  # (Q(s), P)
-        dLT = _mm(xdt, dy, _NT, cd) * LT  # dMᵀ o Lᵀ
+        dLT = _pair_mm(xdt, dy, dy_ref.dtype, cd) * LT  # dMᵀ o Lᵀ
         dcbt_scr[...] += dLT
         GT = dLT * CBsT
         row = jnp.sum(GT, axis=0, keepdims=True)  # (1, Q(l)): pairs s < l
         col = jnp.sum(GT, axis=1, keepdims=True)  # (Q(s), 1): pairs l > s
 
         V = dxdt + dxw * wexp_c
-        _st(dx_ref, r, P, g.packed, (V * dt_c).astype(dx_ref.dtype))
+        _st(dx_ref, r, P, g.packed, (V * dt_c + _ld(d_ref, r, P, g.packed) * dy).astype(dx_ref.dtype))
+        _st(dd_ref, r, P, g.packed, jnp.sum(dy * x, axis=0, keepdims=True))
         ddt = jnp.sum(V * x, axis=1, keepdims=True)  # (Q, 1)
         st = jnp.sum(xw * dxw, axis=1, keepdims=True)  # (Q, 1)
         colmat = jnp.where(lane8 == _DDT, ddt, jnp.where(lane8 == _ROW, row_off, jnp.where(
@@ -402,28 +438,30 @@ def _bwd_kernel(*refs, g: Grid, cd, has_seg):
         dh0_ref[...] = g_scr[j]
 
 
-def ssd_bwd_call(x, dy, C, Bm, rows, prev, dhT, seg_row, *, g: Grid, cd, dx_dtype, interpret):
+def ssd_bwd_call(x, dy, D, C, Bm, rows, prev, dhT, seg_row, *, g: Grid, cd, dx_dtype,
+                 interpret):
     """Backward of :func:`ssd_fwd_call`. dy like x; prev (b,H,T,P,N); dhT (b,H,P,N).
 
-    Returns dx (like x, dx_dtype), drows (b,H,T,NCOLS,Q) fp32 = [d dt, row, col, st, carried]
+    Returns dx (like x, dx_dtype), the per-chunk partials of dD (Grid.skip_grad_shape), drows (b,H,T,NCOLS,Q) fp32 = [d dt, row, col, st, carried]
     per token (pallas_kernels/log_decay.py), dB, dC (b, G*split, Lp, N) fp32 (summed over the
     heads of each core split), dh0 (b,H,P,N) fp32.
     """
     rt = lambda t: g.T - 1 - t  # noqa: E731
     H = g.G * g.R
     xspec = g.x_spec(rt)
-    in_specs = [xspec, xspec, g.group_spec(rt), g.group_spec(rt),
+    in_specs = [xspec, xspec, g.skip_spec(), g.group_spec(rt), g.group_spec(rt),
                 g.head_chunk_spec(rt, (NCOLS, g.Q)), g.head_chunk_spec(rt, (g.P, g.N)),
                 g.state_spec(0)]
-    args = [x, dy, C, Bm, rows, prev, dhT]
+    args = [x, dy, D, C, Bm, rows, prev, dhT]
     if seg_row is not None:
         in_specs.append(g.seg_spec(rt))
         args.append(seg_row)
-    out_specs = [xspec, g.head_chunk_spec(rt, (NCOLS, g.Q)), g.unit_spec(rt), g.unit_spec(rt),
-                 g.state_spec(g.T - 1)]
+    out_specs = [xspec, g.skip_grad_spec(rt), g.head_chunk_spec(rt, (NCOLS, g.Q)),
+                 g.unit_spec(rt), g.unit_spec(rt), g.state_spec(g.T - 1)]
     Lp = g.T * g.Q
     out_shape = [
         jax.ShapeDtypeStruct(x.shape, dx_dtype),
+        jax.ShapeDtypeStruct(g.skip_grad_shape(), F32),
         jax.ShapeDtypeStruct((g.b, H, g.T, NCOLS, g.Q), F32),
         jax.ShapeDtypeStruct((g.b, g.G * g.split, Lp, g.N), F32),
         jax.ShapeDtypeStruct((g.b, g.G * g.split, Lp, g.N), F32),

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from mamba2_jax.ssd.common import pad_axis
 from pallas_kernels.log_decay import log_decay_grad
-from pallas_kernels.platform import target_platform
+from pallas_kernels.platform import target_device_kind, target_platform
 
 from .kernel import Grid, ssd_bwd_call, ssd_fwd_call, vmem_bytes
 
@@ -62,9 +62,13 @@ def pick_layout(H: int, G: int, P: int, max_hb=None):
     return pick_head_block(R, mf), pick_head_block(R, mb), False
 
 
-def core_split(R: int, hb: int) -> int:
-    """2 when the group's head blocks divide evenly between two TensorCores (megacore)."""
-    return 2 if (R // hb) % 2 == 0 else 1
+MEGACORE_KINDS = ("TPU v4", "TPU v5")  # two TensorCores behind one device ("TPU v5" = v5p)
+
+
+def core_split(R: int, hb: int, device_kind: str | None) -> int:
+    """2 on megacore chips when the group's head blocks divide evenly between the two
+    TensorCores (the grid's one "parallel" axis is split across them), else 1."""
+    return 2 if device_kind in MEGACORE_KINDS and (R // hb) % 2 == 0 else 1
 
 
 def fit_head_block(hb, R, Q, P, N, itemsize, *, backward, packed, budget=VMEM_BUDGET):
@@ -73,10 +77,9 @@ def fit_head_block(hb, R, Q, P, N, itemsize, *, backward, packed, budget=VMEM_BU
     for d in range(hb, 0, -1):
         if R % d or (packed and (d * P) % 128):
             continue
-        J = R // d // core_split(R, d)
-        if vmem_bytes(Q, d, P, N, J, itemsize, backward=backward) <= budget:
+        if vmem_bytes(Q, d, P, N, R // d, itemsize, backward=backward) <= budget:
             return d
-    need = vmem_bytes(Q, 1, P, N, R // core_split(R, 1), itemsize, backward=backward)
+    need = vmem_bytes(Q, 1, P, N, R, itemsize, backward=backward)
     raise ValueError(
         f"ssd_tpu: no head block fits the {budget / 2**20:.0f} MiB VMEM budget "
         f"({'backward' if backward else 'forward'}: chunk {Q}, headdim {P}, d_state {N}, "
@@ -115,54 +118,61 @@ def _compute_dtype(*ts):
     return jnp.bfloat16 if all(t.dtype == jnp.bfloat16 for t in ts) else jnp.float32
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ssd_tpu(x, dt, dA, Bq, Cq, h0, seg, cfg):
-    y, hT, _ = _fwd(x, dt, dA, Bq, Cq, h0, seg, cfg, save_states=False)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _ssd_tpu(x, dt, dA, Bq, Cq, h0, D, seg, cfg):
+    y, hT, _ = _fwd(x, dt, dA, Bq, Cq, h0, D, seg, cfg, save_states=False)
     return y, hT
 
 
-def _fwd(x, dt, dA, Bq, Cq, h0, seg, cfg, save_states):
+def _skip_layout(D, g):
+    """D (H, P) fp32 -> the kernel's per-lane layout."""
+    return D.reshape(1, -1) if g.packed else D[:, None, :]
+
+
+def _fwd(x, dt, dA, Bq, Cq, h0, D, seg, cfg, save_states):
     gf, _, interpret = cfg
     rows, seg_row = _per_token(dt, jnp.cumsum(dA, axis=-1), seg)
-    outs = ssd_fwd_call(x, Cq, Bq, rows, h0, seg_row, g=gf, out_dtype=jnp.float32,
-                        cd=_compute_dtype(x, Bq, Cq), save_states=save_states,
-                        interpret=interpret)
+    outs = ssd_fwd_call(x, _skip_layout(D, gf), Cq, Bq, rows, h0, seg_row, g=gf,
+                        out_dtype=x.dtype, cd=_compute_dtype(x, Bq, Cq),
+                        save_states=save_states, interpret=interpret)
     return outs if save_states else (outs[0], outs[1], None)
 
 
-def _ssd_tpu_fwd(x, dt, dA, Bq, Cq, h0, seg, cfg):
-    y, hT, prev = _fwd(x, dt, dA, Bq, Cq, h0, seg, cfg, save_states=True)
-    return (y, hT), (x, dt, dA, Bq, Cq, seg, prev)
+def _ssd_tpu_fwd(x, dt, dA, Bq, Cq, h0, D, seg, cfg):
+    y, hT, prev = _fwd(x, dt, dA, Bq, Cq, h0, D, seg, cfg, save_states=True)
+    return (y, hT), (x, dt, dA, Bq, Cq, D, seg, prev)
 
 
 def _ssd_tpu_bwd(cfg, res, cts):
     _, gb, interpret = cfg
-    x, dt, dA, Bq, Cq, seg, prev = res
+    x, dt, dA, Bq, Cq, D, seg, prev = res
     dy, dhT = cts
     rows, seg_row = _per_token(dt, jnp.cumsum(dA, axis=-1), seg)
-    dx, drows, dB, dC, dh0 = ssd_bwd_call(
-        x, dy.astype(jnp.float32), Cq, Bq, rows, prev, dhT.astype(jnp.float32), seg_row,
+    dx, dD, drows, dB, dC, dh0 = ssd_bwd_call(
+        x, dy, _skip_layout(D, gb), Cq, Bq, rows, prev, dhT.astype(jnp.float32), seg_row,
         g=gb, cd=_compute_dtype(x, Bq, Cq), dx_dtype=x.dtype, interpret=interpret)
     ddA = log_decay_grad(drows[..., 1, :], drows[..., 2, :], drows[..., 3, :], drows[..., 4, 0])
     b, G, Lp, N = Bq.shape
     dB = dB.reshape(b, G, gb.split, Lp, N).sum(axis=2).astype(Bq.dtype)
     dC = dC.reshape(b, G, gb.split, Lp, N).sum(axis=2).astype(Cq.dtype)
-    return dx, drows[..., 0, :], ddA, dB, dC, dh0, None
+    dD = jnp.sum(dD, axis=(0, 1, 2) if gb.packed else (0, 2, 3)).reshape(D.shape)
+    return dx, drows[..., 0, :], ddA, dB, dC, dh0, dD, None
 
 
 _ssd_tpu.defvjp(_ssd_tpu_fwd, _ssd_tpu_bwd)
 
 
 def ssd_tpu_core(prep, *, chunk_size: int = 256, interpret=None, max_hb=(MAX_HB_FWD, MAX_HB_BWD),
-                 layout: str = "auto", split=None):
-    """SSD core on the Mosaic TPU kernels. Returns (y without D (b,L,H,P), final (b,H,P,N)),
-    both in ``prep.acc``.
+                 layout: str = "auto", split=None, D=None):
+    """SSD core on the Mosaic TPU kernels. Returns y (b,L,H,P) in the input dtype (x's, or
+    fp32 for fp64 inputs), with the skip ``D`` ((H, P) in ``prep.acc``, or None) fused into
+    the kernels, and the final state (b,H,P,N) in ``prep.acc``.
 
     ``interpret``: None = interpret mode on the CPU backend; True; or a
     ``pltpu.InterpretParams`` (TPU interpret mode: race detection, NaN-poisoned uninitialised
     memory, ...), passed to ``pallas_call`` as given. ``layout``: "auto" (packed when
     possible), "packed" or "head_major" (tests). ``split``: core split of each group's head
-    blocks (None: :func:`core_split`).
+    blocks where it divides them (None: :func:`core_split` for the target device).
     """
     if interpret is None:
         interpret = target_platform() == "cpu"
@@ -190,8 +200,11 @@ def ssd_tpu_core(prep, *, chunk_size: int = 256, interpret=None, max_hb=(MAX_HB_
     hb_f = fit_head_block(hb_f, R, Q, P, N, isz, backward=False, packed=packed)
     hb_b = fit_head_block(hb_b, R, Q, P, N, isz, backward=True, packed=packed)
 
+    kind = target_device_kind()
+
     def grid(hb):
-        sp = core_split(R, hb) if split is None else split
+        sp = core_split(R, hb, kind) if split is None else split
+        sp = sp if (R // hb) % sp == 0 else 1
         return Grid(b=b, G=G, R=R, hb=hb, split=sp, T=T, Q=Q, P=P, N=N, packed=packed)
 
     # pad AFTER the dt prologue: dt = 0, dA = 0 and x = B = C = 0 are identity steps; segment
@@ -207,10 +220,11 @@ def ssd_tpu_core(prep, *, chunk_size: int = 256, interpret=None, max_hb=(MAX_HB_
     h0 = jnp.zeros((b, H, P, N), f32) if prep.initial_state is None else prep.initial_state.astype(f32)
     seg = None if prep.seg is None else pad_axis(prep.seg.astype(jnp.int32), Lp, 1, "edge").reshape(b, T, Q)
 
-    y, hT = _ssd_tpu(xt, chunked(prep.dt), chunked(dA), Bq, Cq, h0, seg,
+    D = jnp.zeros((H, P), f32) if D is None else D.astype(f32)
+    y, hT = _ssd_tpu(xt, chunked(prep.dt), chunked(dA), Bq, Cq, h0, D, seg,
                      (grid(hb_f), grid(hb_b), interpret))
     if packed:
-        y = y.reshape(b, Lp, H, P)[:, :L].astype(acc)
+        y = y.reshape(b, Lp, H, P)[:, :L]
     else:
-        y = jnp.transpose(y, (0, 2, 1, 3))[:, :L].astype(acc)
+        y = jnp.transpose(y, (0, 2, 1, 3))[:, :L]
     return y, hT.astype(acc)
