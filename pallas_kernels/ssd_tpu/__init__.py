@@ -8,26 +8,34 @@ exercised from a CPU host by ``python -m pallas_kernels.ssd_tpu.compile_check``.
 
 Design
 ------
-* **Two fused kernels.** Forward: grid (b, G, head blocks, chunks); per program the group's
-  C·Bᵀ (Q x Q, fp32 accumulate, causal/segment mask) is computed once and shared by the ``hb``
-  heads of the block (all heads of one group; ``hb`` = largest divisor of H/G <= 8), then for
-  each head: diagonal block, state -> output, chunk state, and the state update
-  ``h <- decay * h + S`` carried in a VMEM scratch (hb, N, P) fp32 across the chunk axis.
-  The chunk axis is last and "arbitrary" (``pltpu.CompilerParams(dimension_semantics=
-  ("parallel", "parallel", "parallel", "arbitrary"))``); the state is initialised from h0
-  under ``pl.when(program_id(3) == 0)`` and written to the resident final-state block at the
-  last chunk. In the VJP forward the kernel also writes the state entering every chunk
-  (b, H, T, N, P) fp32 (as axlearn does: chunk-level states only).
+* **Two fused kernels, one parallel axis.** Grid (units, chunks, head blocks): the leading
+  axis flattens (batch, group, core split) and is the only "parallel" one, so a megacore chip
+  (v4, v5p: two TensorCores behind one device) splits it even under sharded training, where
+  batch and groups per device are 1: there the group's head blocks are split in two halves
+  (``ops.core_split``, from the target's device kind; one split elsewhere). Chunks and head
+  blocks are "arbitrary", head blocks innermost: per (chunk, group) C·Bᵀ (Q x Q, fp32
+  accumulate, causal/segment mask) is computed once, at head block 0, into a VMEM scratch
+  shared by every head block, and in the backward dB and dC are accumulated over the heads in
+  their resident (Q, N) output blocks (one partial per core split, summed by XLA). Per head:
+  diagonal block, state -> output, chunk state, and the state update ``h <- decay * h + S``
+  carried in a VMEM scratch (head blocks, hb, P, N) fp32 across the chunk axis. h0 is read and
+  the final state written only at the first / last chunk (their block index stays put at the
+  other steps, so the pipeline neither refetches nor writes them per chunk). In the VJP forward
+  the kernel also writes the state entering every chunk (b, H, T, P, N) fp32 (chunk-level
+  states only). The D skip is fused (y + D x per lane, D (H,) or (H, P)) and y is written in
+  the input dtype.
 * **Backward** is one Pallas kernel visiting the chunks in reverse (index_map t -> T-1-t), with
   the state gradient carried in VMEM scratch (init from d final_state, d h0 written at the
-  end). It recomputes C·Bᵀ (once per program), the Q x Q decay matrix (directly in transposed
-  [s, l] order so every matmul is NN or NT), the chunk state (for the state leaving the
-  chunk, needed by d Acs_end) and C·h; nothing Q x Q is stored. It returns dx, d dt,
-  d Acs (row, column and chunk-end terms summed into one lane-dense row), dB/dC per head
-  block (summed by XLA when a group spans several head blocks) and d h0. The d Acs formulation
-  is the chunked XLA path's (mamba2_jax/ssd/chunked.py): rows Σ_p dy·y, columns −dt·ddt,
-  chunk end Σ dS ⊙ h_next; XLA differentiates Acs = cumsum(dt·A), the softplus/bias/clip
-  prologue and the D skip.
+  end). It recomputes C·Bᵀ (once per chunk and group), the Q x Q decay matrix (directly in
+  transposed [s, l] order) and C·hᵀ; nothing Q x Q is stored. It returns dx (+ D dy, in the
+  input dtype), per-chunk dD partials, dB/dC, d h0 and, per token, d dt and the terms of the
+  cancellation-free log-decay gradient (``pallas_kernels/log_decay.py``, shared with the GPU
+  kernel and the xla path): row / column sums of the off-diagonal pair terms, the chunk-state
+  term and the carried decay, assembled by XLA into d dA with a reverse and an exclusive
+  cumsum. The custom VJP is over the per-token log-decay dA (its chunk cumsum taken inside),
+  so no undecayed diagonal term ever enters (the rows-minus-columns form it replaces lost all
+  of dA's digits with bf16 inputs at chunk 256). dMᵀ = (dt x) dyᵀ, whose entries feed the pair
+  sums, is computed to fp32 accuracy (a bf16 hi/lo split of dt x: two MXU passes).
 * **No in-kernel cumsum.** Acs = cumsum(dt·A) is computed by XLA in fp32 and passed with the
   other per-token factors (dt, wexp = exp(min(Acs_end − Acs, 0)) masked to the chunk's last
   segment, e = exp(Acs) masked to the segment entering the chunk, the chunk decay with the
@@ -55,11 +63,16 @@ Design
   for 2.7b 150 -> 70 MiB, when switching to packing). The head-major path remains the fallback
   whenever no head block fills a multiple of 128 lanes (e.g. an odd number of heads per group
   at P = 64, or small test headdims), chosen by ``ops.pick_layout``; both are tested.
-  States (N = 128, P) are per head in VMEM; the Q x Q work is lane-dense regardless.
-* **Layouts for NN matmuls.** States are kept transposed, (N, P); XLA also passes per-chunk
-  transposed copies Bᵀ, Cᵀ (N, Q) so that the chunk state S = Bᵀ(x·w), dprev = Cᵀ(dy·e),
-  C·Bᵀ and B·Cᵀ are NN; the remaining ones are NT (q·kᵀ form). One TN matmul remains (dC from
-  the Q x Q dCBᵀ), which Mosaic compiles.
+  The Q x Q work is lane-dense regardless.
+* **States (P, N), N on the lanes.** The state tensors in HBM (h0, the final state, the
+  chunk-entry states, d final_state, d h0) are (P, N) per head: with P = 64 on the lanes they
+  would pad to 128 lanes, twice the bytes of the largest saved residual. The state products are
+  NT (y_off = C hᵀ, dxw = B dSᵀ) and TN (S = (x w)ᵀ B, dprev = (dy e)ᵀ C), so B and C are read
+  as they are, with no transposed copies.
+* **VMEM budget.** The head block is the largest divisor of H/G (<= 8 forward, <= 4 backward; a
+  multiple of 128 lanes when packed) whose program fits 16 MiB of VMEM
+  (``kernel.vmem_bytes``, the smallest default scoped limit); when one head does not fit, a
+  ValueError names chunk, headdim and d_state.
 * **Precision.** MXU operands in the input dtype (bf16 stays bf16, fp32 uses
   ``Precision.HIGHEST``), ``preferred_element_type=float32`` everywhere, all elementwise
   math and the carried state in fp32.
