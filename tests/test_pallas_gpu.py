@@ -12,6 +12,9 @@ Tolerances (max |error| / max |oracle| per output):
   kernels' log-decay gradient has no cancelling terms).
   bf16 inputs (the kernels feed bf16 operands to the dots, fp32 accumulation): y, final state
   1.5e-2; gradients 3e-2 (measured: <= 6e-3).
+The head-block cases (several heads of one group per program: C B^T once per block, dB/dC summed
+in the kernel) run with the same tolerances (measured: fp32 <= 3e-6, bf16 <= 8e-3);
+``pytest -s`` prints each case's errors.
 """
 
 from __future__ import annotations
@@ -108,7 +111,16 @@ def check(inp, *, seg=None, chunk=16, softplus=True, limit=(0.0, float("inf")), 
     for k, e in errs.items():
         tol = t_out if k in ("y", "final_state") else (t_a if k in ("dA", "ddt_bias") else t_g)
         assert np.isfinite(e) and e <= tol, f"{k}: rel err {e:.3g} > {tol} (all: {errs})"
+    print("rel errors (pytest -s):", " ".join(f"{k}={e:.2g}" for k, e in errs.items()))
     return errs
+
+
+def _impl_with(name, **cfg_kw):
+    """Register impl ``name``: the pallas_gpu core (interpret mode) with make_config overrides."""
+    core = functools.partial(ops.ssd_gpu_core, interpret=True, **cfg_kw)
+    ssd_api.register_impl(name, lambda prep, *, chunk_size: core(prep, chunk_size=chunk_size),
+                          overwrite=True)
+    return name
 
 
 # (seed, b, L, H, P, G, N, chunk, segments, options)
@@ -145,10 +157,7 @@ def test_dt_limit_no_softplus():
 
 def test_multiple_row_blocks_in_chunk():
     """block_l < Q: row/column blocks within a chunk, causal skipping of the column loop."""
-    name = "pallas_gpu_test_bl16"
-    core = functools.partial(ops.ssd_gpu_core, interpret=True, block_l=16, block_p=16, block_n=16)
-    ssd_api.register_impl(name, lambda prep, *, chunk_size: core(prep, chunk_size=chunk_size),
-                          overwrite=True)
+    name = _impl_with("pallas_gpu_test_bl16", block_l=16, block_p=16, block_n=16)
     inp = make_inputs(6, 1, 70, 3, 16, 1, 32)
     check(inp, seg=seg_ids("random", 1, 70, 32, 6), chunk=32, impl=name)
 
@@ -167,6 +176,51 @@ def test_chunk_size_rounding():
     check(inp, chunk=24)
 
 
+# Head blocks (several heads of one group per program; C B^T once per block, dB/dC reduced
+# over the block in the kernel): (seed, b, L, H, G, chunk, head_block, block_l, segments, dtype)
+HEAD_BLOCK_CASES = [
+    # 2 head blocks per group (fp32 partials summed by XLA), G = 2
+    pytest.param(20, 2, 45, 8, 2, 16, 2, 64, "random", "float32", id="G2-hb2-of4-seg"),
+    # one block = the whole group of 3 heads (not a power of two; dB/dC written by the kernel)
+    pytest.param(21, 1, 70, 6, 2, 32, 3, 64, "edges", "float32", id="G2-hb3-whole-seg-edges"),
+    # several row blocks per chunk (causal skipping) with 2 blocks of 2 heads, no segments
+    pytest.param(22, 1, 70, 4, 1, 32, 2, 16, None, "float32", id="G1-hb2-of4-bl16"),
+    # bf16 inputs, hb = whole group: dB/dC and dx leave the kernels in bf16
+    pytest.param(23, 2, 45, 4, 2, 16, 2, 64, "random", "bfloat16", id="G2-hb2-whole-bf16-seg"),
+    # bf16, 2 head blocks per group, several row blocks
+    pytest.param(24, 1, 70, 8, 2, 32, 2, 16, "random", "bfloat16", id="G2-hb2-of4-bf16-bl16-seg"),
+]
+
+
+@pytest.mark.parametrize("seed,b,L,H,G,chunk,hb,bl,seg,dtype", HEAD_BLOCK_CASES)
+def test_head_blocks(seed, b, L, H, G, chunk, hb, bl, seg, dtype):
+    dt_ = jnp.dtype(dtype)
+    name = _impl_with(f"pallas_gpu_test_hb{hb}_bl{bl}", head_block=hb, block_l=bl, block_p=16,
+                      block_n=16)
+    inp = make_inputs(seed, b, L, H, 16, G, 16, dtype=dt_, a_range=(0.0, 2.5))
+    check(inp, seg=seg_ids(seg, b, L, chunk, seed), chunk=chunk, impl=name,
+          bf16=dt_ == jnp.bfloat16)
+
+
+def test_head_block_rule():
+    """HB: the largest divisor of H/G <= max_heads (2) that keeps >= 264 programs
+    b*T*nL*(H/HB); 8 warps for the chunk-local kernels when HB > 1."""
+    mk = functools.partial(ops.make_config, P=64, N=128, dtype=jnp.bfloat16, chunk_size=256,
+                           has_seg=False, interpret=True)
+    cfg = mk(2048, H=24, G=1)  # 1*8*4 = 32 row blocks x 24/2 head blocks = 384 programs
+    assert (cfg.HB, cfg.chunk_warps, cfg.num_warps) == (2, 8, 4)
+    assert mk(2048, H=24, G=1, max_heads=4).HB == 2  # 4 heads: 192 programs < 264
+    assert mk(4096, H=24, G=1, max_heads=4).HB == 4
+    assert mk(8192, H=80, G=1).HB == 2
+    assert mk(8192, H=80, G=8, max_heads=8).HB == 5  # groups of 10 heads: divisors 1, 2, 5, 10
+    assert mk(8192, H=5, G=1).HB == 1
+    cfg = mk(64, H=3, G=1)  # 4 programs at most: parallelism first
+    assert (cfg.HB, cfg.chunk_warps) == (1, 4)
+    assert mk(64, H=6, G=2, head_block=3).HB == 3
+    with pytest.raises(ValueError):
+        mk(64, H=6, G=2, head_block=2)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_published_head_shapes(dtype):
     """headdim 64, d_state 128, chunk 256 (4 row blocks per chunk), 2 chunks, segments."""
@@ -181,3 +235,16 @@ def test_published_shapes_longer(G, seg):
     """Bigger grid: 5 heads, 1100 tokens (5 chunks of 256, ragged), G in {1, 5}, strong decays."""
     inp = make_inputs(11 + G, 2, 1100, 5, 64, G, 128, a_range=(0.0, 3.0))
     check(inp, seg=seg_ids(seg, 2, 1100, 256, G), chunk=256)
+
+
+@pytest.mark.slow
+def test_published_shapes_default_head_blocks():
+    """A grid big enough for the default rule to pick HB = 2 (2*5*4 row blocks x 16/2 head
+    blocks = 320 programs): 16 heads in 2 groups, so 4 head blocks (fp32 dB/dC partials) per
+    group, 8 warps; ragged L, segments, strong decays."""
+    b, L, H, G, chunk = 2, 1100, 16, 2, 256
+    cfg = ops.make_config(L, 64, 128, jnp.float32, chunk, has_seg=True, interpret=True, H=H, G=G,
+                          batch=b)
+    assert (cfg.HB, cfg.chunk_warps) == (2, 8)
+    inp = make_inputs(31, b, L, H, 64, G, 128, a_range=(0.0, 3.0))
+    check(inp, seg=seg_ids("random", b, L, chunk, 31), chunk=chunk)

@@ -8,31 +8,50 @@ Layouts (prepared by ops.py; L padded to T*Q with dt = 0, P and N padded to powe
                              of its chunk's last token (0 for the "previous" of chunk 0)
   prev, dS   (b, H, T, P, N) fp32 state entering chunk t / grad of the state leaving chunk t
 
+Head blocks: the chunk-local kernels (scan_fwd, scan_bwd_s, scan_bwd_l) give each program HB
+heads of ONE group (Config.HB, a divisor of R = H/G; ops.make_config picks it). Per (row block,
+column block) pair the program computes what depends only on the group once: C B^T (Q*Q*N per
+chunk, 2/3 of the diagonal block's dot FLOPs at P = 64, N = 128 when done per head), the causal /
+segment mask and the loads of B, C; then a static Python loop over the HB heads does the per-head
+work (decays, the dots with x / dy, the per-head accumulators). dB and dC depend on the heads
+only through sum_h dCB_h, so the kernels sum dCB over the block's heads first and run ONE
+(BL, BL) x (BL, N) dot per block (not one per head), and write one (b, Lp, N) partial per head
+block: H/HB partials instead of H per-head fp32 arrays; XLA sums the H/(G*HB) partials of a
+group, or nothing when HB = R (then the kernels write the group's dB/dC in B's dtype).
+
 Kernels (every dot is 2-D with power-of-two sides >= 16, fp32 accumulation; M = the diagonal
 block's matrix mask o C B^T o exp(min(Acs_l - Acs_s, 0)), G[l, s] = sum_p dy_l o M[l, s] (x dt)_s):
   state_fwd  grid (b, H, P/BP * N/BN): sequential lax.fori_loop over the T chunks inside one
              program with the (BP, BN) fp32 state in registers (chunk_state + state_passing fused):
              prev[t] = h;  h = decay_t h + (x o w)^T B,  w = dt exp(min(Acs_end - Acs, 0)).
-  scan_fwd   grid (b, T*Q/BL, H): one BL-row block of one chunk; y = exp(Acs_l) C prev^T plus the
-             causal diagonal part, looping over BS-column blocks j <= row block (causal skipping):
-             y += (M o dt_s) x_s.
+  scan_fwd   grid (b, T*Q/BL, H/HB): one BL-row block of one chunk for HB heads; per head
+             y = exp(Acs_l) C prev^T plus the causal diagonal part, looping over BS-column blocks
+             j <= row block (causal skipping): C B^T once, then per head y += (M o dt_s) x_s.
   state_bwd  grid (b, H, P/BP * N/BN): reverse sequential loop, carry g (BP, BN) fp32:
              dS[t] = g;  red[t] = decay_t sum_n g o prev[t];  g = decay_t g + (dy o e)^T C.
-  scan_bwd_s grid (b, T*Q/BS, H): per column block: dxw = B dS^T, dB = (x o w dt) dS, then over the
-             row blocks l >= s: d(dt x) += M^T dy, dB += (mask o (x dt) dy^T o decay^T) C, and the
-             column sums col[s] = sum_{l > s} G[l, s]. Emits dx, ddt, the per-head dB (summed over
-             the heads of a group by XLA), col and st[s] = w_s sum_p (dt x)_s o dxw_s.
-  scan_bwd_l grid (b, T*Q/BL, H): per row block: dC = (dy o e) prev + sum_{s <= l} dCB B_s and the
-             row sums row[l] = sum_{s < l} G[l, s] + sum_p dy_l o y_off_l.
+  scan_bwd_s grid (b, T*Q/BS, H/HB): per column block: per head dxw = B dS^T and
+             dB = sum_h (x o w dt)_h dS_h, then over the row blocks l >= s: C B^T once, per head
+             d(dt x) += M^T dy and dCB_h = (x dt) dy^T o mask o decay^T, the column sums
+             col[s] = sum_{l > s} G[l, s] (G = dM o M), and dB += (sum_h dCB_h) C.
+             Emits dx (x's dtype), ddt, the head block's dB, col and
+             st[s] = w_s sum_p (dt x)_s o dxw_s.
+  scan_bwd_l grid (b, T*Q/BL, H/HB): per row block: dC = sum_h (dy o e)_h prev_h + sum_{s <= l}
+             (sum_h dCB_h) B_s and per head the row sums row[l] = sum_{s < l} G[l, s] +
+             sum_p dy_l o y_off_l (C B^T once per column block).
 The backward recomputes C B^T, the decay matrices and the chunk states' weights; it stores only
 prev (the chunk-entry states), which the forward already produced. The gradient w.r.t. the
 per-token log-decay is assembled in ops.py from row, col, st and red by prefix sums in which the
 undecayed diagonal terms (l = s), which dominate under strong decay, never appear, so nothing
 large cancels (the "rows - columns of sum dy o y" form loses all digits once exp(A dt) underflows).
+scan_bwd_s and scan_bwd_l round G[l, s] identically ((dM o mask o decay) o C B^T), so the pairs
+that enter both row and col (l, s >= k) cancel exactly in rev_cumsum(row - col).
+Outputs: y fp32 (the core contract: ops adds nothing, the public op adds D x in fp32 and casts);
+dx in x's dtype (it was cast to it right after the kernel before); ddt, col, row, st fp32.
 
 Numerics (docs/ssd.md section 6/9): exponents are differences within a chunk clamped to <= 0
 (exp(min(Acs_l - Acs_s, 0)), never exp(Acs_l) * exp(-Acs_s)); masks are applied with where()
-so no inf * 0 can appear; the carry and all accumulators are fp32; for bf16 inputs the dot
+(to the decay factors, which then multiply finite C B^T / dM values) so no inf * 0 can appear;
+the carry and all accumulators are fp32; for bf16 inputs the dot
 operands are cast to bf16 (tensor cores) with fp32 accumulation, for fp32 inputs the dots run
 at Precision.HIGHEST (IEEE fp32; Triton's default would be TF32; Config.tf32 opts in to it).
 """
@@ -58,8 +77,11 @@ class Config:
     """Static kernel configuration.
 
     Q: chunk length (power of two); BL: row/column block inside a chunk; BP, BN: state tile of
-    the sequential kernels; cdt: dot operand dtype (bf16 for bf16 inputs, fp32 otherwise);
-    num_warps / num_stages: Triton launch parameters; interpret: run in interpret mode;
+    the sequential kernels; HB: heads per program of the chunk-local kernels (a divisor of the
+    heads per group H/G; the HB heads share C B^T and the masks, and their dB/dC are summed in
+    the kernel); cdt: dot operand dtype (bf16 for bf16 inputs, fp32 otherwise);
+    num_warps / num_stages: Triton launch parameters (chunk_warps: num_warps of the chunk-local
+    kernels, num_warps if None); interpret: run in interpret mode;
     tf32: fp32 dots on TF32 tensor cores (faster, ~1e-3 relative) instead of IEEE fp32.
     """
 
@@ -67,16 +89,23 @@ class Config:
     BL: int
     BP: int
     BN: int
+    HB: int = 1
     cdt: str = "float32"
     has_seg: bool = False
     num_warps: int = 4
     num_stages: int = 2
     interpret: bool = False
     tf32: bool = False
+    chunk_warps: int | None = None
 
     @property
     def compiler_params(self):
         return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+    @property
+    def chunk_compiler_params(self):
+        return plgpu.CompilerParams(num_warps=self.chunk_warps or self.num_warps,
+                                    num_stages=self.num_stages)
 
 
 def _dot(a, b, cfg: Config, *, trans_a=False, trans_b=False):
@@ -89,15 +118,33 @@ def _dot(a, b, cfg: Config, *, trans_a=False, trans_b=False):
     )
 
 
+def _pair_dot(a, b, cfg: Config):
+    """a bᵀ to about fp32 accuracy for the pair terms dM of the log-decay gradient, whose row
+    and column sums cancel when the decay is weak (plain bf16 operands: dA error 2.8e-2 there,
+    3.8x the xla path's). With bf16 dots each operand is split into bf16 high and low parts and
+    three tensor-core dots (hi hi + lo hi + hi lo) replace one; fp32 configs use ``_dot``."""
+    if jnp.dtype(cfg.cdt) == F32:
+        return _dot(a, b, cfg, trans_b=True)
+    cdt = jnp.dtype(cfg.cdt)
+    a, b = a.astype(F32), b.astype(F32)
+    ah, bh = a.astype(cdt), b.astype(cdt)
+    al, bl = (a - ah.astype(F32)).astype(cdt), (b - bh.astype(F32)).astype(cdt)
+    return _dot(ah, bh, cfg, trans_b=True) + (_dot(al, bh, cfg, trans_b=True)
+                                              + _dot(ah, bl, cfg, trans_b=True))
+
+
 def _last(v, n):
     """v[n-1] of a 1-D block value, as a masked reduction (no scalar extraction)."""
     return jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, v.shape, 0) == n - 1, v, 0))
 
 
-def _launch(cfg: Config, kernel, name, grid, in_specs, out_specs, out_shape, args):
-    """One pallas_call with the config's compiler params and interpret mode."""
+def _launch(cfg: Config, kernel, name, grid, in_specs, out_specs, out_shape, args, *,
+            chunk=False):
+    """One pallas_call with the config's compiler params (chunk: those of the chunk-local
+    kernels) and interpret mode."""
+    params = cfg.chunk_compiler_params if chunk else cfg.compiler_params
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          out_shape=out_shape, compiler_params=cfg.compiler_params,
+                          out_shape=out_shape, compiler_params=params,
                           interpret=cfg.interpret, name=name)(*args)
 
 
@@ -162,70 +209,90 @@ def state_fwd(x, dt, acs, B, h0, segs, cfg: Config):
 
 
 # --------------------------------------------------------------------------- forward outputs
-def _causal_mask(cfg, lb, j, seg_l=None, seg_s=None, strict=False):
-    """Mask indexed [l, s] (l in row block lb, s in column block j): s <= l (s < l), same run."""
+def _causal_mask(cfg, lb, j, seg_l=None, seg_s=None):
+    """Mask indexed [l, s] (l in row block lb, s in column block j): s <= l, same run."""
     BL = cfg.BL
     rows = lb * BL + lax.broadcasted_iota(jnp.int32, (BL, BL), 0)
     cols = j * BL + lax.broadcasted_iota(jnp.int32, (BL, BL), 1)
-    m = rows > cols if strict else rows >= cols
+    m = rows >= cols
     if seg_l is not None:
         m = m & (seg_l[:, None] == seg_s[None, :])
     return m
 
 
-def _causal_mask_t(cfg, sb, j, seg_s=None, seg_l=None, strict=False):
+def _causal_mask_t(cfg, sb, j, seg_s=None, seg_l=None):
     """The transposed mask, indexed [s, l] (s in column block sb, l in row block j)."""
     BL = cfg.BL
     srows = sb * BL + lax.broadcasted_iota(jnp.int32, (BL, BL), 0)
     lcols = j * BL + lax.broadcasted_iota(jnp.int32, (BL, BL), 1)
-    m = lcols > srows if strict else lcols >= srows
+    m = lcols >= srows
     if seg_s is not None:
         m = m & (seg_s[:, None] == seg_l[None, :])
     return m
+
+
+def _offdiag(cfg, ib, j):
+    """[i, j] of block (ib, j): not on the diagonal (global row != global column)."""
+    BL = cfg.BL
+    rows = ib * BL + lax.broadcasted_iota(jnp.int32, (BL, BL), 0)
+    cols = j * BL + lax.broadcasted_iota(jnp.int32, (BL, BL), 1)
+    return rows != cols
+
+
+def _decay(acs_l, acs_s):
+    """exp(min(Acs_l - Acs_s, 0)) indexed [l, s] (a difference within the chunk, <= 1)."""
+    return jnp.exp(jnp.minimum(acs_l[:, None] - acs_s[None, :], 0.0))
 
 
 def _scan_fwd_kernel(*refs, cfg: Config, nL: int):
     x_ref, dt_ref, acs_ref, b_ref, c_ref, prev_ref = refs[:6]
     (seg_ref, segp_ref, _), rest = _seg_refs(cfg.has_seg, refs[6:])
     (y_ref,) = rest
-    BL = cfg.BL
+    BL, HB = cfg.BL, cfg.HB
     lb = pl.program_id(1) % nL
     rl = pl.ds(lb * BL, BL)
-    acs_l = acs_ref[rl]
-    c_l = c_ref[rl, :]
-    e = jnp.exp(acs_l)
-    seg_l = None
-    if cfg.has_seg:
-        seg_l = seg_ref[rl]
-        e = jnp.where(seg_l == segp_ref[rl], e, 0.0)
-    acc = _dot(c_l, prev_ref[...], cfg, trans_b=True) * e[:, None]  # (BL, P)
+    c_l = c_ref[rl, :]  # group-level: shared by the HB heads
+    seg_l = seg_ref[rl] if cfg.has_seg else None
+    acs_l = [acs_ref[k, rl] for k in range(HB)]
+    accs = []
+    for k in range(HB):
+        e = jnp.exp(acs_l[k])
+        if cfg.has_seg:
+            e = jnp.where(seg_l == segp_ref[rl], e, 0.0)
+        accs.append(_dot(c_l, prev_ref[k], cfg, trans_b=True) * e[:, None])  # (BL, P)
 
-    def body(j, acc):
+    def body(j, accs):
         rs = pl.ds(j * BL, BL)
-        acs_s = acs_ref[rs]
+        # C B^T and the mask once per (row block, column block) for the whole head block
         cb = _dot(c_l, b_ref[rs, :], cfg, trans_b=True)  # (BL, BS)
         mask = _causal_mask(cfg, lb, j, seg_l, seg_ref[rs] if cfg.has_seg else None)
-        decay = jnp.exp(jnp.minimum(acs_l[:, None] - acs_s[None, :], 0.0))
-        m = jnp.where(mask, cb * decay, 0.0) * dt_ref[rs][None, :]
-        return acc + _dot(m, x_ref[rs, :], cfg)
+        cbm = jnp.where(mask, cb, 0.0)
+        out = []
+        for k in range(HB):
+            m = cbm * _decay(acs_l[k], acs_ref[k, rs]) * dt_ref[k, rs][None, :]
+            out.append(accs[k] + _dot(m, x_ref[rs, k, :], cfg))
+        return tuple(out)
 
-    acc = lax.fori_loop(0, lb + 1, body, acc)
-    y_ref[...] = acc.astype(y_ref.dtype)
+    accs = lax.fori_loop(0, lb + 1, body, tuple(accs))
+    for k in range(HB):
+        y_ref[:, k, :] = accs[k].astype(y_ref.dtype)
 
 
-def _chunk_specs(cfg, R, nL, P, N, Q, *, with_dy=False):
-    """BlockSpecs of the chunk-local kernels, grid (b, T*nL, H)."""
+def _chunk_specs(cfg, nbg, nL, P, N, Q, *, with_dy=False):
+    """BlockSpecs of the chunk-local kernels, grid (b, T*nL, H/HB): program (i, k, hb) owns
+    heads hb*HB .. hb*HB + HB - 1, all of group hb // nbg (nbg = head blocks per group)."""
+    HB = cfg.HB
     tq = lambda i, k, h: (i, k // nL, h, 0)  # noqa: E731
     specs = [
-        pl.BlockSpec((None, Q, None, P), tq),  # x (whole chunk)
-        pl.BlockSpec((None, None, Q), lambda i, k, h: (i, h, k // nL)),  # dt
-        pl.BlockSpec((None, None, Q), lambda i, k, h: (i, h, k // nL)),  # Acs
-        pl.BlockSpec((None, Q, None, N), lambda i, k, h: (i, k // nL, h // R, 0)),  # B
-        pl.BlockSpec((None, Q, None, N), lambda i, k, h: (i, k // nL, h // R, 0)),  # C
-        pl.BlockSpec((None, None, None, P, N), lambda i, k, h: (i, h, k // nL, 0, 0)),  # state
+        pl.BlockSpec((None, Q, HB, P), tq),  # x (whole chunk, HB heads)
+        pl.BlockSpec((None, HB, Q), lambda i, k, h: (i, h, k // nL)),  # dt
+        pl.BlockSpec((None, HB, Q), lambda i, k, h: (i, h, k // nL)),  # Acs
+        pl.BlockSpec((None, Q, None, N), lambda i, k, h: (i, k // nL, h // nbg, 0)),  # B
+        pl.BlockSpec((None, Q, None, N), lambda i, k, h: (i, k // nL, h // nbg, 0)),  # C
+        pl.BlockSpec((None, HB, None, P, N), lambda i, k, h: (i, h, k // nL, 0, 0)),  # state
     ]
     if with_dy:
-        specs.append(pl.BlockSpec((None, Q, None, P), tq))  # dy (whole chunk)
+        specs.append(pl.BlockSpec((None, Q, HB, P), tq))  # dy (whole chunk, HB heads)
     return specs
 
 
@@ -233,21 +300,28 @@ def _seg_specs(cfg, nL, Q):
     return [pl.BlockSpec((None, Q), lambda i, k, h: (i, k // nL))] * 3
 
 
+def _chunk_grid(cfg, b, Lp, H, G):
+    """(grid, nL, head blocks per group) of the chunk-local kernels."""
+    R = H // G
+    assert H % G == 0 and R % cfg.HB == 0, (H, G, cfg.HB)
+    nL = cfg.Q // cfg.BL
+    return (b, (Lp // cfg.Q) * nL, H // cfg.HB), nL, R // cfg.HB
+
+
 def scan_fwd(x, dt, acs, B, C, prev, segs, cfg: Config):
     """-> y (b, Lp, H, P) fp32 (without the D term)."""
     b, Lp, H, P = x.shape
     G, N = B.shape[-2:]
-    Q, BL = cfg.Q, cfg.BL
-    nL = Q // BL
-    grid = (b, (Lp // Q) * nL, H)
-    in_specs = _chunk_specs(cfg, H // G, nL, P, N, Q)
+    Q, BL, HB = cfg.Q, cfg.BL, cfg.HB
+    grid, nL, nbg = _chunk_grid(cfg, b, Lp, H, G)
+    in_specs = _chunk_specs(cfg, nbg, nL, P, N, Q)
     args = [x, dt, acs, B, C, prev]
     if cfg.has_seg:
         in_specs += _seg_specs(cfg, nL, Q)
         args += list(segs)
     return _launch(cfg, functools.partial(_scan_fwd_kernel, cfg=cfg, nL=nL), "ssd_scan_fwd", grid,
-                   in_specs, pl.BlockSpec((None, BL, None, P), lambda i, k, h: (i, k, h, 0)),
-                   jax.ShapeDtypeStruct((b, Lp, H, P), F32), args)
+                   in_specs, pl.BlockSpec((None, BL, HB, P), lambda i, k, h: (i, k, h, 0)),
+                   jax.ShapeDtypeStruct((b, Lp, H, P), F32), args, chunk=True)
 
 
 # --------------------------------------------------------------------------- backward states
@@ -320,86 +394,110 @@ def _scan_bwd_s_kernel(*refs, cfg: Config, nL: int):
     x_ref, dt_ref, acs_ref, b_ref, c_ref, dS_ref, dy_ref = refs[:7]
     (seg_ref, _, sege_ref), rest = _seg_refs(cfg.has_seg, refs[7:])
     dx_ref, ddt_ref, db_ref, col_ref, st_ref = rest
-    Q, BL = cfg.Q, cfg.BL
+    Q, BL, HB = cfg.Q, cfg.BL, cfg.HB
     sb = pl.program_id(1) % nL
     rs = pl.ds(sb * BL, BL)
-    acs_s = acs_ref[rs]
-    dt_s = dt_ref[rs]
-    x_s = x_ref[rs, :].astype(F32)
-    b_s = b_ref[rs, :]
-    w = jnp.exp(jnp.minimum(_last(acs_ref[...], Q) - acs_s, 0.0))
-    seg_s = None
-    if cfg.has_seg:
-        seg_s = seg_ref[rs]
-        w = jnp.where(seg_s == sege_ref[rs], w, 0.0)
-    dS = dS_ref[...]
-    dxw = _dot(b_s, dS, cfg, trans_b=True)  # (BS, P)
-    xdt = x_s * dt_s[:, None]
-    db = _dot(xdt * w[:, None], dS, cfg)  # (BS, N)
+    b_s = b_ref[rs, :]  # group-level: shared by the HB heads
+    seg_s = seg_ref[rs] if cfg.has_seg else None
+    acs_s = [acs_ref[k, rs] for k in range(HB)]
+    dt_s = [dt_ref[k, rs] for k in range(HB)]
+
+    def xdt(k):  # (dt x)_s of head k, reloaded where needed (not held across the loop)
+        return x_ref[rs, k, :].astype(F32) * dt_s[k][:, None]
+
+    ws = []
+    db = None
+    for k in range(HB):
+        w = jnp.exp(jnp.minimum(_last(acs_ref[k, :], Q) - acs_s[k], 0.0))
+        if cfg.has_seg:
+            w = jnp.where(seg_s == sege_ref[rs], w, 0.0)
+        ws.append(w)
+        t = _dot(xdt(k) * w[:, None], dS_ref[k], cfg)  # (BS, N): chunk-state term of dB
+        db = t if db is None else db + t
 
     def body(j, carry):
-        dxdt, db, col = carry
+        dxdts, db, cols = carry
         rl = pl.ds(j * BL, BL)
-        acs_l = acs_ref[rl]
         c_l = c_ref[rl, :]
-        dy_l = dy_ref[rl, :]
-        # transposed [s, l] order: mask^T o C B^T o decay^T
+        # transposed [s, l] order; C B^T and the masks once for the head block
         seg_l = seg_ref[rl] if cfg.has_seg else None
         mask_t = _causal_mask_t(cfg, sb, j, seg_s, seg_l)
-        decay_t = jnp.exp(jnp.minimum(acs_l[None, :] - acs_s[:, None], 0.0))  # (BS, BL)
+        offdiag = _offdiag(cfg, sb, j)  # the diagonal l = s carries no decay: not in col
         cb_t = _dot(b_s, c_l, cfg, trans_b=True)  # (BS, BL)
-        m_t = jnp.where(mask_t, cb_t * decay_t, 0.0)
-        dxdt = dxdt + _dot(m_t, dy_l, cfg)  # (BS, P)
-        dm_t = _dot(xdt, dy_l, cfg, trans_b=True)  # (BS, BL)
-        dcb_t = jnp.where(mask_t, dm_t * decay_t, 0.0)
-        db = db + _dot(dcb_t, c_l, cfg)  # (BS, N)
-        # column sums of G = dM o M over l > s (the diagonal l = s carries no decay)
-        strict = _causal_mask_t(cfg, sb, j, seg_s, seg_l, strict=True)
-        col = col + jnp.sum(jnp.where(strict, dcb_t * cb_t, 0.0), axis=1)
-        return dxdt, db, col
+        dcb_sum = None
+        new_dxdts, new_cols = [], []
+        for k in range(HB):
+            dy_l = dy_ref[rl, k, :]
+            # [s, l] = mask^T o exp(min(Acs_l - Acs_s, 0))
+            decay_t = jnp.where(mask_t, jnp.exp(jnp.minimum(
+                acs_ref[k, rl][None, :] - acs_s[k][:, None], 0.0)), 0.0)
+            m_t = cb_t * decay_t  # M^T
+            new_dxdts.append(dxdts[k] + _dot(m_t, dy_l, cfg))  # (BS, P)
+            dm_t = _pair_dot(xdt(k), dy_l, cfg)  # (BS, BL)
+            dcb_t = dm_t * decay_t
+            dcb_sum = dcb_t if dcb_sum is None else dcb_sum + dcb_t
+            # column sums of G = dM o M over l > s, rounded exactly as scan_bwd_l's row sums
+            # ((dM o decay) o C B^T): rev_cumsum(row - col) cancels the pairs s >= k exactly
+            new_cols.append(cols[k] + jnp.sum(jnp.where(offdiag, dcb_t * cb_t, 0.0), axis=1))
+        # dB of the whole head block: one dot with the head-summed dCB
+        return tuple(new_dxdts), db + _dot(dcb_sum, c_l, cfg), tuple(new_cols)
 
-    init = (jnp.zeros_like(x_s), db, jnp.zeros_like(dt_s))
-    dxdt, db, col = lax.fori_loop(sb, nL, body, init)
-    v = dxw * w[:, None] + dxdt
-    dx_ref[...] = (v * dt_s[:, None]).astype(dx_ref.dtype)
-    ddt_ref[...] = jnp.sum(v * x_s, axis=1)
-    db_ref[...] = db
-    col_ref[...] = col
-    st_ref[...] = jnp.sum(dxw * xdt, axis=1) * w
+    init = (tuple(jnp.zeros((BL, x_ref.shape[-1]), F32) for _ in range(HB)), db,
+            tuple(jnp.zeros((BL,), F32) for _ in range(HB)))
+    dxdts, db, cols = lax.fori_loop(sb, nL, body, init)
+    for k in range(HB):
+        dS = dS_ref[k]
+        dxw = _dot(b_s, dS, cfg, trans_b=True)  # (BS, P)
+        x_s = x_ref[rs, k, :].astype(F32)
+        v = dxw * ws[k][:, None] + dxdts[k]
+        dx_ref[:, k, :] = (v * dt_s[k][:, None]).astype(dx_ref.dtype)
+        ddt_ref[k, :] = jnp.sum(v * x_s, axis=1)
+        col_ref[k, :] = cols[k]
+        st_ref[k, :] = jnp.sum(dxw * (x_s * dt_s[k][:, None]), axis=1) * ws[k]
+    db_ref[...] = db.astype(db_ref.dtype)
+
+
+def _partial_dtype(nbg, dtype):
+    """dB/dC partials: one per head block; already the group's sum (in the input dtype) when
+    one head block covers the group, else fp32 partials that XLA sums (nbg per group)."""
+    return jnp.dtype(dtype) if nbg == 1 else F32
 
 
 def scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg: Config):
-    """-> dx (b,Lp,H,P), ddt (b,H,Lp), dB per head (b,Lp,H,N), col, st (b,H,Lp); all fp32.
+    """-> dx (b,Lp,H,P) in x.dtype, ddt (b,H,Lp) fp32, dB partials (b,Lp,H/HB,N), col, st
+    (b,H,Lp) fp32.
 
+    dB partial [.., hb, :] is the sum over the HB heads of head block hb (group hb // nbg); it
+    is in B.dtype when nbg = 1 (the group's dB) and fp32 otherwise.
     col[s] = sum_{l > s} G[l, s] (G = dM o M, the diagonal block's pair terms) and
     st[s] = w_s dt_s sum_p x_s o (B_s dS^T) (chunk-state term), for the log-decay gradient.
     """
     b, Lp, H, P = x.shape
     G, N = B.shape[-2:]
-    Q, BL = cfg.Q, cfg.BL
-    nL = Q // BL
-    grid = (b, (Lp // Q) * nL, H)
-    in_specs = _chunk_specs(cfg, H // G, nL, P, N, Q, with_dy=True)
+    Q, BL, HB = cfg.Q, cfg.BL, cfg.HB
+    grid, nL, nbg = _chunk_grid(cfg, b, Lp, H, G)
+    in_specs = _chunk_specs(cfg, nbg, nL, P, N, Q, with_dy=True)
     args = [x, dt, acs, B, C, dS, dy]
     if cfg.has_seg:
         in_specs += _seg_specs(cfg, nL, Q)
         args += list(segs)
+    per_tok = pl.BlockSpec((None, HB, BL), lambda i, k, h: (i, h, k))
     out_specs = [
-        pl.BlockSpec((None, BL, None, P), lambda i, k, h: (i, k, h, 0)),
-        pl.BlockSpec((None, None, BL), lambda i, k, h: (i, h, k)),
+        pl.BlockSpec((None, BL, HB, P), lambda i, k, h: (i, k, h, 0)),
+        per_tok,
         pl.BlockSpec((None, BL, None, N), lambda i, k, h: (i, k, h, 0)),
-        pl.BlockSpec((None, None, BL), lambda i, k, h: (i, h, k)),
-        pl.BlockSpec((None, None, BL), lambda i, k, h: (i, h, k)),
+        per_tok,
+        per_tok,
     ]
     out_shape = [
-        jax.ShapeDtypeStruct((b, Lp, H, P), F32),
+        jax.ShapeDtypeStruct((b, Lp, H, P), x.dtype),
         jax.ShapeDtypeStruct((b, H, Lp), F32),
-        jax.ShapeDtypeStruct((b, Lp, H, N), F32),
+        jax.ShapeDtypeStruct((b, Lp, H // HB, N), _partial_dtype(nbg, B.dtype)),
         jax.ShapeDtypeStruct((b, H, Lp), F32),
         jax.ShapeDtypeStruct((b, H, Lp), F32),
     ]
     return _launch(cfg, functools.partial(_scan_bwd_s_kernel, cfg=cfg, nL=nL), "ssd_scan_bwd_s",
-                   grid, in_specs, out_specs, out_shape, args)
+                   grid, in_specs, out_specs, out_shape, args, chunk=True)
 
 
 # --------------------------------------------------------------------------- backward, rows
@@ -407,60 +505,68 @@ def _scan_bwd_l_kernel(*refs, cfg: Config, nL: int):
     x_ref, dt_ref, acs_ref, b_ref, c_ref, prev_ref, dy_ref = refs[:7]
     (seg_ref, segp_ref, _), rest = _seg_refs(cfg.has_seg, refs[7:])
     dc_ref, row_ref = rest
-    BL = cfg.BL
+    BL, HB = cfg.BL, cfg.HB
     lb = pl.program_id(1) % nL
     rl = pl.ds(lb * BL, BL)
-    acs_l = acs_ref[rl]
-    dy_l = dy_ref[rl, :].astype(F32)
-    c_l = c_ref[rl, :]
-    e = jnp.exp(acs_l)
-    seg_l = None
-    if cfg.has_seg:
-        seg_l = seg_ref[rl]
-        e = jnp.where(seg_l == segp_ref[rl], e, 0.0)
-    prev = prev_ref[...]
-    dc = _dot(dy_l * e[:, None], prev, cfg)  # (BL, N)
-    # state -> output term of the log-decay gradient: sum_p dy o y_off
-    row = jnp.sum(dy_l * _dot(c_l, prev, cfg, trans_b=True), axis=1) * e
+    c_l = c_ref[rl, :]  # group-level: shared by the HB heads
+    seg_l = seg_ref[rl] if cfg.has_seg else None
+    acs_l = [acs_ref[k, rl] for k in range(HB)]
+    dc = None
+    rows = []
+    for k in range(HB):
+        e = jnp.exp(acs_l[k])
+        if cfg.has_seg:
+            e = jnp.where(seg_l == segp_ref[rl], e, 0.0)
+        dy_l = dy_ref[rl, k, :].astype(F32)
+        prev = prev_ref[k]
+        t = _dot(dy_l * e[:, None], prev, cfg)  # (BL, N)
+        dc = t if dc is None else dc + t
+        # state -> output term of the log-decay gradient: sum_p dy o y_off
+        rows.append(jnp.sum(dy_l * _dot(c_l, prev, cfg, trans_b=True), axis=1) * e)
 
     def body(j, carry):
-        dc, row = carry
+        dc, rows = carry
         rs = pl.ds(j * BL, BL)
-        acs_s = acs_ref[rs]
-        xdt_s = x_ref[rs, :].astype(F32) * dt_ref[rs][:, None]
-        dm = _dot(dy_l, xdt_s, cfg, trans_b=True)  # (BL, BS)
-        mask = _causal_mask(cfg, lb, j, seg_l, seg_ref[rs] if cfg.has_seg else None)
-        decay = jnp.exp(jnp.minimum(acs_l[:, None] - acs_s[None, :], 0.0))
-        dcb = jnp.where(mask, dm * decay, 0.0)
         b_s = b_ref[rs, :]
-        # row sums of G = dM o M over s < l (needs C B^T for these pairs)
-        strict = _causal_mask(cfg, lb, j, seg_l, seg_ref[rs] if cfg.has_seg else None, strict=True)
+        mask = _causal_mask(cfg, lb, j, seg_l, seg_ref[rs] if cfg.has_seg else None)
+        offdiag = _offdiag(cfg, lb, j)  # row sums of G = dM o M over s < l
+        # C B^T (for the row sums) once for the head block
         cb = _dot(c_l, b_s, cfg, trans_b=True)
-        row = row + jnp.sum(jnp.where(strict, dcb * cb, 0.0), axis=1)
-        return dc + _dot(dcb, b_s, cfg), row
+        dcb_sum = None
+        new_rows = []
+        for k in range(HB):
+            xdt_s = x_ref[rs, k, :].astype(F32) * dt_ref[k, rs][:, None]
+            dm = _pair_dot(dy_ref[rl, k, :], xdt_s, cfg)  # (BL, BS)
+            dcb = dm * jnp.where(mask, _decay(acs_l[k], acs_ref[k, rs]), 0.0)
+            dcb_sum = dcb if dcb_sum is None else dcb_sum + dcb
+            # same rounding as scan_bwd_s's column sums (see there)
+            new_rows.append(rows[k] + jnp.sum(jnp.where(offdiag, dcb * cb, 0.0), axis=1))
+        # dC of the whole head block: one dot with the head-summed dCB
+        return dc + _dot(dcb_sum, b_s, cfg), tuple(new_rows)
 
-    dc, row = lax.fori_loop(0, lb + 1, body, (dc, row))
-    dc_ref[...] = dc
-    row_ref[...] = row
+    dc, rows = lax.fori_loop(0, lb + 1, body, (dc, tuple(rows)))
+    dc_ref[...] = dc.astype(dc_ref.dtype)
+    for k in range(HB):
+        row_ref[k, :] = rows[k]
 
 
 def scan_bwd_l(x, dt, acs, B, C, prev, dy, segs, cfg: Config):
-    """-> dC per head (b, Lp, H, N) fp32 and row (b, H, Lp) fp32.
+    """-> dC partials (b, Lp, H/HB, N) (as dB in scan_bwd_s) and row (b, H, Lp) fp32.
 
     row[l] = sum_{s < l} G[l, s] + sum_p dy_l o y_off_l (log-decay gradient terms).
     """
     b, Lp, H, P = x.shape
     G, N = B.shape[-2:]
-    Q, BL = cfg.Q, cfg.BL
-    nL = Q // BL
-    grid = (b, (Lp // Q) * nL, H)
-    in_specs = _chunk_specs(cfg, H // G, nL, P, N, Q, with_dy=True)
+    Q, BL, HB = cfg.Q, cfg.BL, cfg.HB
+    grid, nL, nbg = _chunk_grid(cfg, b, Lp, H, G)
+    in_specs = _chunk_specs(cfg, nbg, nL, P, N, Q, with_dy=True)
     args = [x, dt, acs, B, C, prev, dy]
     if cfg.has_seg:
         in_specs += _seg_specs(cfg, nL, Q)
         args += list(segs)
     out_specs = [pl.BlockSpec((None, BL, None, N), lambda i, k, h: (i, k, h, 0)),
-                 pl.BlockSpec((None, None, BL), lambda i, k, h: (i, h, k))]
-    out_shape = [jax.ShapeDtypeStruct((b, Lp, H, N), F32), jax.ShapeDtypeStruct((b, H, Lp), F32)]
+                 pl.BlockSpec((None, HB, BL), lambda i, k, h: (i, h, k))]
+    out_shape = [jax.ShapeDtypeStruct((b, Lp, H // HB, N), _partial_dtype(nbg, C.dtype)),
+                 jax.ShapeDtypeStruct((b, H, Lp), F32)]
     return _launch(cfg, functools.partial(_scan_bwd_l_kernel, cfg=cfg, nL=nL), "ssd_scan_bwd_l",
-                   grid, in_specs, out_specs, out_shape, args)
+                   grid, in_specs, out_specs, out_shape, args, chunk=True)

@@ -5,14 +5,23 @@
 XLA does the cheap glue: padding (L to a multiple of the chunk with dt = 0, dA = 0, x = B = C = 0;
 P and N to powers of two >= 16), the per-token log-decay dA = dt * A + log_decay_offset (taken
 from the shared prologue, ``prep.dA``; the mitigations need no kernel change) and its per-chunk
-cumsum,
-the per-token segment arrays, and in the backward the sum of the per-head dB/dC over the heads
-of a group and the prefix sums that turn the kernels' per-token terms into the gradient
-w.r.t. the per-token log-decay dA = dt * A (a cancellation-free form: the undecayed diagonal
-terms, which dominate under strong decay, never enter it).
+cumsum, the per-token segment arrays, and in the backward the sum of the kernels' dB/dC
+partials (one per head block: H/(G*HB) per group, none when a head block is a whole group) and
+the prefix sums that turn the kernels' per-token terms into the gradient w.r.t. the per-token
+log-decay dA = dt * A (pallas_kernels.log_decay: a cancellation-free form; the undecayed
+diagonal terms, which dominate under strong decay, never enter it).
 Everything of cost O(L * H * P * N) or O(L * Q * H * (P + N)) runs in the Pallas kernels,
 forward and backward (a ``jax.custom_vjp``; the backward stores only the chunk-entry states
 and y, and recomputes C B^T, the decay matrices and the state weights).
+
+Head blocks (``make_config``): the chunk-local kernels run HB heads of one group per program
+and compute C B^T once for them. HB is the largest divisor of H/G that is <= ``max_heads``
+(default 2) and still leaves >= ``min_programs`` (default 264, two per SM of an H100) programs
+b * T * (Q/BL) * (H/HB); 1 for small problems. ``head_block=`` forces it. With HB > 1 those
+kernels run 8 warps (``chunk_warps``): at 4 warps their per-head accumulators spill. Measured by
+``compile_check`` (ptxas on the PTX, bf16 2.7b layer, Q = 256, BL = 64): HB = 4 needs 169-202 KiB
+of shared memory per program and spills 1.2-1.7 KiB/thread in scan_bwd_s even at 8 warps, so the
+default stops at 2.
 
 The kernel's chunk length is the largest power of two <= chunk_size (and <= the padded
 sequence), at least 16: the chunk size changes only rounding, never the result.
@@ -31,7 +40,7 @@ from pallas_kernels.platform import target_platform
 
 from . import kernel as K
 
-__all__ = ["ssd_gpu_core", "make_config", "pow2_at_least", "pow2_at_most"]
+__all__ = ["ssd_gpu_core", "make_config", "choose_head_block", "pow2_at_least", "pow2_at_most"]
 
 
 def pow2_at_least(n: int, lo: int = 16) -> int:
@@ -48,26 +57,53 @@ def pow2_at_most(n: int, lo: int = 16) -> int:
     return p
 
 
-def make_config(L, P, N, dtype, chunk_size, *, has_seg, interpret,
+def choose_head_block(b, T, nL, H, G, *, max_heads=2, min_programs=264):
+    """Heads per program of the chunk-local kernels: the largest divisor hb of H/G with
+    hb <= max_heads that keeps at least min_programs programs, b*T*nL*(H/hb) (default: two
+    per SM of an H100's 132); 1 when even hb = 1 gives fewer."""
+    R = H // G
+    best = 1
+    for d in range(1, min(R, max_heads) + 1):
+        if R % d == 0 and b * T * nL * (H // d) >= min_programs:
+            best = d
+    return best
+
+
+def make_config(L, P, N, dtype, chunk_size, *, has_seg, interpret, H=1, G=1, batch=1,
                 block_l=64, block_p=32, block_n=64, num_warps=None, num_stages=2,
-                tf32=False) -> K.Config:
-    """Static configuration for padded sizes (P, N already powers of two)."""
+                tf32=False, head_block=None, max_heads=2, min_programs=264,
+                chunk_warps=None) -> K.Config:
+    """Static configuration for padded sizes (P, N already powers of two).
+
+    H, G, batch: heads, groups and batch size (for the head block HB of the chunk-local
+    kernels: ``head_block`` if given, a divisor of H/G, else the rule of ``choose_head_block``).
+    """
     Q = min(pow2_at_most(chunk_size), pow2_at_least(L))
     dt = jnp.dtype(dtype)
     cdt = dt.name if dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "float32"
     if num_warps is None:
         num_warps = 4 if P <= 64 else 8
+    BL = min(block_l, Q)
+    if head_block is None:
+        head_block = choose_head_block(batch, -(-L // Q), Q // BL, H, G, max_heads=max_heads,
+                                       min_programs=min_programs)
+    if H % G or (H // G) % head_block:
+        raise ValueError(f"head_block={head_block} must divide H/G = {H}/{G}")
+    if chunk_warps is None:
+        chunk_warps = num_warps if head_block == 1 else max(num_warps, 8)
     return K.Config(
         Q=Q,
-        BL=min(block_l, Q),
+        BL=BL,
         BP=min(block_p, P),
         BN=min(block_n, N),
+        HB=int(head_block),
         cdt=cdt,
         has_seg=has_seg,
         num_warps=num_warps,
         num_stages=num_stages,
         interpret=bool(interpret),
         tf32=bool(tf32),
+        chunk_warps=int(chunk_warps),
     )
 
 
@@ -106,15 +142,20 @@ def _ssd_kernels_bwd(cfg, res, cts):
     T = Lp // Q
     dy = dy.astype(jnp.float32)
     dS, red, dh0 = K.state_bwd(dy, acs, C, prev, dhT.astype(jnp.float32), segs, cfg)
-    dx, ddt, dBh, col, st = K.scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg)
-    dCh, row = K.scan_bwd_l(x, dt, acs, B, C, prev, dy, segs, cfg)
+    dx, ddt, dBp, col, st = K.scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg)
+    dCp, row = K.scan_bwd_l(x, dt, acs, B, C, prev, dy, segs, cfg)
     # Gradient w.r.t. the per-token log-decay dA_k without cancellation (pallas_kernels/log_decay)
     shape = (b, H, T, Q)
     ddA = log_decay_grad(row.reshape(shape), col.reshape(shape), st.reshape(shape),
                          jnp.sum(red, axis=(2, 4))).reshape(b, H, Lp)
-    dB = jnp.sum(dBh.reshape(b, Lp, G, H // G, N), axis=3).astype(B.dtype)
-    dC = jnp.sum(dCh.reshape(b, Lp, G, H // G, N), axis=3).astype(C.dtype)
-    return dx.astype(x.dtype), ddt, ddA, dB, dC, dh0, None
+    # the kernels reduced dB/dC over each head block; nbg = H/(G*HB) partials per group remain
+    nbg = H // (G * cfg.HB)
+    if nbg == 1:  # one head block per group: the kernels wrote the group's dB/dC (B.dtype)
+        dB, dC = dBp.reshape(b, Lp, G, N), dCp.reshape(b, Lp, G, N)
+    else:
+        dB = jnp.sum(dBp.reshape(b, Lp, G, nbg, N), axis=3).astype(B.dtype)
+        dC = jnp.sum(dCp.reshape(b, Lp, G, nbg, N), axis=3).astype(C.dtype)
+    return dx, ddt, ddA, dB, dC, dh0, None
 
 
 ssd_kernels.defvjp(_ssd_kernels_fwd, _ssd_kernels_bwd)
@@ -137,7 +178,7 @@ def prepare_padded(prep, chunk_size, interpret, **cfg_kw):
     G, N = prep.B.shape[-2:]
     Pp, Np = pow2_at_least(P), pow2_at_least(N)
     cfg = make_config(L, Pp, Np, x.dtype, chunk_size, has_seg=prep.seg is not None,
-                      interpret=interpret, **cfg_kw)
+                      interpret=interpret, H=H, G=G, batch=b, **cfg_kw)
     Q = cfg.Q
     Lp = -(-L // Q) * Q
     f32 = jnp.float32
