@@ -9,11 +9,8 @@ Algorithmic FLOPs (what any chunked SSD must do; CB once per group):
   fwd  = G*Q*N (C B^T) + H*(Q*P (diag) + 2PN (chunk states) + 2PN (state -> output))
   bwd  = G*3*Q*N (CB recompute, dCB -> dB, dC) + H*(2*Q*P (dM, M^T dy) + 8PN (dstates, dC_off,
          dB_state, dx_state))
-This kernel (pallas_kernels/ssd_gpu) recomputes C B^T per head (fwd) and in each of its two
-diagonal-block backward kernels, and its causal skipping is per 64-row block (10 of 16 block
-pairs at Q = 256 instead of 8):
-  kernel fwd = H*(2*Q*(10/16)*(N + P) + 4PN)
-  kernel bwd = H*(2*Q*(10/16)*(4N + 3P) + 10PN)
+What the kernels execute (FLOPs and bytes per launch, from the compiled programs):
+benchmarks/ssd_audit.py.
 Elementwise work (exp of the Q x Q decay, masks) is ~Q/2 exps per token and head, not counted.
 
 HBM bytes (a lower bound: every input read once, every output written once):
@@ -40,14 +37,9 @@ DEVICES = {
 }
 
 
-def flops_per_token(H, *, kernel=False):
-    if not kernel:
-        fwd = G * Q * N + H * (Q * P + 4 * P * N)
-        bwd = G * 3 * Q * N + H * (2 * Q * P + 8 * P * N)
-        return fwd, bwd
-    half = 10 / 16  # block-level causal skipping, 64-row blocks at Q = 256
-    fwd = H * (2 * Q * half * (N + P) + 4 * P * N)
-    bwd = H * (2 * Q * half * (4 * N + 3 * P) + 10 * P * N)
+def flops_per_token(H):
+    fwd = G * Q * N + H * (Q * P + 4 * P * N)
+    bwd = G * 3 * Q * N + H * (2 * Q * P + 8 * P * N)
     return fwd, bwd
 
 
@@ -61,15 +53,14 @@ def bytes_per_token(H, s):
 
 def table():
     out = []
-    out.append("| model | H | FLOP/token fwd | fwd+bwd | kernel fwd | kernel fwd+bwd | bytes/token fwd fp32 / bf16 | fwd+bwd fp32 / bf16 |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    out.append("| model | H | FLOP/token fwd | fwd+bwd | bytes/token fwd fp32 / bf16 | fwd+bwd fp32 / bf16 |")
+    out.append("|---|---|---|---|---|---|")
     for m, d in MODELS.items():
         H = 2 * d // 64
         f, b = flops_per_token(H)
-        kf, kb = flops_per_token(H, kernel=True)
         b4, b2 = bytes_per_token(H, 4), bytes_per_token(H, 2)
         out.append(
-            f"| {m} | {H} | {f / 1e6:.2f} M | {(f + b) / 1e6:.2f} M | {kf / 1e6:.2f} M | {(kf + kb) / 1e6:.2f} M "
+            f"| {m} | {H} | {f / 1e6:.2f} M | {(f + b) / 1e6:.2f} M "
             f"| {b4[0] / 1e3:.1f} / {b2[0] / 1e3:.1f} kB | {sum(b4) / 1e3:.1f} / {sum(b2) / 1e3:.1f} kB |"
         )
     out.append("")
@@ -86,25 +77,6 @@ def table():
             for name, fl in (("fwd", f), ("fwd+bwd", f + b)):
                 cells = []
                 for dev, (peak, bw) in DEVICES.items():
-                    s = 2 if "bf16" in dev else 4
-                    by = bytes_per_token(H, s)
-                    by = by[0] if name == "fwd" else sum(by)
-                    tc, tm = fl * L / peak, by * L / bw
-                    cells.append(f"{max(tc, tm) * 1e6:.1f} µs [{'C' if tc >= tm else 'M'}]")
-                out.append(f"| {m} | {L} | {name} | " + " | ".join(cells) + " |")
-    out.append("")
-    out.append("The same floor with the GPU kernel's FLOPs (CB recomputed per head, 64-row causal blocks):")
-    out.append("")
-    gpus = {k: v for k, v in DEVICES.items() if k.startswith("H100")}
-    out.append("| model | L | pass | " + " | ".join(gpus) + " |")
-    out.append("|" + "---|" * (3 + len(gpus)))
-    for m in ("130m", "2.7b"):
-        H = 2 * MODELS[m] // 64
-        f, b = flops_per_token(H, kernel=True)
-        for L in (2048, 8192):
-            for name, fl in (("fwd", f), ("fwd+bwd", f + b)):
-                cells = []
-                for dev, (peak, bw) in gpus.items():
                     s = 2 if "bf16" in dev else 4
                     by = bytes_per_token(H, s)
                     by = by[0] if name == "fwd" else sum(by)
