@@ -192,7 +192,8 @@ def main(argv=None):
         from pallas_kernels.ssd_gpu.ops import ssd_gpu_core
 
         # fp32 inputs with TF32 dots (the default pallas_gpu runs IEEE fp32 dots)
-        ssd_api.register_impl("pallas_gpu_tf32", functools.partial(ssd_gpu_core, tf32=True), overwrite=True)
+        ssd_api.register_impl("pallas_gpu_tf32", functools.partial(ssd_gpu_core, tf32=True),
+                              overwrite=True, fuses_skip=True)
         impls = [i for i in impls if i != "pallas_gpu_tf32"] + ["pallas_gpu_tf32"]
     peer = mamba_ssm_timer(backend) if not args.impls or "mamba_ssm" in impls else None
     impls = [i for i in impls if i != "mamba_ssm"] + (["mamba_ssm"] if peer else [])

@@ -34,9 +34,19 @@ def test_tpu_compile_published_and_tiny_shapes():
     p = _run()
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     assert "ALL COMPILED" in p.stdout
-    for name in ("tiny", "130m-L2048-bf16", "130m-L4096-bf16-seg", "2.7b-L2048-bf16"):
+    for name in ("tiny", "130m-L2048-bf16", "130m-L4096-bf16-seg", "2.7b-L2048-bf16",
+                 "bf16-Q104", "hd32-packed", "hd128-N256"):
         assert f"| {name} " in p.stdout
-    assert p.stdout.count("| yes ") >= 10  # every case, fwd and fwd+bwd
+    assert p.stdout.count("| yes ") >= 16  # every case, fwd and fwd+bwd
+
+
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v4:2x2x1"])
+def test_tpu_compile_megacore_topologies(topology):
+    """v5p and v4 (two TensorCores per device: the kernels split each group's head blocks over
+    them, see ssd_tpu.ops.core_split) compile the tiny and published shapes."""
+    p = _run("--topology", topology, "--cases", "tiny,130m-L2048-bf16,2.7b-L2048-bf16")
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "ALL COMPILED" in p.stdout and p.stdout.count("| yes ") == 6
 
 
 def test_tpu_compile_rejects_misaligned_block():

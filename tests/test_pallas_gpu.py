@@ -118,8 +118,8 @@ def check(inp, *, seg=None, chunk=16, softplus=True, limit=(0.0, float("inf")), 
 def _impl_with(name, **cfg_kw):
     """Register impl ``name``: the pallas_gpu core (interpret mode) with make_config overrides."""
     core = functools.partial(ops.ssd_gpu_core, interpret=True, **cfg_kw)
-    ssd_api.register_impl(name, lambda prep, *, chunk_size: core(prep, chunk_size=chunk_size),
-                          overwrite=True)
+    ssd_api.register_impl(name, lambda prep, *, chunk_size, D=None: core(
+        prep, chunk_size=chunk_size, D=D), overwrite=True, fuses_skip=True)
     return name
 
 

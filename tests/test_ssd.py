@@ -437,3 +437,35 @@ def test_register_impl(monkeypatch):
     y = ssd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], impl="dummy")
     y_ref = ssd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], impl="reference")
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+
+
+def test_register_impl_fused_skip(monkeypatch):
+    """A core registered with fuses_skip=True gets D as (H, P) and returns y + D x; the op then
+    adds no skip of its own. Both give the reference result."""
+    from mamba2_jax.ssd.common import apply_skip
+    from mamba2_jax.ssd.reference import reference_core
+
+    monkeypatch.setattr(ssd_api, "_IMPLS", dict(ssd_api._IMPLS))
+    monkeypatch.setattr(ssd_api, "SKIP_IMPLS", set(ssd_api.SKIP_IMPLS))
+    seen = []
+
+    def fused(prep, *, chunk_size, D=None):
+        seen.append(None if D is None else D.shape)
+        y, h = reference_core(prep, chunk_size=chunk_size)
+        return apply_skip(y, prep.x, D, prep.acc), h
+
+    ssd_api.register_impl("fused", fused, fuses_skip=True)
+    inp = make_inputs(2, 1, 5, 1, dtype=np.float32)
+    H, P = inp["x"].shape[2:]
+    args = [inp[k] for k in ("x", "dt", "A", "B", "C")]
+    D = jnp.linspace(-1.0, 1.0, H)
+    y = ssd(*args, D=D, impl="fused")
+    y_ref = ssd(*args, D=D, impl="reference")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-6, atol=1e-6)
+    assert seen == [(H, P)]
+    # registered again without fuses_skip: the op adds D x itself and passes no D=
+    ssd_api.register_impl("fused", lambda prep, *, chunk_size: reference_core(
+        prep, chunk_size=chunk_size), overwrite=True)
+    assert "fused" not in ssd_api.SKIP_IMPLS
+    np.testing.assert_allclose(np.asarray(ssd(*args, D=D, impl="fused")), np.asarray(y_ref),
+                               rtol=1e-6, atol=1e-6)

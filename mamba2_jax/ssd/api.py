@@ -63,14 +63,16 @@ PALLAS_IMPLS = frozenset(_LAZY)
 WINDOW_IMPLS = {"reference", "xla"}
 # impls whose core fuses the D skip: given ``D=`` ((H, P) in the accumulation dtype) it returns
 # y + D x (and may return y in the input dtype)
-SKIP_IMPLS = {"pallas_tpu"}
+SKIP_IMPLS = {"pallas_gpu", "pallas_tpu"}
 
 
 def register_impl(name: str, core: Callable, *, overwrite: bool = False,
-                  supports_window: bool = False) -> None:
+                  supports_window: bool = False, fuses_skip: bool = False) -> None:
     """Register an implementation core under ``name`` (see module docstring).
 
     ``supports_window``: the core accepts ``window=r`` (int >= 1) as a keyword argument.
+    ``fuses_skip``: the core accepts ``D=`` ((H, P) in the accumulation dtype, or None) and
+    returns y + D x (e.g. a variant of the Pallas cores).
     Cores must take the per-token log-decay from ``Prepared.dA`` (dt * A + log_decay_offset),
     not recompute dt * A, or ``log_decay_offset`` is silently lost.
     """
@@ -79,10 +81,11 @@ def register_impl(name: str, core: Callable, *, overwrite: bool = False,
     if name in _IMPLS and not overwrite:
         raise ValueError(f"ssd: impl {name!r} is already registered")
     _IMPLS[name] = core
-    if supports_window:
-        WINDOW_IMPLS.add(name)
-    else:
-        WINDOW_IMPLS.discard(name)
+    for impls, on in ((WINDOW_IMPLS, supports_window), (SKIP_IMPLS, fuses_skip)):
+        if on:
+            impls.add(name)
+        else:
+            impls.discard(name)
 
 
 def set_auto_impl(platform: str, name: str) -> None:

@@ -247,7 +247,7 @@ def _decay(acs_l, acs_s):
 def _scan_fwd_kernel(*refs, cfg: Config, nL: int):
     x_ref, dt_ref, acs_ref, b_ref, c_ref, prev_ref = refs[:6]
     (seg_ref, segp_ref, _), rest = _seg_refs(cfg.has_seg, refs[6:])
-    (y_ref,) = rest
+    d_ref, y_ref = rest
     BL, HB = cfg.BL, cfg.HB
     lb = pl.program_id(1) % nL
     rl = pl.ds(lb * BL, BL)
@@ -274,8 +274,9 @@ def _scan_fwd_kernel(*refs, cfg: Config, nL: int):
         return tuple(out)
 
     accs = lax.fori_loop(0, lb + 1, body, tuple(accs))
-    for k in range(HB):
-        y_ref[:, k, :] = accs[k].astype(y_ref.dtype)
+    for k in range(HB):  # + the D skip
+        y = accs[k] + d_ref[k, :][None, :] * x_ref[rl, k, :].astype(F32)
+        y_ref[:, k, :] = y.astype(y_ref.dtype)
 
 
 def _chunk_specs(cfg, nbg, nL, P, N, Q, *, with_dy=False):
@@ -308,8 +309,13 @@ def _chunk_grid(cfg, b, Lp, H, G):
     return (b, (Lp // cfg.Q) * nL, H // cfg.HB), nL, R // cfg.HB
 
 
-def scan_fwd(x, dt, acs, B, C, prev, segs, cfg: Config):
-    """-> y (b, Lp, H, P) fp32 (without the D term)."""
+def _skip_spec(cfg, P):
+    """(HB, P) blocks of the skip D (H, P) fp32."""
+    return pl.BlockSpec((cfg.HB, P), lambda i, k, h: (h, 0))
+
+
+def scan_fwd(x, dt, acs, B, C, prev, segs, D, cfg: Config):
+    """-> y (b, Lp, H, P) in x.dtype, with the skip D (H, P) fp32."""
     b, Lp, H, P = x.shape
     G, N = B.shape[-2:]
     Q, BL, HB = cfg.Q, cfg.BL, cfg.HB
@@ -319,9 +325,11 @@ def scan_fwd(x, dt, acs, B, C, prev, segs, cfg: Config):
     if cfg.has_seg:
         in_specs += _seg_specs(cfg, nL, Q)
         args += list(segs)
+    in_specs.append(_skip_spec(cfg, P))
+    args.append(D)
     return _launch(cfg, functools.partial(_scan_fwd_kernel, cfg=cfg, nL=nL), "ssd_scan_fwd", grid,
                    in_specs, pl.BlockSpec((None, BL, HB, P), lambda i, k, h: (i, k, h, 0)),
-                   jax.ShapeDtypeStruct((b, Lp, H, P), F32), args, chunk=True)
+                   jax.ShapeDtypeStruct((b, Lp, H, P), x.dtype), args, chunk=True)
 
 
 # --------------------------------------------------------------------------- backward states
@@ -393,7 +401,7 @@ def state_bwd(dy, acs, C, prev, dhT, segs, cfg: Config):
 def _scan_bwd_s_kernel(*refs, cfg: Config, nL: int):
     x_ref, dt_ref, acs_ref, b_ref, c_ref, dS_ref, dy_ref = refs[:7]
     (seg_ref, _, sege_ref), rest = _seg_refs(cfg.has_seg, refs[7:])
-    dx_ref, ddt_ref, db_ref, col_ref, st_ref = rest
+    d_ref, dx_ref, ddt_ref, db_ref, col_ref, st_ref, dd_ref = rest
     Q, BL, HB = cfg.Q, cfg.BL, cfg.HB
     sb = pl.program_id(1) % nL
     rs = pl.ds(sb * BL, BL)
@@ -449,8 +457,11 @@ def _scan_bwd_s_kernel(*refs, cfg: Config, nL: int):
         dS = dS_ref[k]
         dxw = _dot(b_s, dS, cfg, trans_b=True)  # (BS, P)
         x_s = x_ref[rs, k, :].astype(F32)
+        dy_s = dy_ref[rs, k, :].astype(F32)
         v = dxw * ws[k][:, None] + dxdts[k]
-        dx_ref[:, k, :] = (v * dt_s[k][:, None]).astype(dx_ref.dtype)
+        dx = v * dt_s[k][:, None] + d_ref[k, :][None, :] * dy_s  # + the D skip's
+        dx_ref[:, k, :] = dx.astype(dx_ref.dtype)
+        dd_ref[k, :] = jnp.sum(dy_s * x_s, axis=0)
         ddt_ref[k, :] = jnp.sum(v * x_s, axis=1)
         col_ref[k, :] = cols[k]
         st_ref[k, :] = jnp.sum(dxw * (x_s * dt_s[k][:, None]), axis=1) * ws[k]
@@ -463,9 +474,9 @@ def _partial_dtype(nbg, dtype):
     return jnp.dtype(dtype) if nbg == 1 else F32
 
 
-def scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg: Config):
+def scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, D, cfg: Config):
     """-> dx (b,Lp,H,P) in x.dtype, ddt (b,H,Lp) fp32, dB partials (b,Lp,H/HB,N), col, st
-    (b,H,Lp) fp32.
+    (b,H,Lp) fp32, and the skip's dD per column block (b, Lp/BL, H, P) fp32.
 
     dB partial [.., hb, :] is the sum over the HB heads of head block hb (group hb // nbg); it
     is in B.dtype when nbg = 1 (the group's dB) and fp32 otherwise.
@@ -481,6 +492,8 @@ def scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg: Config):
     if cfg.has_seg:
         in_specs += _seg_specs(cfg, nL, Q)
         args += list(segs)
+    in_specs.append(_skip_spec(cfg, P))
+    args.append(D)
     per_tok = pl.BlockSpec((None, HB, BL), lambda i, k, h: (i, h, k))
     out_specs = [
         pl.BlockSpec((None, BL, HB, P), lambda i, k, h: (i, k, h, 0)),
@@ -488,6 +501,7 @@ def scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg: Config):
         pl.BlockSpec((None, BL, None, N), lambda i, k, h: (i, k, h, 0)),
         per_tok,
         per_tok,
+        pl.BlockSpec((None, None, HB, P), lambda i, k, h: (i, k, h, 0)),
     ]
     out_shape = [
         jax.ShapeDtypeStruct((b, Lp, H, P), x.dtype),
@@ -495,6 +509,7 @@ def scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg: Config):
         jax.ShapeDtypeStruct((b, Lp, H // HB, N), _partial_dtype(nbg, B.dtype)),
         jax.ShapeDtypeStruct((b, H, Lp), F32),
         jax.ShapeDtypeStruct((b, H, Lp), F32),
+        jax.ShapeDtypeStruct((b, Lp // BL, H, P), F32),
     ]
     return _launch(cfg, functools.partial(_scan_bwd_s_kernel, cfg=cfg, nL=nL), "ssd_scan_bwd_s",
                    grid, in_specs, out_specs, out_shape, args, chunk=True)

@@ -1,7 +1,9 @@
 """``impl="pallas_gpu"``: the SSD core built from the Pallas (Triton) kernels in kernel.py.
 
-``ssd_gpu_core(prep, *, chunk_size, interpret=None)`` follows the core contract of
-``mamba2_jax.ssd.api`` (y without the D term and the final state, both in ``prep.acc``).
+``ssd_gpu_core(prep, *, chunk_size, interpret=None, D=None)`` follows the core contract of
+``mamba2_jax.ssd.api`` for impls that fuse the D skip (``SKIP_IMPLS``): y + D x in the input
+dtype (scan_fwd adds it; scan_bwd_s adds D dy to dx and writes dD per row block) and the final
+state in ``prep.acc``.
 XLA does the cheap glue: padding (L to a multiple of the chunk with dt = 0, dA = 0, x = B = C = 0;
 P and N to powers of two >= 16), the per-token log-decay dA = dt * A + log_decay_offset (taken
 from the shared prologue, ``prep.dA``; the mitigations need no kernel change) and its per-chunk
@@ -112,37 +114,37 @@ def _chunk_cumsum(dA, Q):
     return jnp.cumsum(dA.reshape(b, H, Lp // Q, Q), axis=-1).reshape(b, H, Lp)
 
 
-def _fwd(cfg, x, dt, dA, B, C, h0, segs):
+def _fwd(cfg, x, dt, dA, B, C, h0, D, segs):
     acs = _chunk_cumsum(dA, cfg.Q)
     prev, hT = K.state_fwd(x, dt, acs, B, h0, segs, cfg)
-    y = K.scan_fwd(x, dt, acs, B, C, prev, segs, cfg)
+    y = K.scan_fwd(x, dt, acs, B, C, prev, segs, D, cfg)
     return y, hT, prev, acs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def ssd_kernels(cfg, x, dt, dA, B, C, h0, segs):
+def ssd_kernels(cfg, x, dt, dA, B, C, h0, D, segs):
     """Padded-layout SSD: x (b,Lp,H,P); dt, dA = dt*A (b,H,Lp) fp32; B, C (b,Lp,G,N);
-    h0 (b,H,P,N). Returns y (b,Lp,H,P) fp32 without D, final state (b,H,P,N) fp32.
+    h0 (b,H,P,N); D (H,P) fp32. Returns y + D x (b,Lp,H,P) in x.dtype and the final state
+    (b,H,P,N) fp32.
     """
-    y, hT, _, _ = _fwd(cfg, x, dt, dA, B, C, h0, segs)
+    y, hT, _, _ = _fwd(cfg, x, dt, dA, B, C, h0, D, segs)
     return y, hT
 
 
-def _ssd_kernels_fwd(cfg, x, dt, dA, B, C, h0, segs):
-    y, hT, prev, acs = _fwd(cfg, x, dt, dA, B, C, h0, segs)
-    return (y, hT), (x, dt, acs, B, C, segs, prev)
+def _ssd_kernels_fwd(cfg, x, dt, dA, B, C, h0, D, segs):
+    y, hT, prev, acs = _fwd(cfg, x, dt, dA, B, C, h0, D, segs)
+    return (y, hT), (x, dt, acs, B, C, D, segs, prev)
 
 
 def _ssd_kernels_bwd(cfg, res, cts):
-    x, dt, acs, B, C, segs, prev = res
-    dy, dhT = cts
+    x, dt, acs, B, C, D, segs, prev = res
+    dy, dhT = cts  # dy in y's dtype (x.dtype): the kernels read it as it is
     b, Lp, H, P = x.shape
     G, N = B.shape[-2:]
     Q = cfg.Q
     T = Lp // Q
-    dy = dy.astype(jnp.float32)
     dS, red, dh0 = K.state_bwd(dy, acs, C, prev, dhT.astype(jnp.float32), segs, cfg)
-    dx, ddt, dBp, col, st = K.scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, cfg)
+    dx, ddt, dBp, col, st, dD = K.scan_bwd_s(x, dt, acs, B, C, dS, dy, segs, D, cfg)
     dCp, row = K.scan_bwd_l(x, dt, acs, B, C, prev, dy, segs, cfg)
     # Gradient w.r.t. the per-token log-decay dA_k without cancellation (pallas_kernels/log_decay)
     shape = (b, H, T, Q)
@@ -155,7 +157,7 @@ def _ssd_kernels_bwd(cfg, res, cts):
     else:
         dB = jnp.sum(dBp.reshape(b, Lp, G, nbg, N), axis=3).astype(B.dtype)
         dC = jnp.sum(dCp.reshape(b, Lp, G, nbg, N), axis=3).astype(C.dtype)
-    return dx, ddt, ddA, dB, dC, dh0, None
+    return dx, ddt, ddA, dB, dC, dh0, jnp.sum(dD, axis=(0, 1)), None
 
 
 ssd_kernels.defvjp(_ssd_kernels_fwd, _ssd_kernels_bwd)
@@ -200,18 +202,22 @@ def prepare_padded(prep, chunk_size, interpret, **cfg_kw):
     return cfg, (xk, dt, dA, Bk, Ck, h0, segs)
 
 
-def ssd_gpu_core(prep, *, chunk_size: int = 256, interpret=None, **cfg_kw):
-    """SSD core on the Pallas GPU kernels (see module docstring).
+def ssd_gpu_core(prep, *, chunk_size: int = 256, interpret=None, D=None, **cfg_kw):
+    """SSD core on the Pallas GPU kernels (see module docstring): y + D x (b,L,H,P) in the
+    input dtype (fp32 for fp64 inputs), D ((H, P) or None) fused, and the final state in
+    ``prep.acc``.
 
     ``cfg_kw`` (make_config): block_l, block_p, block_n, num_warps, num_stages, tf32. The
     public op uses the defaults; e.g. ``mamba2_jax.ssd.api.register_impl("pallas_gpu_tf32",
-    functools.partial(ssd_gpu_core, tf32=True))`` adds a TF32 variant for fp32 inputs.
+    functools.partial(ssd_gpu_core, tf32=True), fuses_skip=True)`` adds a TF32 variant for
+    fp32 inputs.
     """
     if interpret is None:
         interpret = target_platform() == "cpu"
     b, L, H, P = prep.x.shape
     N = prep.B.shape[-1]
-    cfg, args = prepare_padded(prep, chunk_size, interpret, **cfg_kw)
-    y, hT = ssd_kernels(cfg, *args)
-    acc = prep.acc
-    return y[:, :L, :, :P].astype(acc), hT[:, :, :P, :N].astype(acc)
+    cfg, (xk, dt, dA, Bk, Ck, h0, segs) = prepare_padded(prep, chunk_size, interpret, **cfg_kw)
+    Pp = xk.shape[-1]
+    D = jnp.zeros((H, Pp), jnp.float32) if D is None else pad_axis(D.astype(jnp.float32), Pp, 1)
+    y, hT = ssd_kernels(cfg, xk, dt, dA, Bk, Ck, h0, D, segs)
+    return y[:, :L, :, :P], hT[:, :, :P, :N].astype(prep.acc)
