@@ -16,7 +16,8 @@ Design
   blocks are "arbitrary", head blocks innermost: per (chunk, group) C·Bᵀ (Q x Q, fp32
   accumulate, causal/segment mask) is computed once, at head block 0, into a VMEM scratch
   shared by every head block, and in the backward dB and dC are accumulated over the heads in
-  their resident (Q, N) output blocks (one partial per core split, summed by XLA). Per head:
+  fp32 VMEM scratch and written once per (chunk, group) in B's dtype (with a core split: one fp32
+  partial per split, summed by XLA). Per head:
   diagonal block, state -> output, chunk state, and the state update ``h <- decay * h + S``
   carried in a VMEM scratch (head blocks, hb, P, N) fp32 across the chunk axis. h0 is read and
   the final state written only at the first / last chunk (their block index stays put at the

@@ -5,8 +5,9 @@ See the package docstring (``pallas_kernels/ssd_tpu/__init__.py``) for the desig
 and is the only "parallel" one (so megacore chips split it across their TensorCores even at
 batch 1 per device and one group); chunks and head blocks are "arbitrary", head blocks
 innermost, so everything per (chunk, group) is computed once and shared by the head blocks:
-C·Bᵀ (a VMEM scratch filled at head block 0) and, in the backward, dB and dC, which stay
-resident in VMEM and are accumulated over the heads (one partial per core split).
+C·Bᵀ (a VMEM scratch filled at head block 0) and, in the backward, dB and dC, accumulated over
+the heads in fp32 VMEM scratch and written once per (chunk, group) in B's dtype (fp32 partials,
+one per core split, when the heads are split over two cores).
 
 Shapes of one program:
 
@@ -167,7 +168,7 @@ def vmem_bytes(Q, hb, P, N, J, itemsize, *, backward):
     io += 2 * 2 * Q * N * itemsize + 2 * hb * NCOLS * Q * 4 * (2 if backward else 1)
     io += 2 * hb * P * N * 4 * (2 if backward else 2)  # prev (and h0/hT or dhT/dh0) blocks
     if backward:
-        io += 2 * 2 * Q * N * 4  # dB, dC resident fp32 blocks
+        io += 2 * 2 * Q * N * 4 * 2  # dB, dC resident output blocks and fp32 accumulators
     scratch = J * hb * P * N * 4 + Q * Q * 4 * (2 if backward else 1)
     temps = Q * Q * 4 * (6 if backward else 3) + 6 * Q * P * 4 + 2 * P * N * 4
     return io + scratch + temps
@@ -352,7 +353,7 @@ def _bwd_kernel(*refs, g: Grid, cd, has_seg):
     x_ref, dy_ref, d_ref, c_ref, b_ref, rows_ref, prev_ref, dhT_ref = (next(it) for _ in range(8))
     seg_row_ref = next(it) if has_seg else None
     dx_ref, dd_ref, drows_ref, dB_ref, dC_ref, dh0_ref = (next(it) for _ in range(6))
-    g_scr, cbt_scr, dcbt_scr = next(it), next(it), next(it)
+    g_scr, cbt_scr, dcbt_scr, dbc_scr = next(it), next(it), next(it), next(it)
     Q, P, hb = g.Q, g.P, g.hb
     s, j = pl.program_id(1), pl.program_id(2)  # chunk t = T - 1 - s: chunks visited in reverse
 
@@ -372,8 +373,7 @@ def _bwd_kernel(*refs, g: Grid, cd, has_seg):
     def _first():  # once per (chunk, group): B Cᵀ; zero the accumulators
         cbt_scr[...] = jnp.where(maskT, _mm(Bm, C, _NT, cd), 0.0)
         dcbt_scr[...] = jnp.zeros_like(dcbt_scr)
-        dB_ref[...] = jnp.zeros_like(dB_ref)
-        dC_ref[...] = jnp.zeros_like(dC_ref)
+        dbc_scr[...] = jnp.zeros_like(dbc_scr)
 
     CBmT = cbt_scr[...]  # (Q(s), Q(l))
     CBsT = jnp.where(strictT, CBmT, 0.0)  # off the diagonal: the log-decay pair terms
@@ -424,14 +424,14 @@ def _bwd_kernel(*refs, g: Grid, cd, has_seg):
 
     zeros = jnp.zeros((Q, g.N), F32)
     dB_acc, dC_acc = _loop_heads(hb, g.packed, head, (zeros, zeros))
-    dB_ref[...] += dB_acc
-    dC_ref[...] += dC_acc
+    dbc_scr[0] += dB_acc
+    dbc_scr[1] += dC_acc
 
     @pl.when(j == g.J - 1)
     def _diag():  # the diagonal blocks' dB, dC from the head-summed dCBᵀ
         dCBT = jnp.where(maskT, dcbt_scr[...], 0.0)
-        dB_ref[...] += _mm(dCBT, C, _NN, cd)
-        dC_ref[...] += _mm(dCBT, Bm, _TN, cd)
+        dB_ref[...] = (dbc_scr[0] + _mm(dCBT, C, _NN, cd)).astype(dB_ref.dtype)
+        dC_ref[...] = (dbc_scr[1] + _mm(dCBT, Bm, _TN, cd)).astype(dC_ref.dtype)
 
     @pl.when(s == g.T - 1)
     def _fin():
@@ -442,9 +442,11 @@ def ssd_bwd_call(x, dy, D, C, Bm, rows, prev, dhT, seg_row, *, g: Grid, cd, dx_d
                  interpret):
     """Backward of :func:`ssd_fwd_call`. dy like x; prev (b,H,T,P,N); dhT (b,H,P,N).
 
-    Returns dx (like x, dx_dtype), the per-chunk partials of dD (Grid.skip_grad_shape), drows (b,H,T,NCOLS,Q) fp32 = [d dt, row, col, st, carried]
-    per token (pallas_kernels/log_decay.py), dB, dC (b, G*split, Lp, N) fp32 (summed over the
-    heads of each core split), dh0 (b,H,P,N) fp32.
+    Returns dx (like x, dx_dtype), the per-chunk partials of dD (Grid.skip_grad_shape), drows
+    (b,H,T,NCOLS,Q) fp32 = [d dt, row, col, st, carried] per token (pallas_kernels/log_decay.py),
+    dB, dC (b, G*split, Lp, N) summed over the heads of each core split (accumulated in fp32;
+    written in B's dtype when split = 1, so they are the final dB, dC; fp32 partials for XLA to
+    sum otherwise), dh0 (b,H,P,N) fp32.
     """
     rt = lambda t: g.T - 1 - t  # noqa: E731
     H = g.G * g.R
@@ -459,18 +461,19 @@ def ssd_bwd_call(x, dy, D, C, Bm, rows, prev, dhT, seg_row, *, g: Grid, cd, dx_d
     out_specs = [xspec, g.skip_grad_spec(rt), g.head_chunk_spec(rt, (NCOLS, g.Q)),
                  g.unit_spec(rt), g.unit_spec(rt), g.state_spec(g.T - 1)]
     Lp = g.T * g.Q
+    dbc_dtype = Bm.dtype if g.split == 1 else F32
     out_shape = [
         jax.ShapeDtypeStruct(x.shape, dx_dtype),
         jax.ShapeDtypeStruct(g.skip_grad_shape(), F32),
         jax.ShapeDtypeStruct((g.b, H, g.T, NCOLS, g.Q), F32),
-        jax.ShapeDtypeStruct((g.b, g.G * g.split, Lp, g.N), F32),
-        jax.ShapeDtypeStruct((g.b, g.G * g.split, Lp, g.N), F32),
+        jax.ShapeDtypeStruct((g.b, g.G * g.split, Lp, g.N), dbc_dtype),
+        jax.ShapeDtypeStruct((g.b, g.G * g.split, Lp, g.N), dbc_dtype),
         jax.ShapeDtypeStruct((g.b, H, g.P, g.N), F32),
     ]
     kernel = functools.partial(_bwd_kernel, g=g, cd=cd, has_seg=seg_row is not None)
     Q, P, N = g.Q, g.P, g.N
     flops = g.b * g.T * (g.G * g.split * 6 * Q * Q * N + H * (4 * Q * Q * P + 12 * Q * N * P))
     scratch = [pltpu.VMEM((g.J, g.hb, P, N), F32), pltpu.VMEM((Q, Q), F32),
-               pltpu.VMEM((Q, Q), F32)]
+               pltpu.VMEM((Q, Q), F32), pltpu.VMEM((2, Q, N), F32)]
     return _call(kernel, "ssd_tpu_bwd", g, in_specs, out_specs, out_shape, scratch, args, flops,
                  interpret)

@@ -153,8 +153,9 @@ def _ssd_tpu_bwd(cfg, res, cts):
         g=gb, cd=_compute_dtype(x, Bq, Cq), dx_dtype=x.dtype, interpret=interpret)
     ddA = log_decay_grad(drows[..., 1, :], drows[..., 2, :], drows[..., 3, :], drows[..., 4, 0])
     b, G, Lp, N = Bq.shape
-    dB = dB.reshape(b, G, gb.split, Lp, N).sum(axis=2).astype(Bq.dtype)
-    dC = dC.reshape(b, G, gb.split, Lp, N).sum(axis=2).astype(Cq.dtype)
+    if gb.split > 1:  # fp32 partials, one per core split
+        dB = dB.reshape(b, G, gb.split, Lp, N).sum(axis=2).astype(Bq.dtype)
+        dC = dC.reshape(b, G, gb.split, Lp, N).sum(axis=2).astype(Cq.dtype)
     dD = jnp.sum(dD, axis=(0, 1, 2) if gb.packed else (0, 2, 3)).reshape(D.shape)
     return dx, drows[..., 0, :], ddA, dB, dC, dh0, dD, None
 
