@@ -14,7 +14,7 @@ log-decay dA = dt * A (pallas_kernels.log_decay: a cancellation-free form; the u
 diagonal terms, which dominate under strong decay, never enter it).
 Everything of cost O(L * H * P * N) or O(L * Q * H * (P + N)) runs in the Pallas kernels,
 forward and backward (a ``jax.custom_vjp``; the backward stores only the chunk-entry states
-and y, and recomputes C B^T, the decay matrices and the state weights).
+and recomputes C B^T, the decay matrices and the state weights).
 
 Head blocks (``make_config``): the chunk-local kernels run HB heads of one group per program
 and compute C B^T once for them. HB is the largest divisor of H/G that is <= ``max_heads``
