@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402
 
-flags.FLAGS(sys.argv[:1])   # grain's mp_prefetch reads an absl flag
+flags.FLAGS(sys.argv[:1])  # grain's mp_prefetch reads an absl flag
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -48,18 +48,37 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def bench_prepare(tokenizer, workers, tmp):
   out = os.path.join(tmp, f"prep-{os.path.basename(str(tokenizer))}-{workers}")
   t0 = time.perf_counter()
-  m = prepare(["builtin:shakespeare"], tokenizer, out, workers=workers, shard_bytes=1 << 20,
-              show_progress=False, log=lambda *a: None)
+  m = prepare(
+    ["builtin:shakespeare"],
+    tokenizer,
+    out,
+    workers=workers,
+    shard_bytes=1 << 20,
+    show_progress=False,
+    log=lambda *a: None,
+  )
   dt = time.perf_counter() - t0
-  return out, {"tokenizer": m["tokenizer"]["name"], "workers": workers, "seconds": dt,
-               "MB": m["source_bytes"] / 1e6, "MB_per_s": m["source_bytes"] / 1e6 / dt,
-               "tokens": m["num_tokens"], "tokens_per_s": m["num_tokens"] / dt,
-               "shards": len(m["shards"])}
+  return out, {
+    "tokenizer": m["tokenizer"]["name"],
+    "workers": workers,
+    "seconds": dt,
+    "MB": m["source_bytes"] / 1e6,
+    "MB_per_s": m["source_bytes"] / 1e6 / dt,
+    "tokens": m["num_tokens"],
+    "tokens_per_s": m["num_tokens"] / dt,
+    "shards": len(m["shards"]),
+  }
 
 
 def bench_stream(source, seq_len, batch, n, workers):
-  cfg = StreamConfig(source=source, seq_len=seq_len, batch_size=batch, seed=0,
-                     packing="segments", num_workers=workers)
+  cfg = StreamConfig(
+    source=source,
+    seq_len=seq_len,
+    batch_size=batch,
+    seed=0,
+    packing="segments",
+    num_workers=workers,
+  )
   t0 = time.perf_counter()
   it = make_train_iterator(cfg, process_index=0, process_count=1)
   next(it)
@@ -70,8 +89,13 @@ def bench_stream(source, seq_len, batch, n, workers):
   dt = time.perf_counter() - t0
   it.close()
   assert b["tokens"].shape == (batch, seq_len)
-  return {"workers": workers, "first_batch_s": first, "batches": n,
-          "tokens_per_s": n * batch * seq_len / dt, "ms_per_batch": dt / n * 1e3}
+  return {
+    "workers": workers,
+    "first_batch_s": first,
+    "batches": n,
+    "tokens_per_s": n * batch * seq_len / dt,
+    "ms_per_batch": dt / n * 1e3,
+  }
 
 
 def bench_step(seq_len, batch, reps=5):
@@ -98,8 +122,14 @@ def bench_step(seq_len, batch, reps=5):
     jax.block_until_ready(step(params, tokens, segs))
     ts.append(time.perf_counter() - t0)
   s = statistics.median(ts)
-  return {"model": "tiny", "params": cfg.num_params(), "step_s": s, "compile_s": compile_s,
-          "tokens_per_s": batch * seq_len / s, "backend": jax.default_backend()}
+  return {
+    "model": "tiny",
+    "params": cfg.num_params(),
+    "step_s": s,
+    "compile_s": compile_s,
+    "tokens_per_s": batch * seq_len / s,
+    "backend": jax.default_backend(),
+  }
 
 
 def main():
@@ -111,12 +141,21 @@ def main():
   ap.add_argument("--workers", default="0,2", help="stream worker counts")
   ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks/results/data_pipeline.json"))
   args = ap.parse_args()
-  builtin_files("shakespeare")          # fetch outside the timings
-  res = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                     "python": platform.python_version(), "jax": jax.__version__,
-                     "loadavg_at_start": os.getloadavg()},
-         "seq_len": args.seq_len, "batch": args.batch, "prepare": [], "stream": [],
-         "skipped": []}
+  builtin_files("shakespeare")  # fetch outside the timings
+  res = {
+    "machine": {
+      "platform": platform.platform(),
+      "cpus": os.cpu_count(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "loadavg_at_start": os.getloadavg(),
+    },
+    "seq_len": args.seq_len,
+    "batch": args.batch,
+    "prepare": [],
+    "stream": [],
+    "skipped": [],
+  }
   with tempfile.TemporaryDirectory() as tmp:
     byte_dir = None
     for tok in args.tokenizers.split(","):
@@ -139,21 +178,26 @@ def main():
   for s in res["stream"]:
     s["headroom_vs_step"] = s["tokens_per_s"] / step_tps
 
-  print(f"\ndata pipeline on builtin:shakespeare ({res['machine']['cpus']} CPUs, "
-        f"{res['step']['backend']}, load average at start "
-        f"{res['machine']['loadavg_at_start'][0]:.1f}); seq_len {args.seq_len}, "
-        f"per-host batch {args.batch}")
+  print(
+    f"\ndata pipeline on builtin:shakespeare ({res['machine']['cpus']} CPUs, "
+    f"{res['step']['backend']}, load average at start "
+    f"{res['machine']['loadavg_at_start'][0]:.1f}); seq_len {args.seq_len}, "
+    f"per-host batch {args.batch}"
+  )
   print(f"{'what':44s} {'rate':>22s}")
   for r in res["prepare"]:
     what = f"prepare, {r['tokenizer']}, {r['workers']} worker(s)"
     print(f"{what:44s} {r['MB_per_s']:9.2f} MB/s {r['tokens_per_s'] / 1e6:6.2f} Mtok/s")
   if any(r["workers"] > 1 for r in res["prepare"]):
-    print("  (2 workers: the time includes spawning the worker processes, which import jax via\n"
-          "   mamba2_jax/__init__; on a 5 MB corpus that start-up dominates)")
+    print(
+      "  (2 workers: the time includes spawning the worker processes, which import jax via\n"
+      "   mamba2_jax/__init__; on a 5 MB corpus that start-up dominates)"
+    )
   for s in res["stream"]:
     what = f"stream (segments), {s['workers']} mp workers"
-    print(f"{what:44s} {s['tokens_per_s'] / 1e6:9.2f} Mtok/s  "
-          f"(x{s['headroom_vs_step']:.0f} the step)")
+    print(
+      f"{what:44s} {s['tokens_per_s'] / 1e6:9.2f} Mtok/s  (x{s['headroom_vs_step']:.0f} the step)"
+    )
   st = res["step"]
   what = f"tiny model fwd+bwd step ({st['params']:,} params)"
   print(f"{what:44s} {st['tokens_per_s'] / 1e6:9.3f} Mtok/s  ({st['step_s'] * 1e3:.0f} ms/step)")

@@ -73,14 +73,26 @@ class PeakRSS:
 def run(model, length: int, chunk: int, out_dir: str) -> dict:
   cfg = get_task_config("ppl_by_position")
   with cfg.unlocked():
-    cfg.update(prompt="newlines", max_len=length, chunk_len=chunk, batch_size=1,
-               bucket_size=512, progress=False)
+    cfg.update(
+      prompt="newlines",
+      max_len=length,
+      chunk_len=chunk,
+      batch_size=1,
+      bucket_size=512,
+      progress=False,
+    )
   with PeakRSS() as mem:
     res = run_ppl_by_position(model, "byte", cfg, out_dir, train_len=8192)
-  return {"tokens": length, "chunk_len": chunk, "seconds": res["seconds"],
-          "tokens_per_s": res["summary"]["tokens_per_s"], "rss_before_mib": mem.start / 2**20,
-          "peak_rss_mib": mem.peak / 2**20, "peak_increase_mib": (mem.peak - mem.start) / 2**20,
-          "mean_loss": res["summary"]["mean_loss"]}
+  return {
+    "tokens": length,
+    "chunk_len": chunk,
+    "seconds": res["seconds"],
+    "tokens_per_s": res["summary"]["tokens_per_s"],
+    "rss_before_mib": mem.start / 2**20,
+    "peak_rss_mib": mem.peak / 2**20,
+    "peak_increase_mib": (mem.peak - mem.start) / 2**20,
+    "mean_loss": res["summary"]["mean_loss"],
+  }
 
 
 def bench_model(name, cfg, lengths, chunk, tmp) -> list[dict]:
@@ -90,11 +102,18 @@ def bench_model(name, cfg, lengths, chunk, tmp) -> list[dict]:
   compile_s = time.perf_counter() - t0
   rows = []
   for length in lengths:
-    row = {"model": name, "params": cfg.num_params(), "warmup_s": compile_s,
-           **run(model, length, chunk, os.path.join(tmp, f"{name}_{length}"))}
-    print(f"{name:10s} {length:>9,d} tok  chunk {chunk:5d}  {row['tokens_per_s']:9.0f} tok/s  "
-          f"{row['seconds']:7.1f} s  peak RSS {row['peak_rss_mib']:7.0f} MiB "
-          f"(+{row['peak_increase_mib']:.0f})", flush=True)
+    row = {
+      "model": name,
+      "params": cfg.num_params(),
+      "warmup_s": compile_s,
+      **run(model, length, chunk, os.path.join(tmp, f"{name}_{length}")),
+    }
+    print(
+      f"{name:10s} {length:>9,d} tok  chunk {chunk:5d}  {row['tokens_per_s']:9.0f} tok/s  "
+      f"{row['seconds']:7.1f} s  peak RSS {row['peak_rss_mib']:7.0f} MiB "
+      f"(+{row['peak_increase_mib']:.0f})",
+      flush=True,
+    )
     rows.append(row)
   return rows
 
@@ -112,21 +131,35 @@ def main():
   if args.tune_malloc:
     tune_cpu_malloc()
   load = os.getloadavg()
-  print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
-        f"load average {load[0]:.1f}")
+  print(
+    f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "
+    f"load average {load[0]:.1f}"
+  )
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
-    rows += bench_model("tiny", Mamba2Config.preset("tiny"),
-                        [int(x) for x in args.tiny_lengths.split(",")], args.chunk_tiny, tmp)
+    rows += bench_model(
+      "tiny",
+      Mamba2Config.preset("tiny"),
+      [int(x) for x in args.tiny_lengths.split(",")],
+      args.chunk_tiny,
+      tmp,
+    )
     if not args.skip_130m:
-      rows += bench_model("130m-rand", Mamba2Config.preset("mamba2-130m"), [args.max_len],
-                          args.chunk_130m, tmp)
-  result = {"benchmark": "eval_long", "task": "ppl_by_position (newlines, batch 1, fp32)",
-            "jax": jax.__version__, "platform": platform.platform(), "cpus": os.cpu_count(),
-            "load_average_at_start": load, "tune_malloc": args.tune_malloc,
-            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rows": rows}
+      rows += bench_model(
+        "130m-rand", Mamba2Config.preset("mamba2-130m"), [args.max_len], args.chunk_130m, tmp
+      )
+  result = {
+    "benchmark": "eval_long",
+    "task": "ppl_by_position (newlines, batch 1, fp32)",
+    "jax": jax.__version__,
+    "platform": platform.platform(),
+    "cpus": os.cpu_count(),
+    "load_average_at_start": load,
+    "tune_malloc": args.tune_malloc,
+    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "rows": rows,
+  }
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)

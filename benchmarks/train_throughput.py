@@ -80,33 +80,52 @@ def bench(variant: str, seq_len: int, batch: int, reps: int, chunk: int | None) 
       ts.append(time.perf_counter() - t0)
   t = statistics.median(ts)
   flops = 3 * model_flops_per_token(mc, seq_len) * batch * seq_len
-  return {"variant": variant, "params": mc.num_params(), "seq_len": seq_len, "batch": batch,
-          "chunk_size": mc.chunk_size, "step_s": t, "tokens_per_s": batch * seq_len / t,
-          "model_flops_per_step": flops, "compile_s": compile_s, "loss": float(m["loss"])}
+  return {
+    "variant": variant,
+    "params": mc.num_params(),
+    "seq_len": seq_len,
+    "batch": batch,
+    "chunk_size": mc.chunk_size,
+    "step_s": t,
+    "tokens_per_s": batch * seq_len / t,
+    "model_flops_per_step": flops,
+    "compile_s": compile_s,
+    "loss": float(m["loss"]),
+  }
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--variants", default="tiny,30m,demo64,demo256")
   p.add_argument("--seq_len", type=int, default=2048)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--chunk_size", type=int, default=None, help="override model.chunk_size")
-  p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "train_throughput.json"))
+  p.add_argument(
+    "--out", default=os.path.join(ROOT, "benchmarks", "results", "train_throughput.json")
+  )
   args = p.parse_args()
   tuned = _MALLOC_TUNED
   peak = peak_flops()
-  print(f"# jax {jax.__version__} backend={jax.default_backend()} cpus={os.cpu_count()} "
-        f"peak={peak / 1e9:.0f} GFLOP/s malloc_tuned={tuned}")
+  print(
+    f"# jax {jax.__version__} backend={jax.default_backend()} cpus={os.cpu_count()} "
+    f"peak={peak / 1e9:.0f} GFLOP/s malloc_tuned={tuned}"
+  )
   rows = []
   for v in args.variants.split(","):
     r = bench(v, args.seq_len, BATCH.get(v, 2), args.reps, args.chunk_size)
     r["mfu"] = r["model_flops_per_step"] / r["step_s"] / peak
     rows.append(r)
-  print(f"{'config':8s} {'params':>11s} {'batch x L':>11s} {'chunk':>5s} {'step ms':>9s} "
-        f"{'tokens/s':>10s} {'MFU':>6s}")
+  print(
+    f"{'config':8s} {'params':>11s} {'batch x L':>11s} {'chunk':>5s} {'step ms':>9s} "
+    f"{'tokens/s':>10s} {'MFU':>6s}"
+  )
   for r in rows:
-    print(f"{r['variant']:8s} {r['params']:11,d} {r['batch']:>4d} x {r['seq_len']:<5d} "
-          f"{r['chunk_size']:5d} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:10,.0f} {r['mfu']:6.1%}")
+    print(
+      f"{r['variant']:8s} {r['params']:11,d} {r['batch']:>4d} x {r['seq_len']:<5d} "
+      f"{r['chunk_size']:5d} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:10,.0f} {r['mfu']:6.1%}"
+    )
   peers = []
   try:
     with open(os.path.join(ROOT, "benchmarks", "results", "model_cpu.json")) as f:
@@ -114,18 +133,30 @@ def main():
     for peer in [mc.get("ours", {})] + mc.get("peers", []):
       for r in peer.get("results", []):
         if r["seq_len"] == args.seq_len:
-          peers.append({"peer": peer.get("peer"), "train_step_tokens_per_s":
-                        r.get("train_step_tokens_per_s")})
+          peers.append(
+            {"peer": peer.get("peer"), "train_step_tokens_per_s": r.get("train_step_tokens_per_s")}
+          )
   except (OSError, ValueError):
     pass
   if peers:
-    print(f"\nfor scale, the model benchmark's 2.1M-parameter config (fwd+bwd, no optimizer) at "
-          f"L={args.seq_len} from benchmarks/results/model_cpu.json:")
+    print(
+      f"\nfor scale, the model benchmark's 2.1M-parameter config (fwd+bwd, no optimizer) at "
+      f"L={args.seq_len} from benchmarks/results/model_cpu.json:"
+    )
     for q in peers:
       print(f"  {q['peer']:40s} {q['train_step_tokens_per_s']:10,.0f} tokens/s")
-  out = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                     "jax": jax.__version__, "peak_flops": peak, "malloc_tuned": tuned},
-         "results": rows, "peers_from_model_benchmark": peers, "date": time.strftime("%Y-%m-%d")}
+  out = {
+    "machine": {
+      "cpus": os.cpu_count(),
+      "platform": platform.platform(),
+      "jax": jax.__version__,
+      "peak_flops": peak,
+      "malloc_tuned": tuned,
+    },
+    "results": rows,
+    "peers_from_model_benchmark": peers,
+    "date": time.strftime("%Y-%m-%d"),
+  }
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(out, f, indent=2)

@@ -19,16 +19,16 @@ from mamba2_jax.config import Mamba2Config
 # Logical parameter axes of the model (mamba2_jax/layers.py) -> mesh axes ("data", "fsdp",
 # "tensor"). "batch" is the activations' batch axis.
 DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("layers", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("inner", "tensor"),
-    ("heads", "tensor"),
-    ("group_state", None),
-    ("conv_width", None),
-    ("norm", None),
-    ("in_proj", None),
+  ("batch", ("data", "fsdp")),
+  ("layers", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("inner", "tensor"),
+  ("heads", "tensor"),
+  ("group_state", None),
+  ("conv_width", None),
+  ("norm", None),
+  ("in_proj", None),
 )
 
 
@@ -50,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   # stream, the final state (SSM + conv) of each carried into the next (stop-gradient).
   c.seq_len = 2048
   c.global_batch_size = 8
-  c.grad_accum_steps = 1          # micro-batches per step (global batch split over them)
+  c.grad_accum_steps = 1  # micro-batches per step (global batch split over them)
   c.tbptt_segments = 1
   c.total_steps = 1000
 
@@ -60,15 +60,15 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Checkpoints, evaluation, logging.
   c.checkpoint_every = 500
-  c.keep_checkpoints = 3           # newest N kept ...
+  c.keep_checkpoints = 3  # newest N kept ...
   c.keep_every = config_dict.placeholder(int)  # ... plus every N-th step permanently
   c.async_checkpointing = True
-  c.eval_every = 0                 # 0 = no in-training evaluation
+  c.eval_every = 0  # 0 = no in-training evaluation
   c.eval_batches = 4
   c.log_every = 10
   c.profile_start = config_dict.placeholder(int)  # jax.profiler trace window (process 0)
   c.profile_steps = 3
-  c.allow_config_change = False    # resume a workdir whose saved config differs
+  c.allow_config_change = False  # resume a workdir whose saved config differs
   c.max_consecutive_nonfinite = 0  # non-finite losses tolerated before stopping (0 = stop)
 
   c.model = model_config("tiny")
@@ -77,13 +77,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_checkpoint = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "builtin:shakespeare"   # prepared dir, raw inputs (globs) or builtin:NAME
+  c.data.source = "builtin:shakespeare"  # prepared dir, raw inputs (globs) or builtin:NAME
   c.data.tokenizer = "byte"
-  c.data.packing = "concat"               # "concat" (the paper's) | "segments"
-  c.data.min_doc_tokens = 0               # the paper drops documents under 4096 tokens
+  c.data.packing = "concat"  # "concat" (the paper's) | "segments"
+  c.data.min_doc_tokens = 0  # the paper drops documents under 4096 tokens
   c.data.add_bos = False
   c.data.add_eos = True
-  c.data.num_workers = 0                  # grain mp_prefetch processes per host
+  c.data.num_workers = 0  # grain mp_prefetch processes per host
   c.data.num_shards = config_dict.placeholder(int)  # logical data shards (default: processes)
   c.data.eval_source = config_dict.placeholder(str)
 
@@ -96,8 +96,8 @@ def get_config() -> ml_collections.ConfigDict:
   # parameters whose path contains one of these names get no weight decay (the paper's recipe)
   c.optimizer.no_decay = ("A_log", "dt_bias", "D", "norm", "bias")
   c.optimizer.clip_norm = 1.0
-  c.optimizer.schedule = "wsd"            # "wsd" | "cosine" | "constant"
+  c.optimizer.schedule = "wsd"  # "wsd" | "cosine" | "constant"
   c.optimizer.warmup_steps = 100
-  c.optimizer.decay_fraction = 0.1        # wsd: share of total_steps spent decaying
-  c.optimizer.min_lr_ratio = 0.1          # final lr / peak lr (wsd and cosine)
+  c.optimizer.decay_fraction = 0.1  # wsd: share of total_steps spent decaying
+  c.optimizer.min_lr_ratio = 0.1  # final lr / peak lr (wsd and cosine)
   return c

@@ -1,6 +1,6 @@
 r"""Demo: build a tiny Mamba-2, check prefill-in-pieces == full forward, generate bytes.
 
-  python -m experiments.demo --config=configs/demo.py:tiny --config.max_new_tokens=64
+python -m experiments.demo --config=configs/demo.py:tiny --config.max_new_tokens=64
 """
 
 import ml_collections

@@ -27,11 +27,11 @@ Any field can be overridden, e.g. a training-length sweep point:
 from configs import base
 
 _PAPER = {  # model preset, mesh shape, lr
-    "130m": ("mamba2-130m", (-1, 1, 1), 5e-4),
-    "370m": ("mamba2-370m", (-1, 8, 1), 5e-4),
-    "780m": ("mamba2-780m", (-1, 8, 1), 2e-4),
-    "1.3b": ("mamba2-1.3b", (-1, 8, 1), 2e-4),
-    "2.7b": ("mamba2-2.7b", (-1, 8, 1), 2e-4),
+  "130m": ("mamba2-130m", (-1, 1, 1), 5e-4),
+  "370m": ("mamba2-370m", (-1, 8, 1), 5e-4),
+  "780m": ("mamba2-780m", (-1, 8, 1), 2e-4),
+  "1.3b": ("mamba2-1.3b", (-1, 8, 1), 2e-4),
+  "2.7b": ("mamba2-2.7b", (-1, 8, 1), 2e-4),
 }
 
 
@@ -49,14 +49,16 @@ def get_config(arg: str = "tiny"):
     c.checkpoint_every = 250
     c.optimizer.lr = 3e-3
   elif arg == "30m":
-    c.model = base.model_config("tiny", d_model=768, n_layer=8, d_state=128, headdim=64,
-                                chunk_size=128)
+    c.model = base.model_config(
+      "tiny", d_model=768, n_layer=8, d_state=128, headdim=64, chunk_size=128
+    )
     c.seq_len, c.global_batch_size, c.total_steps = 2048, 4, 1000
     c.optimizer.lr = 1e-3
   elif arg in _PAPER:
     preset, mesh, lr = _PAPER[arg]
-    c.model = base.model_config(preset, dtype="bfloat16", param_dtype="float32",
-                                remat_policy="full")
+    c.model = base.model_config(
+      preset, dtype="bfloat16", param_dtype="float32", remat_policy="full"
+    )
     c.seq_len, c.global_batch_size, c.total_steps = 8192, 64, 100_000
     c.mesh_shape = mesh
     c.checkpoint_every, c.keep_every, c.eval_every = 1000, 10_000, 1000
@@ -66,6 +68,7 @@ def get_config(arg: str = "tiny"):
     c.data.num_workers = 4
     c.optimizer.lr, c.optimizer.warmup_steps = lr, 1000
   else:
-    raise ValueError(f"configs/train.py: unknown variant {arg!r}; allowed: "
-                     f"tiny, small, 30m, {', '.join(_PAPER)}")
+    raise ValueError(
+      f"configs/train.py: unknown variant {arg!r}; allowed: tiny, small, 30m, {', '.join(_PAPER)}"
+    )
   return c

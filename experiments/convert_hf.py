@@ -18,8 +18,9 @@ from mamba2_jax.pretrained import OUR_CONFIG, OUR_PARAMS, from_pretrained, load_
 
 FLAGS = flags.DEFINE_string("src", None, "official or HF checkpoint directory", required=True)
 DST = flags.DEFINE_string("dst", None, "output directory", required=True)
-PARAM_DTYPE = flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"],
-                                "storage dtype of the converted parameters")
+PARAM_DTYPE = flags.DEFINE_enum(
+  "param_dtype", "float32", ["float32", "bfloat16"], "storage dtype of the converted parameters"
+)
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing DST")
 
 
@@ -40,8 +41,9 @@ def convert(src: str, dst: str, param_dtype: str = "float32", overwrite: bool = 
     json.dump({"src": os.path.abspath(src), "format": fmt}, f, indent=2)
   os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
   os.replace(tmp, dst)  # the destination appears only once complete
-  logging.info("converted %s checkpoint %s -> %s (%d parameters)", fmt, src, dst,
-               model.config.num_params())
+  logging.info(
+    "converted %s checkpoint %s -> %s (%d parameters)", fmt, src, dst, model.config.num_params()
+  )
 
 
 def main(argv):

@@ -20,8 +20,12 @@ from mamba2_jax.data import ByteTokenizer
 from mamba2_jax.generate import generate, prefill, prefill_chunked
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "a training workdir or checkpoint dir to "
-                                  "generate from (default: a random model of the config preset)")
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint",
+  None,
+  "a training workdir or checkpoint dir to "
+  "generate from (default: a random model of the config preset)",
+)
 
 
 def main(argv):
@@ -30,16 +34,23 @@ def main(argv):
   tok = ByteTokenizer()
   if _CHECKPOINT.value:
     from mamba2_jax.eval import sources  # pylint: disable=g-import-not-at-top
+
     spec = _CHECKPOINT.value
-    loaded = (sources.load_step(spec, None, tokenizer="byte") if sources.is_workdir(spec)
-              else sources.load_model(spec, tokenizer="byte"))
+    loaded = (
+      sources.load_step(spec, None, tokenizer="byte")
+      if sources.is_workdir(spec)
+      else sources.load_model(spec, tokenizer="byte")
+    )
     model = loaded.model
   else:
-    model = Mamba2LM(Mamba2Config.preset(cfg.model_preset, vocab_size=tok.vocab_size),
-                     rngs=nnx.Rngs(cfg.seed))
+    model = Mamba2LM(
+      Mamba2Config.preset(cfg.model_preset, vocab_size=tok.vocab_size), rngs=nnx.Rngs(cfg.seed)
+    )
   model_cfg = model.config
-  print(f"model {_CHECKPOINT.value or cfg.model_preset}: {model_cfg.num_params():,} parameters, "
-        f"state size N_S = {model_cfg.state_size:,}, backend {jax.default_backend()}")
+  print(
+    f"model {_CHECKPOINT.value or cfg.model_preset}: {model_cfg.num_params():,} parameters, "
+    f"state size N_S = {model_cfg.state_size:,}, backend {jax.default_backend()}"
+  )
 
   prompt = jnp.asarray(tok.encode((cfg.prompt + "\n") * cfg.prompt_repeats))[None]
   t0 = time.perf_counter()
@@ -49,22 +60,26 @@ def main(argv):
   last, cache = prefill_chunked(model, prompt, cfg.prefill_chunk)
   dlogit = float(jnp.max(jnp.abs(last - full_logits[:, -1])))
   dstate = float(jnp.max(jnp.abs(cache.ssm - full_cache.ssm)))
-  print(f"prefill in pieces of {cfg.prefill_chunk} vs one piece: max |dlogits| = {dlogit:.2e}, "
-        f"max |dstate| = {dstate:.2e}")
+  print(
+    f"prefill in pieces of {cfg.prefill_chunk} vs one piece: max |dlogits| = {dlogit:.2e}, "
+    f"max |dstate| = {dstate:.2e}"
+  )
   if not (dlogit < 1e-3 and dstate < 1e-3):
     raise SystemExit("prefill in pieces disagrees with the full prefill")
 
-  for name, kw in [("greedy", dict(temperature=0.0)),
-                   ("sampled", dict(temperature=cfg.temperature, top_k=cfg.top_k,
-                                    top_p=cfg.top_p))]:
+  for name, kw in [
+    ("greedy", dict(temperature=0.0)),
+    ("sampled", dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)),
+  ]:
     generate(model, prompt, cfg.max_new_tokens, seed=cfg.seed, **kw).block_until_ready()
     t0 = time.perf_counter()
     out = generate(model, prompt, cfg.max_new_tokens, seed=cfg.seed, **kw)
     out.block_until_ready()
     dt = time.perf_counter() - t0
     text = tok.decode(np.asarray(out[0]))
-    print(f"{name} generation ({cfg.max_new_tokens} tokens, {dt * 1e3:.0f} ms incl. prefill): "
-          f"{text!r}")
+    print(
+      f"{name} generation ({cfg.max_new_tokens} tokens, {dt * 1e3:.0f} ms incl. prefill): {text!r}"
+    )
   if not _CHECKPOINT.value:
     print("(an untrained model: the text is random bytes; try --checkpoint=<a training workdir>)")
 

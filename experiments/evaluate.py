@@ -21,16 +21,25 @@ from mamba2_jax.eval import TASKS, get_task_config
 from mamba2_jax.eval.runner import MODES, evaluate_source
 
 TASK = flags.DEFINE_enum("task", None, list(TASKS), "evaluation task (default: the config's)")
-CHECKPOINT = flags.DEFINE_string("checkpoint", None, "random:<preset>[:seed], a checkpoint dir "
-                                 "or a training workdir", required=True)
+CHECKPOINT = flags.DEFINE_string(
+  "checkpoint",
+  None,
+  "random:<preset>[:seed], a checkpoint dir or a training workdir",
+  required=True,
+)
 OUT = flags.DEFINE_string("out", None, "output directory", required=True)
 MODE = flags.DEFINE_enum("mode", "latest", list(MODES), "training workdirs: which steps")
-TOKENIZER = flags.DEFINE_string("tokenizer", "", "byte | neox | tokenizer.json path (default: "
-                                "byte for random:, neox for checkpoint dirs, the workdir's)")
+TOKENIZER = flags.DEFINE_string(
+  "tokenizer",
+  "",
+  "byte | neox | tokenizer.json path (default: "
+  "byte for random:, neox for checkpoint dirs, the workdir's)",
+)
 MITIGATION = flags.DEFINE_string("mitigation", None, "shorthand for --config.mitigation")
 POLL = flags.DEFINE_float("poll_interval_s", 60.0, "watch: seconds between polls")
-MAX_ATTEMPTS = flags.DEFINE_integer("max_attempts", 3, "watch/all: load attempts of a damaged "
-                                    "step once training is complete")
+MAX_ATTEMPTS = flags.DEFINE_integer(
+  "max_attempts", 3, "watch/all: load attempts of a damaged step once training is complete"
+)
 TIMEOUT = flags.DEFINE_float("timeout_s", 0.0, "watch: stop after this long (0 = never)")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/evaluate.py:<task>")
 
@@ -48,9 +57,17 @@ def main(argv):
   if MITIGATION.value is not None:
     with cfg.unlocked():
       cfg.mitigation = MITIGATION.value
-  lines = evaluate_source(CHECKPOINT.value, cfg.task, cfg, OUT.value, mode=MODE.value,
-                          tokenizer=TOKENIZER.value, poll_interval_s=POLL.value,
-                          max_attempts=MAX_ATTEMPTS.value, timeout_s=TIMEOUT.value)
+  lines = evaluate_source(
+    CHECKPOINT.value,
+    cfg.task,
+    cfg,
+    OUT.value,
+    mode=MODE.value,
+    tokenizer=TOKENIZER.value,
+    poll_interval_s=POLL.value,
+    max_attempts=MAX_ATTEMPTS.value,
+    timeout_s=TIMEOUT.value,
+  )
   for line in lines:
     print({k: v for k, v in line.items() if v is not None})
 

@@ -19,20 +19,28 @@ from absl import app, flags
 from mamba2_jax.data.prepare import DEFAULT_SHARD_BYTES, prepare
 from mamba2_jax.data.sources import BadInputError
 
-INPUT = flags.DEFINE_multi_string("input", None, "input files / dirs / globs / URLs / builtin:NAME",
-                                  required=True)
+INPUT = flags.DEFINE_multi_string(
+  "input", None, "input files / dirs / globs / URLs / builtin:NAME", required=True
+)
 TOKENIZER = flags.DEFINE_string("tokenizer", "byte", "byte | neox | path/to/tokenizer.json")
 OUT = flags.DEFINE_string("out", None, "output directory", required=True)
-MIN_DOC_TOKENS = flags.DEFINE_integer("min_doc_tokens", 0, "drop documents with fewer tokens "
-                                      "(the paper uses 4096)")
-SUBSET = flags.DEFINE_list("subset", None, "keep only these RedPajama sets (e.g. book,arxiv or "
-                           "RedPajamaBook)")
+MIN_DOC_TOKENS = flags.DEFINE_integer(
+  "min_doc_tokens", 0, "drop documents with fewer tokens (the paper uses 4096)"
+)
+SUBSET = flags.DEFINE_list(
+  "subset", None, "keep only these RedPajama sets (e.g. book,arxiv or RedPajamaBook)"
+)
 MAX_DOCS = flags.DEFINE_integer("max_docs", None, "keep at most this many documents")
 WORKERS = flags.DEFINE_integer("workers", 1, "worker processes (each takes whole shards)")
-ON_ERROR = flags.DEFINE_enum("on_error", "fail", ["fail", "skip"],
-                             "bad input: stop with file:line, or skip and count in the manifest")
-SHARD_MB = flags.DEFINE_integer("shard_mb", DEFAULT_SHARD_BYTES >> 20,
-                                "input MB per output shard (unit of work and of resume)")
+ON_ERROR = flags.DEFINE_enum(
+  "on_error",
+  "fail",
+  ["fail", "skip"],
+  "bad input: stop with file:line, or skip and count in the manifest",
+)
+SHARD_MB = flags.DEFINE_integer(
+  "shard_mb", DEFAULT_SHARD_BYTES >> 20, "input MB per output shard (unit of work and of resume)"
+)
 OVERWRITE = flags.DEFINE_bool("overwrite", False, "discard an existing OUT and start again")
 QUIET = flags.DEFINE_bool("quiet", False, "no progress bar")
 
@@ -42,21 +50,34 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   inputs = [p for arg in INPUT.value for p in arg.split(",") if p]
   try:
-    m = prepare(inputs, TOKENIZER.value, OUT.value, min_doc_tokens=MIN_DOC_TOKENS.value,
-                subset=SUBSET.value, max_docs=MAX_DOCS.value, workers=WORKERS.value,
-                on_error=ON_ERROR.value, shard_bytes=SHARD_MB.value << 20,
-                overwrite=OVERWRITE.value, show_progress=not QUIET.value)
+    m = prepare(
+      inputs,
+      TOKENIZER.value,
+      OUT.value,
+      min_doc_tokens=MIN_DOC_TOKENS.value,
+      subset=SUBSET.value,
+      max_docs=MAX_DOCS.value,
+      workers=WORKERS.value,
+      on_error=ON_ERROR.value,
+      shard_bytes=SHARD_MB.value << 20,
+      overwrite=OVERWRITE.value,
+      show_progress=not QUIET.value,
+    )
   except (BadInputError, FileNotFoundError, ValueError) as e:
     raise SystemExit(f"prepare_data: error: {e}") from None
   except KeyboardInterrupt:
     raise SystemExit(130) from None
   c, bad = m["counts"], m["bad_input"]
-  print(f"{OUT.value}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens "
-        f"({m['tokenizer']['name']}, {m['dtype']}) in {len(m['shards'])} shards from "
-        f"{len(m['sources'])} files ({m['source_bytes'] / 2**20:.1f} MiB)")
-  print(f"  read {c['read']:,}; dropped: {c['filtered_short']:,} shorter than "
-        f"{m['filters']['min_doc_tokens']} tokens, {c['filtered_subset']:,} outside --subset"
-        + ("; stopped at --max_docs" if c["stopped_at_max_docs"] else ""))
+  print(
+    f"{OUT.value}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens "
+    f"({m['tokenizer']['name']}, {m['dtype']}) in {len(m['shards'])} shards from "
+    f"{len(m['sources'])} files ({m['source_bytes'] / 2**20:.1f} MiB)"
+  )
+  print(
+    f"  read {c['read']:,}; dropped: {c['filtered_short']:,} shorter than "
+    f"{m['filters']['min_doc_tokens']} tokens, {c['filtered_subset']:,} outside --subset"
+    + ("; stopped at --max_docs" if c["stopped_at_max_docs"] else "")
+  )
   if bad["total"]:
     print(f"  skipped bad input: {json.dumps(bad['counts'])} (first: {bad['examples'][0]})")
   if m["ignored_files"]:

@@ -10,8 +10,9 @@ from absl import app, flags
 
 from mamba2_jax.sweep.report import write_report
 
-_SWEEP = flags.DEFINE_string("sweep", None, "sweep directory (experiments.sweep --workdir)",
-                             required=True)
+_SWEEP = flags.DEFINE_string(
+  "sweep", None, "sweep directory (experiments.sweep --workdir)", required=True
+)
 _OUT = flags.DEFINE_string("out", None, "output directory (default: SWEEP/report)")
 
 

@@ -18,8 +18,9 @@ from ml_collections import config_flags
 
 from mamba2_jax.sweep.runner import LAUNCHERS, run_sweep
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/sweeps/<sweep>.py:<arg>",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "configs/sweeps/<sweep>.py:<arg>", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "sweep directory", required=True)
 _LAUNCHER = flags.DEFINE_enum("launcher", "local", list(LAUNCHERS), "how to run the runs")
 _ONLY = flags.DEFINE_list("only", [], "run only these runs (by name)")
@@ -29,12 +30,15 @@ def main(argv):
   del argv
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/sweeps/<sweep>.py:<arg> is required")
-  summary = run_sweep(_CONFIG.value, _WORKDIR.value, launcher=_LAUNCHER.value,
-                      only=tuple(_ONLY.value))
+  summary = run_sweep(
+    _CONFIG.value, _WORKDIR.value, launcher=_LAUNCHER.value, only=tuple(_ONLY.value)
+  )
   if _LAUNCHER.value == "local":
-    print(f"sweep: {len(summary['done'])} done, {len(summary['skipped'])} skipped (done "
-          f"before), {len(summary['failed'])} failed" + (f": {', '.join(summary['failed'])}"
-                                                          if summary["failed"] else ""))
+    print(
+      f"sweep: {len(summary['done'])} done, {len(summary['skipped'])} skipped (done "
+      f"before), {len(summary['failed'])} failed"
+      + (f": {', '.join(summary['failed'])}" if summary["failed"] else "")
+    )
     if summary["failed"]:
       sys.exit(1)
 

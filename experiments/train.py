@@ -21,10 +21,12 @@ from ml_collections import config_flags
 
 from mamba2_jax.train import distributed
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train.py:tiny", "training config",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics)",
-                               required=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/train.py:tiny", "training config", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "run directory (checkpoints, metrics)", required=True
+)
 distributed.define_flags()
 
 
@@ -34,9 +36,11 @@ def main(argv):
   from mamba2_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   from mamba2_jax.train.loop import TrainingDiverged, train_and_evaluate  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
   # logs on process 0 only (other processes report warnings and errors)
-  logging.getLogger("mamba2_jax").setLevel(logging.INFO if jax.process_index() == 0
-                                           else logging.WARNING)
+  logging.getLogger("mamba2_jax").setLevel(
+    logging.INFO if jax.process_index() == 0 else logging.WARNING
+  )
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)

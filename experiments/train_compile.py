@@ -22,11 +22,15 @@ os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # silences libtpu'
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train.py:tiny", "training config",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", "configs/train.py:tiny", "training config", lock_config=True
+)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name, e.g. v5e:16x16")
-_HOSTS = flags.DEFINE_integer("num_hosts", None, "hosts of the pod (for data.num_shards checks; "
-                              "default: devices / 4 on v5e/v6e, / 4 elsewhere)")
+_HOSTS = flags.DEFINE_integer(
+  "num_hosts",
+  None,
+  "hosts of the pod (for data.num_shards checks; default: devices / 4 on v5e/v6e, / 4 elsewhere)",
+)
 
 # HBM per chip (bytes), by device_kind prefix.
 HBM = {"TPU v4": 32 << 30, "TPU v5 lite": 16 << 30, "TPU v5": 95 << 30, "TPU v6 lite": 32 << 30}
@@ -42,6 +46,7 @@ def _hbm(kind: str):
 def _resolved_impl(impl, mesh):
   import jax  # pylint: disable=g-import-not-at-top
   from mamba2_jax.ssd import resolve_impl  # pylint: disable=g-import-not-at-top
+
   with jax.set_mesh(mesh):
     return resolve_impl(impl)
 
@@ -71,12 +76,18 @@ def compile_train_step(config, topology: str, num_hosts=None) -> dict:
     model_cfg = model_cfg.replace(fused_in_proj=False)
   setup = build(config, model_cfg, mesh)
   rows = config.tbptt_segments * config.seq_len + 1
-  batch = {"tokens": jax.ShapeDtypeStruct((config.global_batch_size, rows), jnp.int32,
-                                          sharding=setup.data_shard)}
+  batch = {
+    "tokens": jax.ShapeDtypeStruct(
+      (config.global_batch_size, rows), jnp.int32, sharding=setup.data_shard
+    )
+  }
   if config.data.packing == "segments":
     batch["segment_ids"] = batch["tokens"]
-  state = {"params": setup.abstract_params, "opt_state": setup.abstract_opt,
-           "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))}
+  state = {
+    "params": setup.abstract_params,
+    "opt_state": setup.abstract_opt,
+    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P())),
+  }
   t0 = time.perf_counter()
   with jax.set_mesh(mesh):  # the SSD's impl="auto" and the Pallas routing see TPU devices
     lowered = setup.train_step.lower(state, batch)
@@ -88,18 +99,30 @@ def compile_train_step(config, topology: str, num_hosts=None) -> dict:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   text = compiled.as_text() or ""
   tokens = config.global_batch_size * config.seq_len * config.tbptt_segments
-  per_dev = {k: getattr(mem, f"{k}_size_in_bytes", 0) for k in
-             ("argument", "output", "temp", "generated_code", "alias")}
+  per_dev = {
+    k: getattr(mem, f"{k}_size_in_bytes", 0)
+    for k in ("argument", "output", "temp", "generated_code", "alias")
+  }
   used = per_dev["argument"] + per_dev["output"] + per_dev["temp"] - per_dev["alias"]
   return {
-      "topology": topology, "devices": len(devices), "device_kind": devices[0].device_kind,
-      "mesh": dict(mesh.shape), "model": config.name, "params": model_cfg.num_params(),
-      "ssd_impl": _resolved_impl(model_cfg.ssd_impl, mesh), "mosaic_kernels": text.count("tpu_custom_call"),
-      "per_device_bytes": per_dev, "used_bytes": used, "hbm_bytes": _hbm(devices[0].device_kind),
-      "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
-      "model_flops_per_device": 3 * model_flops_per_token(model_cfg, config.seq_len) * tokens
-                                / len(devices),
-      "lower_s": t_lower, "compile_s": t_compile,
+    "topology": topology,
+    "devices": len(devices),
+    "device_kind": devices[0].device_kind,
+    "mesh": dict(mesh.shape),
+    "model": config.name,
+    "params": model_cfg.num_params(),
+    "ssd_impl": _resolved_impl(model_cfg.ssd_impl, mesh),
+    "mosaic_kernels": text.count("tpu_custom_call"),
+    "per_device_bytes": per_dev,
+    "used_bytes": used,
+    "hbm_bytes": _hbm(devices[0].device_kind),
+    "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
+    "model_flops_per_device": 3
+    * model_flops_per_token(model_cfg, config.seq_len)
+    * tokens
+    / len(devices),
+    "lower_s": t_lower,
+    "compile_s": t_compile,
   }
 
 
@@ -112,19 +135,27 @@ def main(argv):
   try:
     r = compile_train_step(_CONFIG.value, _TOPOLOGY.value, _HOSTS.value)
   except Exception as e:  # noqa: BLE001 - report any compile failure plainly
-    print(f"train_compile: FAILED for {_TOPOLOGY.value}: {type(e).__name__}: "
-          f"{str(e)[:2000]}", file=sys.stderr)
+    print(
+      f"train_compile: FAILED for {_TOPOLOGY.value}: {type(e).__name__}: {str(e)[:2000]}",
+      file=sys.stderr,
+    )
     sys.exit(1)
   d = r["per_device_bytes"]
-  print(f"train_compile: {r['model']} ({r['params']:,} params, ssd_impl={r['ssd_impl']}, "
-        f"{r['mosaic_kernels']} Mosaic kernel calls) on {r['topology']}: {r['devices']} x "
-        f"{r['device_kind']}, mesh {r['mesh']}")
-  print(f"  per device: arguments {_gib(d['argument'])}, outputs {_gib(d['output'])}, "
-        f"temp {_gib(d['temp'])}, code {_gib(d['generated_code'])}; in use "
-        f"{_gib(r['used_bytes'])}" + (f" of {_gib(r['hbm_bytes'])} HBM" if r["hbm_bytes"] else ""))
-  print(f"  FLOPs per device and step: XLA {r['xla_flops_per_device']:.3e}, model "
-        f"{r['model_flops_per_device']:.3e}; lower {r['lower_s']:.1f} s, compile "
-        f"{r['compile_s']:.1f} s")
+  print(
+    f"train_compile: {r['model']} ({r['params']:,} params, ssd_impl={r['ssd_impl']}, "
+    f"{r['mosaic_kernels']} Mosaic kernel calls) on {r['topology']}: {r['devices']} x "
+    f"{r['device_kind']}, mesh {r['mesh']}"
+  )
+  print(
+    f"  per device: arguments {_gib(d['argument'])}, outputs {_gib(d['output'])}, "
+    f"temp {_gib(d['temp'])}, code {_gib(d['generated_code'])}; in use "
+    f"{_gib(r['used_bytes'])}" + (f" of {_gib(r['hbm_bytes'])} HBM" if r["hbm_bytes"] else "")
+  )
+  print(
+    f"  FLOPs per device and step: XLA {r['xla_flops_per_device']:.3e}, model "
+    f"{r['model_flops_per_device']:.3e}; lower {r['lower_s']:.1f} s, compile "
+    f"{r['compile_s']:.1f} s"
+  )
   if r["hbm_bytes"] and r["used_bytes"] > r["hbm_bytes"]:
     print("train_compile: DOES NOT FIT in HBM", file=sys.stderr)
     sys.exit(1)

@@ -7,11 +7,11 @@ processes) start without importing jax and flax.
 import importlib
 
 _EXPORTS = {
-    "ConfigError": "mamba2_jax.config",
-    "Mamba2Config": "mamba2_jax.config",
-    "Mamba2Cache": "mamba2_jax.cache",
-    "Mamba2LM": "mamba2_jax.model",
-    "from_pretrained": "mamba2_jax.pretrained",
+  "ConfigError": "mamba2_jax.config",
+  "Mamba2Config": "mamba2_jax.config",
+  "Mamba2Cache": "mamba2_jax.cache",
+  "Mamba2LM": "mamba2_jax.model",
+  "from_pretrained": "mamba2_jax.pretrained",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -58,18 +58,18 @@ class Mamba2Cache:
     if c.ssd_window > 0:
       r = c.ssd_window
       extra.update(
-          win_dt=jnp.zeros((nl, batch, r, h), f32),
-          win_x=jnp.zeros((nl, batch, r, h, p), dt),
-          win_B=jnp.zeros((nl, batch, r, c.ngroups, n), dt),
-          win_h=jnp.zeros((nl, batch, h, p, n), f32),
-          win_sum=jnp.zeros((nl, batch, h), f32),
+        win_dt=jnp.zeros((nl, batch, r, h), f32),
+        win_x=jnp.zeros((nl, batch, r, h, p), dt),
+        win_B=jnp.zeros((nl, batch, r, c.ngroups, n), dt),
+        win_h=jnp.zeros((nl, batch, h, p, n), f32),
+        win_sum=jnp.zeros((nl, batch, h), f32),
       )
     return cls(
-        conv_x=jnp.zeros((nl, batch, k, c.d_inner), dt),
-        conv_B=jnp.zeros((nl, batch, k, gn), dt),
-        conv_C=jnp.zeros((nl, batch, k, gn), dt),
-        ssm=jnp.zeros((nl, batch, h, p, n), f32),
-        **extra,
+      conv_x=jnp.zeros((nl, batch, k, c.d_inner), dt),
+      conv_B=jnp.zeros((nl, batch, k, gn), dt),
+      conv_C=jnp.zeros((nl, batch, k, gn), dt),
+      ssm=jnp.zeros((nl, batch, h, p, n), f32),
+      **extra,
     )
 
   def conv_state(self) -> jax.Array:

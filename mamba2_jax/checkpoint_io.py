@@ -19,15 +19,15 @@ def save_params(path: str, model: Mamba2LM) -> None:
     ckptr.save(os.path.abspath(path), nnx.to_pure_dict(state))
 
 
-def restore_params(path: str, config: Mamba2Config,
-                   shardings=None) -> Mamba2LM:
+def restore_params(path: str, config: Mamba2Config, shardings=None) -> Mamba2LM:
   """Restores a Mamba2LM saved by `save_params` (optionally onto given shardings)."""
   abstract = nnx.eval_shape(lambda: Mamba2LM(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   target = nnx.to_pure_dict(state)
   if shardings is not None:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          target, shardings)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings
+    )
   with ocp.StandardCheckpointer() as ckptr:
     restored = ckptr.restore(os.path.abspath(path), target)
   nnx.replace_by_pure_dict(state, restored)

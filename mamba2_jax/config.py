@@ -13,8 +13,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-          "float64": jnp.float64}
+DTYPES = {
+  "float32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "float16": jnp.float16,
+  "float64": jnp.float64,
+}
 REMAT_POLICIES = ("none", "full", "save_dots", "save_ssd_inputs")
 SSD_IMPLS = ("auto", "reference", "xla", "pallas_gpu", "pallas_tpu")
 STATE_NORMS = ("off", "token", "chunk")
@@ -81,8 +85,13 @@ class Mamba2Config:
   @property
   def mitigations_on(self) -> bool:
     """True when any state-collapse mitigation changes the function."""
-    return (self.rri_decay_scale != 1.0 or self.rri_insert_scale != 1.0 or self.dt_scale != 1.0
-            or self.ssd_window > 0 or self.state_norm != "off")
+    return (
+      self.rri_decay_scale != 1.0
+      or self.rri_insert_scale != 1.0
+      or self.dt_scale != 1.0
+      or self.ssd_window > 0
+      or self.state_norm != "off"
+    )
 
   # Derived sizes -------------------------------------------------------------------------
   @property
@@ -123,13 +132,18 @@ class Mamba2Config:
   def num_params(self) -> int:
     """Parameter count (tied embedding counted once; padded vocab rows included)."""
     d, v = self.d_model, self.padded_vocab_size
-    per_layer = (d  # block norm
-                 + d * self.d_in_proj + (self.d_in_proj if self.proj_bias else 0)
-                 + self.conv_dim * self.d_conv + (self.conv_dim if self.conv_bias else 0)
-                 + 2 * self.nheads  # A_log, dt_bias
-                 + (self.d_inner if self.D_has_hdim else self.nheads)
-                 + self.d_inner  # gated norm
-                 + self.d_inner * d + (d if self.proj_bias else 0))
+    per_layer = (
+      d  # block norm
+      + d * self.d_in_proj
+      + (self.d_in_proj if self.proj_bias else 0)
+      + self.conv_dim * self.d_conv
+      + (self.conv_dim if self.conv_bias else 0)
+      + 2 * self.nheads  # A_log, dt_bias
+      + (self.d_inner if self.D_has_hdim else self.nheads)
+      + self.d_inner  # gated norm
+      + self.d_inner * d
+      + (d if self.proj_bias else 0)
+    )
     return v * d + self.n_layer * per_layer + d + (0 if self.tie_embeddings else v * d)
 
   # Validation -----------------------------------------------------------------------------
@@ -137,17 +151,34 @@ class Mamba2Config:
     def fail(field, rule):
       raise ConfigError(f"Mamba2Config.{field}: {rule}")
 
-    for f in ("d_model", "n_layer", "d_state", "headdim", "expand", "ngroups", "d_conv",
-              "chunk_size", "vocab_size", "pad_vocab_size_multiple", "scan_unroll"):
+    for f in (
+      "d_model",
+      "n_layer",
+      "d_state",
+      "headdim",
+      "expand",
+      "ngroups",
+      "d_conv",
+      "chunk_size",
+      "vocab_size",
+      "pad_vocab_size_multiple",
+      "scan_unroll",
+    ):
       v = getattr(self, f)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         fail(f, f"must be a positive integer, got {v!r}")
     if self.d_inner % self.headdim:
-      fail("headdim", f"d_model*expand % headdim != 0 ({self.d_model}*{self.expand} = "
-           f"{self.d_inner} is not divisible by headdim={self.headdim})")
+      fail(
+        "headdim",
+        f"d_model*expand % headdim != 0 ({self.d_model}*{self.expand} = "
+        f"{self.d_inner} is not divisible by headdim={self.headdim})",
+      )
     if self.nheads % self.ngroups:
-      fail("ngroups", f"nheads % ngroups != 0 (nheads = d_model*expand/headdim = {self.nheads}, "
-           f"ngroups={self.ngroups})")
+      fail(
+        "ngroups",
+        f"nheads % ngroups != 0 (nheads = d_model*expand/headdim = {self.nheads}, "
+        f"ngroups={self.ngroups})",
+      )
     if not 0 < self.dt_min <= self.dt_max:
       fail("dt_min", f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
     if not 0 < self.dt_init_floor:
@@ -191,18 +222,26 @@ class Mamba2Config:
     if not number("state_norm_threshold") > 0.0:
       fail("state_norm_threshold", f"must be > 0 (inf allowed), got {self.state_norm_threshold!r}")
     if w > 0 and self.ssd_impl not in WINDOW_SSD_IMPLS:
-      fail("ssd_window", f"needs ssd_impl in {WINDOW_SSD_IMPLS} (the Pallas impls have no "
-           f"window), got ssd_impl={self.ssd_impl!r}")
+      fail(
+        "ssd_window",
+        f"needs ssd_impl in {WINDOW_SSD_IMPLS} (the Pallas impls have no "
+        f"window), got ssd_impl={self.ssd_impl!r}",
+      )
     if w > 0 and self.state_norm != "off":
-      fail("ssd_window", f"cannot be combined with state_norm (the window differences the "
-           f"un-normalized state sequence), got ssd_window={w}, state_norm={self.state_norm!r}")
+      fail(
+        "ssd_window",
+        f"cannot be combined with state_norm (the window differences the "
+        f"un-normalized state sequence), got ssd_window={w}, state_norm={self.state_norm!r}",
+      )
 
   # Construction helpers ---------------------------------------------------------------------
   def replace(self, **changes) -> "Mamba2Config":
     unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
     if unknown:
-      raise ConfigError(f"Mamba2Config: unknown field(s) {sorted(unknown)}; "
-                        f"known fields: {sorted(f.name for f in dataclasses.fields(self))}")
+      raise ConfigError(
+        f"Mamba2Config: unknown field(s) {sorted(unknown)}; "
+        f"known fields: {sorted(f.name for f in dataclasses.fields(self))}"
+      )
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
@@ -224,8 +263,9 @@ class Mamba2Config:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - known
     if unknown:
-      raise ConfigError(f"Mamba2Config: unknown field(s) {sorted(unknown)}; "
-                        f"known fields: {sorted(known)}")
+      raise ConfigError(
+        f"Mamba2Config: unknown field(s) {sorted(unknown)}; known fields: {sorted(known)}"
+      )
     return cls(**d)
 
   @classmethod
@@ -235,26 +275,28 @@ class Mamba2Config:
   @classmethod
   def preset(cls, name: str, **overrides) -> "Mamba2Config":
     if name not in PRESETS:
-      raise ConfigError(f"Mamba2Config.preset: unknown preset {name!r}; "
-                        f"allowed: {sorted(PRESETS)}")
+      raise ConfigError(f"Mamba2Config.preset: unknown preset {name!r}; allowed: {sorted(PRESETS)}")
     return cls(**{**PRESETS[name], **overrides})
 
 
 # Published shapes (ssd.md §10): vocab 50277 padded to 50288, tied, d_state 128, headdim 64.
 PRESETS: dict[str, dict[str, Any]] = {
-    "mamba2-130m": dict(d_model=768, n_layer=24),
-    "mamba2-370m": dict(d_model=1024, n_layer=48),
-    "mamba2-780m": dict(d_model=1536, n_layer=48),
-    "mamba2-1.3b": dict(d_model=2048, n_layer=48),
-    "mamba2-2.7b": dict(d_model=2560, n_layer=64),
-    # Tiny CPU models (byte vocabulary: 256 bytes + BOS/EOS/PAD). Both layers in one scan
-    # iteration: on XLA:CPU a rolled layer scan copies every saved activation into its stacked
-    # residual buffer and back (measured: 1.5x the whole training step of these models).
-    "tiny": dict(d_model=64, n_layer=2, d_state=16, headdim=16, chunk_size=64, vocab_size=259,
-                 scan_unroll=2),
-    "small": dict(d_model=128, n_layer=2, d_state=128, headdim=32, chunk_size=64, vocab_size=259,
-                  scan_unroll=2),
-    # The model benchmark's shape (benchmarks/model_cpu.py).
-    "bench-cpu": dict(d_model=256, n_layer=4, d_state=128, headdim=64, chunk_size=256,
-                      vocab_size=1024),
+  "mamba2-130m": dict(d_model=768, n_layer=24),
+  "mamba2-370m": dict(d_model=1024, n_layer=48),
+  "mamba2-780m": dict(d_model=1536, n_layer=48),
+  "mamba2-1.3b": dict(d_model=2048, n_layer=48),
+  "mamba2-2.7b": dict(d_model=2560, n_layer=64),
+  # Tiny CPU models (byte vocabulary: 256 bytes + BOS/EOS/PAD). Both layers in one scan
+  # iteration: on XLA:CPU a rolled layer scan copies every saved activation into its stacked
+  # residual buffer and back (measured: 1.5x the whole training step of these models).
+  "tiny": dict(
+    d_model=64, n_layer=2, d_state=16, headdim=16, chunk_size=64, vocab_size=259, scan_unroll=2
+  ),
+  "small": dict(
+    d_model=128, n_layer=2, d_state=128, headdim=32, chunk_size=64, vocab_size=259, scan_unroll=2
+  ),
+  # The model benchmark's shape (benchmarks/model_cpu.py).
+  "bench-cpu": dict(
+    d_model=256, n_layer=4, d_state=128, headdim=64, chunk_size=256, vocab_size=1024
+  ),
 }

@@ -24,8 +24,9 @@ def decode_step(model: Mamba2LM, token: jax.Array, cache: Mamba2Cache):
   return model.decode_step(token, cache)
 
 
-def prefill_chunked(model: Mamba2LM, tokens: jax.Array, chunk: int,
-                    cache: Mamba2Cache | None = None) -> tuple[jax.Array, Mamba2Cache]:
+def prefill_chunked(
+  model: Mamba2LM, tokens: jax.Array, chunk: int, cache: Mamba2Cache | None = None
+) -> tuple[jax.Array, Mamba2Cache]:
   """Feeds a long prompt in pieces of `chunk` tokens (memory flat in the prompt length).
 
   Returns the logits of the LAST position only (b, V) and the cache.
@@ -35,13 +36,20 @@ def prefill_chunked(model: Mamba2LM, tokens: jax.Array, chunk: int,
     cache = model.init_cache(b)
   last = None
   for start in range(0, L, chunk):
-    logits, cache = prefill(model, tokens[:, start:start + chunk], cache)
+    logits, cache = prefill(model, tokens[:, start : start + chunk], cache)
     last = logits[:, -1]
   return last, cache
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, *, vocab_size: int, temperature: float = 0.0,
-                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+def sample_logits(
+  logits: jax.Array,
+  key: jax.Array,
+  *,
+  vocab_size: int,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+) -> jax.Array:
   """Picks one token per row from logits (b, V_padded); padded ids are never chosen.
 
   temperature 0 = greedy; otherwise softmax(logits / temperature) restricted to the top_k ids
@@ -67,16 +75,18 @@ def sample_logits(logits: jax.Array, key: jax.Array, *, vocab_size: int, tempera
 
 
 @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "temperature", "top_k", "top_p"))
-def decode_tokens(model, first_logits, cache, key, *, max_new_tokens, temperature=0.0, top_k=None,
-                  top_p=None):
+def decode_tokens(
+  model, first_logits, cache, key, *, max_new_tokens, temperature=0.0, top_k=None, top_p=None
+):
   """Samples max_new_tokens tokens starting from first_logits (b, V) and cache, in one jitted
   scan over the recurrent step -> (tokens (b, max_new_tokens), cache)."""
   vocab = model.config.vocab_size
 
   def body(carry, step_key):
     logits, cache = carry
-    tok = sample_logits(logits, step_key, vocab_size=vocab, temperature=temperature,
-                        top_k=top_k, top_p=top_p)
+    tok = sample_logits(
+      logits, step_key, vocab_size=vocab, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     logits, cache = model.decode_step(tok, cache)
     return (logits, cache), tok
 
@@ -85,9 +95,17 @@ def decode_tokens(model, first_logits, cache, key, *, max_new_tokens, temperatur
   return toks.T, cache
 
 
-def generate(model: Mamba2LM, prompt: jax.Array, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             prefill_chunk: int | None = None) -> jax.Array:
+def generate(
+  model: Mamba2LM,
+  prompt: jax.Array,
+  max_new_tokens: int,
+  *,
+  temperature: float = 0.0,
+  top_k: int | None = None,
+  top_p: float | None = None,
+  seed: int = 0,
+  prefill_chunk: int | None = None,
+) -> jax.Array:
   """Continues prompt (b, Lp) int32 by max_new_tokens tokens -> (b, max_new_tokens) int32.
 
   The prompt is prefilled (in pieces of `prefill_chunk` tokens if given); decoding runs as one
@@ -99,6 +117,14 @@ def generate(model: Mamba2LM, prompt: jax.Array, max_new_tokens: int, *, tempera
   else:
     logits, cache = prefill(model, prompt)
     last = logits[:, -1]
-  toks, _ = decode_tokens(model, last, cache, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                         temperature=float(temperature), top_k=top_k, top_p=top_p)
+  toks, _ = decode_tokens(
+    model,
+    last,
+    cache,
+    jax.random.key(seed),
+    max_new_tokens=max_new_tokens,
+    temperature=float(temperature),
+    top_k=top_k,
+    top_p=top_p,
+  )
   return toks

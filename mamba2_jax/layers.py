@@ -54,8 +54,9 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, out_dtype) -> jax.Array
   return (y * scale.astype(jnp.float32)).astype(out_dtype)
 
 
-def gated_rms_norm(y: jax.Array, z: jax.Array, scale: jax.Array, ngroups: int, eps: float,
-                   out_dtype) -> jax.Array:
+def gated_rms_norm(
+  y: jax.Array, z: jax.Array, scale: jax.Array, ngroups: int, eps: float, out_dtype
+) -> jax.Array:
   """Official RMSNormGated with norm_before_gate=False: groupwise_rmsnorm(y * silu(z)) * scale.
 
   y, z: (..., d_inner); the RMS is taken over groups of d_inner / ngroups channels
@@ -68,9 +69,14 @@ def gated_rms_norm(y: jax.Array, z: jax.Array, scale: jax.Array, ngroups: int, e
   return (g.reshape(shape) * scale.astype(jnp.float32)).astype(out_dtype)
 
 
-def causal_conv(u: jax.Array, w: jax.Array, bias: jax.Array | None, *,
-                context: jax.Array | None = None,
-                segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def causal_conv(
+  u: jax.Array,
+  w: jax.Array,
+  bias: jax.Array | None,
+  *,
+  context: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """Depthwise causal conv1d that never mixes tokens of different segments.
 
   Args:
@@ -91,13 +97,14 @@ def causal_conv(u: jax.Array, w: jax.Array, bias: jax.Array | None, *,
   full = jnp.concatenate([context.astype(u.dtype), u], axis=1)  # (b, L+K-1, C)
   if segment_ids is not None:
     seg_full = jnp.concatenate(
-        [jnp.broadcast_to(segment_ids[:, :1], (b, K - 1)), segment_ids], axis=1)
+      [jnp.broadcast_to(segment_ids[:, :1], (b, K - 1)), segment_ids], axis=1
+    )
   wf = w.astype(jnp.float32)
-  out = full[:, K - 1:].astype(jnp.float32) * wf[K - 1]
+  out = full[:, K - 1 :].astype(jnp.float32) * wf[K - 1]
   for k in range(K - 1):
-    tap = full[:, k:k + L].astype(jnp.float32) * wf[k]
+    tap = full[:, k : k + L].astype(jnp.float32) * wf[k]
     if segment_ids is not None:
-      same = seg_full[:, k:k + L] == segment_ids
+      same = seg_full[:, k : k + L] == segment_ids
       tap = jnp.where(same[..., None], tap, 0.0)
     out = out + tap
   if bias is not None:
@@ -109,8 +116,9 @@ def causal_conv(u: jax.Array, w: jax.Array, bias: jax.Array | None, *,
   return out.astype(u.dtype), new_context
 
 
-def conv_step(u: jax.Array, w: jax.Array, bias: jax.Array | None,
-              context: jax.Array) -> tuple[jax.Array, jax.Array]:
+def conv_step(
+  u: jax.Array, w: jax.Array, bias: jax.Array | None, context: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """One decode step of `causal_conv`: u (b, C), context (b, K-1, C) -> (out (b, C), context)."""
   window = jnp.concatenate([context.astype(u.dtype), u[:, None]], axis=1)  # (b, K, C)
   out = jnp.einsum("bkc,kc->bc", window.astype(jnp.float32), w.astype(jnp.float32))
@@ -121,8 +129,9 @@ def conv_step(u: jax.Array, w: jax.Array, bias: jax.Array | None,
 
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
   """x (..., din) @ kernel (din, dout) in `dtype` with float32 accumulation."""
-  y = jnp.einsum("...i,io->...o", x.astype(dtype), kernel.astype(dtype),
-                 preferred_element_type=jnp.float32)
+  y = jnp.einsum(
+    "...i,io->...o", x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32
+  )
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(dtype)

@@ -38,8 +38,9 @@ def lm_head_logits(h: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
   return jnp.einsum(spec, h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
-def lm_head_nll(h: jax.Array, w: jax.Array, targets: jax.Array, *,
-                vocab_major: bool = True) -> jax.Array:
+def lm_head_nll(
+  h: jax.Array, w: jax.Array, targets: jax.Array, *, vocab_major: bool = True
+) -> jax.Array:
   """Per-token negative log-likelihood (float32, shape of `targets`).
 
   h (..., d) hidden states in the compute dtype; w the head weight, (V, d) if `vocab_major`

@@ -27,29 +27,50 @@ from flax import nnx
 from mamba2_jax.model import Mamba2LM
 from mamba2_jax.state_norm import StateNormThreshold
 
-__all__ = ["MITIGATION_FIELDS", "PRESETS", "preset_fields", "with_mitigations",
-           "measure_state_norms", "calibrate_state_norm", "set_state_norm_threshold",
-           "state_norm_thresholds"]
+__all__ = [
+  "MITIGATION_FIELDS",
+  "PRESETS",
+  "preset_fields",
+  "with_mitigations",
+  "measure_state_norms",
+  "calibrate_state_norm",
+  "set_state_norm_threshold",
+  "state_norm_thresholds",
+]
 
-MITIGATION_FIELDS = ("rri_decay_scale", "rri_insert_scale", "dt_scale", "ssd_window",
-                     "state_norm", "state_norm_chunk", "state_norm_threshold")
-_OFF = dict(rri_decay_scale=1.0, rri_insert_scale=1.0, dt_scale=1.0, ssd_window=0,
-            state_norm="off", state_norm_chunk=128, state_norm_threshold=math.inf)
+MITIGATION_FIELDS = (
+  "rri_decay_scale",
+  "rri_insert_scale",
+  "dt_scale",
+  "ssd_window",
+  "state_norm",
+  "state_norm_chunk",
+  "state_norm_threshold",
+)
+_OFF = dict(
+  rri_decay_scale=1.0,
+  rri_insert_scale=1.0,
+  dt_scale=1.0,
+  ssd_window=0,
+  state_norm="off",
+  state_norm_chunk=128,
+  state_norm_threshold=math.inf,
+)
 
 # Named settings (paper.md §3). Every preset sets all mitigation fields (others off), so
 # presets do not stack by accident; override single fields with keyword arguments.
 PRESETS: dict[str, dict[str, Any]] = {
-    "off": {},
-    "rri": dict(rri_decay_scale=0.9999, rri_insert_scale=0.75),  # v2 §3.2.2 (picked at 32K)
-    "rri_decay": dict(rri_decay_scale=0.9999),  # repo 780M plot: alpha x 0.9999, B x 1
-    "rri_0.99999_0.7": dict(rri_decay_scale=0.99999, rri_insert_scale=0.7),  # repo 780M plot
-    "longmamba": dict(dt_scale=0.5),  # jzhang38/LongMamba default
-    "longmamba_0.2": dict(dt_scale=0.2),  # repo 780M plot
-    "window_1k": dict(ssd_window=1024),  # r is not given by the paper: sweep 1K..T_train
-    "window_2k": dict(ssd_window=2048),
-    "window_4k": dict(ssd_window=4096),
-    "state_norm": dict(state_norm="chunk", state_norm_chunk=128),  # paper code: 128-token blocks
-    "state_norm_token": dict(state_norm="token"),
+  "off": {},
+  "rri": dict(rri_decay_scale=0.9999, rri_insert_scale=0.75),  # v2 §3.2.2 (picked at 32K)
+  "rri_decay": dict(rri_decay_scale=0.9999),  # repo 780M plot: alpha x 0.9999, B x 1
+  "rri_0.99999_0.7": dict(rri_decay_scale=0.99999, rri_insert_scale=0.7),  # repo 780M plot
+  "longmamba": dict(dt_scale=0.5),  # jzhang38/LongMamba default
+  "longmamba_0.2": dict(dt_scale=0.2),  # repo 780M plot
+  "window_1k": dict(ssd_window=1024),  # r is not given by the paper: sweep 1K..T_train
+  "window_2k": dict(ssd_window=2048),
+  "window_4k": dict(ssd_window=4096),
+  "state_norm": dict(state_norm="chunk", state_norm_chunk=128),  # paper code: 128-token blocks
+  "state_norm_token": dict(state_norm="token"),
 }
 
 
@@ -82,11 +103,15 @@ def with_mitigations(model: Mamba2LM, preset: str | None = None, **config_fields
     elif isinstance(var, StateNormThreshold):
       value = jnp.full(var.shape, config.state_norm_threshold, var.dtype)
     else:
-      raise ValueError(f"with_mitigations: {'/'.join(map(str, path))} missing from the model "
-                       "(only mitigation fields may change the variables)")
+      raise ValueError(
+        f"with_mitigations: {'/'.join(map(str, path))} missing from the model "
+        "(only mitigation fields may change the variables)"
+      )
     if tuple(value.shape) != tuple(var.shape):
-      raise ValueError(f"with_mitigations: {'/'.join(map(str, path))} has shape {value.shape}, "
-                       f"the new config needs {var.shape} (change only mitigation fields)")
+      raise ValueError(
+        f"with_mitigations: {'/'.join(map(str, path))} has shape {value.shape}, "
+        f"the new config needs {var.shape} (change only mitigation fields)"
+      )
     var.set_value(value)
   return nnx.merge(graphdef, state)
 
@@ -94,8 +119,10 @@ def with_mitigations(model: Mamba2LM, preset: str | None = None, **config_fields
 def _threshold_variable(model: Mamba2LM) -> StateNormThreshold:
   mixer = model.layers.mixer
   if not hasattr(mixer, "state_norm_tau"):
-    raise ValueError("state normalization is off in this model (config.state_norm='off'); "
-                     "enable it first, e.g. with_mitigations(model, state_norm='chunk')")
+    raise ValueError(
+      "state normalization is off in this model (config.state_norm='off'); "
+      "enable it first, e.g. with_mitigations(model, state_norm='chunk')"
+    )
   return mixer.state_norm_tau
 
 
@@ -111,16 +138,19 @@ def set_state_norm_threshold(model: Mamba2LM, tau) -> Mamba2LM:
   try:
     full = jnp.broadcast_to(tau, var.shape)
   except ValueError:
-    raise ValueError(f"state-norm threshold of shape {tau.shape} does not broadcast to "
-                     f"(n_layer, nheads) = {tuple(var.shape)}") from None
+    raise ValueError(
+      f"state-norm threshold of shape {tau.shape} does not broadcast to "
+      f"(n_layer, nheads) = {tuple(var.shape)}"
+    ) from None
   if not bool(jnp.all(full > 0)):
     raise ValueError("state-norm thresholds must be > 0")
   var.set_value(full)
   return model
 
 
-def measure_state_norms(model: Mamba2LM, tokens, *, reduce: str = "max",
-                        stride: int | None = None) -> jax.Array:
+def measure_state_norms(
+  model: Mamba2LM, tokens, *, reduce: str = "max", stride: int | None = None
+) -> jax.Array:
   """Per-(layer, head) Frobenius norm of the SSM state of `model` with state_norm off.
 
   tokens (b, L) int: the reference prompt(s). The prompt is prefilled in pieces of `stride`
@@ -154,14 +184,20 @@ def measure_state_norms(model: Mamba2LM, tokens, *, reduce: str = "max",
   best = None
   L = toks.shape[1]
   for start in range(0, L, stride):
-    norms, cache = piece(state, toks[:, start:start + stride], cache)
+    norms, cache = piece(state, toks[:, start : start + stride], cache)
     best = norms if best is None or reduce == "final" else jnp.maximum(best, norms)
   return best
 
 
-def calibrate_state_norm(model: Mamba2LM, tokens, multiplier: float = 1.0, *,
-                         reduce: str = "max", stride: int | None = None,
-                         per_head: bool = True) -> Mamba2LM:
+def calibrate_state_norm(
+  model: Mamba2LM,
+  tokens,
+  multiplier: float = 1.0,
+  *,
+  reduce: str = "max",
+  stride: int | None = None,
+  per_head: bool = True,
+) -> Mamba2LM:
   """Sets tau_{l,h} = multiplier * measured state norm (see `measure_state_norms`) in place.
 
   `model` must have state normalization on (its thresholds variable exists); the measurement
@@ -171,7 +207,8 @@ def calibrate_state_norm(model: Mamba2LM, tokens, multiplier: float = 1.0, *,
   _threshold_variable(model)
   if not (math.isfinite(multiplier) and multiplier > 0):
     raise ValueError(
-        f"calibrate_state_norm: multiplier must be a finite number > 0, got {multiplier}")
+      f"calibrate_state_norm: multiplier must be a finite number > 0, got {multiplier}"
+    )
   norms = measure_state_norms(model, tokens, reduce=reduce, stride=stride)
   if not per_head:
     norms = jnp.max(norms)

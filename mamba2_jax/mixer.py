@@ -24,13 +24,25 @@ from flax import nnx
 
 from mamba2_jax.cache import Mamba2Cache
 from mamba2_jax.config import Mamba2Config
-from mamba2_jax.layers import (A_log_init, causal_conv, conv_step, dense, dt_bias_init,
-                               gated_rms_norm, param, uniform_init)
+from mamba2_jax.layers import (
+  A_log_init,
+  causal_conv,
+  conv_step,
+  dense,
+  dt_bias_init,
+  gated_rms_norm,
+  param,
+  uniform_init,
+)
 from mamba2_jax.sliding_window import window_prefill, window_step
 from mamba2_jax.ssd import prepare_dt, resolve_impl, ssd
 from mamba2_jax.ssd.api import PALLAS_IMPLS
-from mamba2_jax.state_norm import (block_normalized_ssd, normalize_state, threshold_variable,
-                                   token_normalized_ssd)
+from mamba2_jax.state_norm import (
+  block_normalized_ssd,
+  normalize_state,
+  threshold_variable,
+  token_normalized_ssd,
+)
 
 
 def ssd_op(impl: str, **kwargs):
@@ -44,6 +56,7 @@ def ssd_op(impl: str, **kwargs):
   mesh = jax.sharding.get_abstract_mesh()
   if name in PALLAS_IMPLS and not mesh.empty and mesh.size > 1 and not mesh.manual_axes:
     from pallas_kernels.sharded import sharded_ssd
+
     return sharded_ssd(mesh, impl=name, **kwargs)
   return functools.partial(ssd, impl=name, **kwargs)
 
@@ -58,28 +71,41 @@ class Mamba2Mixer(nnx.Module):
     bound_in = 1.0 / math.sqrt(d)
     self.in_proj_z = param(uniform_init(rngs.params(), (d, e), bound_in, pdt), ("embed", "inner"))
     self.in_proj_x = param(uniform_init(rngs.params(), (d, e), bound_in, pdt), ("embed", "inner"))
-    self.in_proj_B = param(uniform_init(rngs.params(), (d, gn), bound_in, pdt),
-                           ("embed", "group_state"))
-    self.in_proj_C = param(uniform_init(rngs.params(), (d, gn), bound_in, pdt),
-                           ("embed", "group_state"))
+    self.in_proj_B = param(
+      uniform_init(rngs.params(), (d, gn), bound_in, pdt), ("embed", "group_state")
+    )
+    self.in_proj_C = param(
+      uniform_init(rngs.params(), (d, gn), bound_in, pdt), ("embed", "group_state")
+    )
     self.in_proj_dt = param(uniform_init(rngs.params(), (d, h), bound_in, pdt), ("embed", "heads"))
     if c.proj_bias:
       self.in_proj_bias = param(jnp.zeros((c.d_in_proj,), pdt), ("in_proj",))
     bound_conv = 1.0 / math.sqrt(k)  # depthwise: fan_in = d_conv
-    self.conv_x = param(uniform_init(rngs.params(), (k, e), bound_conv, pdt), ("conv_width", "inner"))
-    self.conv_B = param(uniform_init(rngs.params(), (k, gn), bound_conv, pdt),
-                        ("conv_width", "group_state"))
-    self.conv_C = param(uniform_init(rngs.params(), (k, gn), bound_conv, pdt),
-                        ("conv_width", "group_state"))
+    self.conv_x = param(
+      uniform_init(rngs.params(), (k, e), bound_conv, pdt), ("conv_width", "inner")
+    )
+    self.conv_B = param(
+      uniform_init(rngs.params(), (k, gn), bound_conv, pdt), ("conv_width", "group_state")
+    )
+    self.conv_C = param(
+      uniform_init(rngs.params(), (k, gn), bound_conv, pdt), ("conv_width", "group_state")
+    )
     if c.conv_bias:
       self.conv_x_bias = param(uniform_init(rngs.params(), (e,), bound_conv, pdt), ("inner",))
-      self.conv_B_bias = param(uniform_init(rngs.params(), (gn,), bound_conv, pdt), ("group_state",))
-      self.conv_C_bias = param(uniform_init(rngs.params(), (gn,), bound_conv, pdt), ("group_state",))
-    self.dt_bias = param(dt_bias_init(rngs.params(), h, c.dt_min, c.dt_max, c.dt_init_floor),
-                         ("heads",))
+      self.conv_B_bias = param(
+        uniform_init(rngs.params(), (gn,), bound_conv, pdt), ("group_state",)
+      )
+      self.conv_C_bias = param(
+        uniform_init(rngs.params(), (gn,), bound_conv, pdt), ("group_state",)
+      )
+    self.dt_bias = param(
+      dt_bias_init(rngs.params(), h, c.dt_min, c.dt_max, c.dt_init_floor), ("heads",)
+    )
     self.A_log = param(A_log_init(rngs.params(), h, c.A_init_range), ("heads",))
-    self.D = param(jnp.ones((e,) if c.D_has_hdim else (h,), jnp.float32),
-                   ("inner",) if c.D_has_hdim else ("heads",))
+    self.D = param(
+      jnp.ones((e,) if c.D_has_hdim else (h,), jnp.float32),
+      ("inner",) if c.D_has_hdim else ("heads",),
+    )
     self.norm = param(jnp.ones((e,), pdt), ("inner",))
     bound_out = 1.0 / math.sqrt(e)
     out = uniform_init(rngs.params(), (e, d), bound_out, jnp.float32)
@@ -89,8 +115,7 @@ class Mamba2Mixer(nnx.Module):
     if c.proj_bias:
       self.out_proj_bias = param(jnp.zeros((d,), pdt), ("embed",))
     if c.state_norm != "off":  # thresholds tau per head; non-trainable (not an nnx.Param)
-      self.state_norm_tau = threshold_variable(
-          jnp.full((h,), c.state_norm_threshold, jnp.float32))
+      self.state_norm_tau = threshold_variable(jnp.full((h,), c.state_norm_threshold, jnp.float32))
 
   # Parameter views --------------------------------------------------------------------------
   def _tau(self):
@@ -110,7 +135,7 @@ class Mamba2Mixer(nnx.Module):
     e, gn = c.d_inner, c.ngroups * c.d_state
     start = {"z": 0, "x": e, "B": 2 * e, "C": 2 * e + gn, "dt": 2 * e + 2 * gn}[part]
     size = {"z": e, "x": e, "B": gn, "C": gn, "dt": c.nheads}[part]
-    return b[start:start + size]
+    return b[start : start + size]
 
   def _project(self, u):
     """u (..., d_model) -> z, x, B, C, dt (pre-conv), each in the compute dtype."""
@@ -144,8 +169,7 @@ class Mamba2Mixer(nnx.Module):
 
   def _processed_dt(self, dt):
     c = self.config
-    dt = prepare_dt(dt, self.dt_bias[...], dt_softplus=True, dt_limit=c.dt_limit,
-                    dtype=jnp.float32)
+    dt = prepare_dt(dt, self.dt_bias[...], dt_softplus=True, dt_limit=c.dt_limit, dtype=jnp.float32)
     return dt if c.dt_scale == 1.0 else dt * jnp.float32(c.dt_scale)
 
   def _ssm(self, x, dt, A, B, C, segment_ids, cache):
@@ -161,33 +185,79 @@ class Mamba2Mixer(nnx.Module):
       extra["pos"] = cache.pos + x.shape[1]
     if c.state_norm == "token":
       y, h = token_normalized_ssd(
-          x, dt, A, B, C, tau=self._tau(), D=D, dt_bias=self.dt_bias[...],
-          dt_limit=c.dt_limit, dt_scale=c.dt_scale, log_decay_offset=off, initial_state=h0,
-          segment_ids=segment_ids)
+        x,
+        dt,
+        A,
+        B,
+        C,
+        tau=self._tau(),
+        D=D,
+        dt_bias=self.dt_bias[...],
+        dt_limit=c.dt_limit,
+        dt_scale=c.dt_scale,
+        log_decay_offset=off,
+        initial_state=h0,
+        segment_ids=segment_ids,
+      )
     elif c.state_norm == "chunk":
-      op = ssd_op(c.ssd_impl, dt_softplus=False, dt_limit=(-math.inf, math.inf),
-                  chunk_size=min(c.chunk_size, c.state_norm_chunk), return_final_state=True)
+      op = ssd_op(
+        c.ssd_impl,
+        dt_softplus=False,
+        dt_limit=(-math.inf, math.inf),
+        chunk_size=min(c.chunk_size, c.state_norm_chunk),
+        return_final_state=True,
+      )
       y, h = block_normalized_ssd(
-          op, x, self._processed_dt(dt), A, B, C, tau=self._tau(),
-          block=c.state_norm_chunk, position=0 if cache is None else cache.pos, D=D,
-          log_decay_offset=off, initial_state=h0, segment_ids=segment_ids)
+        op,
+        x,
+        self._processed_dt(dt),
+        A,
+        B,
+        C,
+        tau=self._tau(),
+        block=c.state_norm_chunk,
+        position=0 if cache is None else cache.pos,
+        D=D,
+        log_decay_offset=off,
+        initial_state=h0,
+        segment_ids=segment_ids,
+      )
     elif c.ssd_window > 0 and cache is not None:
       y, h, extra = window_prefill(
-          functools.partial(ssd_op, c.ssd_impl), x, self._processed_dt(dt), A, B, C, cache,
-          r=c.ssd_window, log_decay_offset=off, chunk_size=c.chunk_size, D=D,
-          segment_ids=segment_ids)
+        functools.partial(ssd_op, c.ssd_impl),
+        x,
+        self._processed_dt(dt),
+        A,
+        B,
+        C,
+        cache,
+        r=c.ssd_window,
+        log_decay_offset=off,
+        chunk_size=c.chunk_size,
+        D=D,
+        segment_ids=segment_ids,
+      )
     else:
-      op = ssd_op(c.ssd_impl, dt_softplus=True, dt_limit=c.dt_limit, chunk_size=c.chunk_size,
-                  return_final_state=cache is not None, dt_scale=c.dt_scale,
-                  log_decay_offset=off, window=c.ssd_window or None)
-      result = op(x, dt, A, B, C, D=D, dt_bias=self.dt_bias[...], initial_state=h0,
-                  segment_ids=segment_ids)
+      op = ssd_op(
+        c.ssd_impl,
+        dt_softplus=True,
+        dt_limit=c.dt_limit,
+        chunk_size=c.chunk_size,
+        return_final_state=cache is not None,
+        dt_scale=c.dt_scale,
+        log_decay_offset=off,
+        window=c.ssd_window or None,
+      )
+      result = op(
+        x, dt, A, B, C, D=D, dt_bias=self.dt_bias[...], initial_state=h0, segment_ids=segment_ids
+      )
       y, h = result if cache is not None else (result, None)
     return y, (h if cache is not None else None), extra
 
   # Full-sequence forward (training, prefill) ---------------------------------------------------
-  def __call__(self, u: jax.Array, *, segment_ids: jax.Array | None = None,
-               cache: Mamba2Cache | None = None) -> tuple[jax.Array, Mamba2Cache | None]:
+  def __call__(
+    self, u: jax.Array, *, segment_ids: jax.Array | None = None, cache: Mamba2Cache | None = None
+  ) -> tuple[jax.Array, Mamba2Cache | None]:
     """u (b, L, d_model) -> (out (b, L, d_model), new per-layer cache or None).
 
     With `cache` (per-layer, no leading layer axis) the sequence continues from it and the new
@@ -197,18 +267,26 @@ class Mamba2Mixer(nnx.Module):
     b, L, _ = u.shape
     z, xr, Br, Cr, dt = self._project(u)
     ctx = (lambda n: None) if cache is None else (lambda n: getattr(cache, n))
-    x, cx = causal_conv(xr, self.conv_x[...], self._opt("conv_x_bias"), context=ctx("conv_x"),
-                        segment_ids=segment_ids)
-    B, cB = causal_conv(Br, self.conv_B[...], self._opt("conv_B_bias"), context=ctx("conv_B"),
-                        segment_ids=segment_ids)
-    C, cC = causal_conv(Cr, self.conv_C[...], self._opt("conv_C_bias"), context=ctx("conv_C"),
-                        segment_ids=segment_ids)
+    x, cx = causal_conv(
+      xr, self.conv_x[...], self._opt("conv_x_bias"), context=ctx("conv_x"), segment_ids=segment_ids
+    )
+    B, cB = causal_conv(
+      Br, self.conv_B[...], self._opt("conv_B_bias"), context=ctx("conv_B"), segment_ids=segment_ids
+    )
+    C, cC = causal_conv(
+      Cr, self.conv_C[...], self._opt("conv_C_bias"), context=ctx("conv_C"), segment_ids=segment_ids
+    )
     x, B, C = jax.nn.silu(x), self._scale_B(jax.nn.silu(B)), jax.nn.silu(C)
     A = -jnp.exp(self.A_log[...].astype(jnp.float32))
     y, h, extra = self._ssm(
-        x.reshape(b, L, c.nheads, c.headdim), dt, A,
-        B.reshape(b, L, c.ngroups, c.d_state), C.reshape(b, L, c.ngroups, c.d_state),
-        segment_ids, cache)
+      x.reshape(b, L, c.nheads, c.headdim),
+      dt,
+      A,
+      B.reshape(b, L, c.ngroups, c.d_state),
+      C.reshape(b, L, c.ngroups, c.d_state),
+      segment_ids,
+      cache,
+    )
     out = self._output(y.reshape(b, L, c.d_inner).astype(c.compute_dtype), z)
     if cache is None:
       return out, None

@@ -18,8 +18,8 @@ from mamba2_jax.loss import lm_head_logits
 from mamba2_jax.mixer import Mamba2Mixer
 
 _REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -101,15 +101,19 @@ class Mamba2LM(nnx.Module):
       return fn(nnx.merge(graphdef, layer_state), carry, layer_cache)
 
     if self.config.remat_policy != "none":
-      body = jax.checkpoint(body, policy=_REMAT.get(self.config.remat_policy),
-                            prevent_cse=False)
+      body = jax.checkpoint(body, policy=_REMAT.get(self.config.remat_policy), prevent_cse=False)
     return jax.lax.scan(body, residual, (state, cache), unroll=self.config.scan_unroll)
 
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     return self._logits(self.features(tokens, segment_ids=segment_ids)[0])
 
-  def features(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-               cache: Mamba2Cache | None = None) -> tuple[jax.Array, Mamba2Cache | None]:
+  def features(
+    self,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    cache: Mamba2Cache | None = None,
+  ) -> tuple[jax.Array, Mamba2Cache | None]:
     """The LM head's input: final-normed hidden states (b, L, d_model) in the compute dtype,
     and with `cache` (continued from, as in `prefill`) the new cache, else None.
 
@@ -119,17 +123,24 @@ class Mamba2LM(nnx.Module):
     residual = self._embed(tokens)
     if cache is None:
       residual, _ = self._scan_layers(
-          lambda blk, r, _: blk(r, segment_ids=segment_ids), residual, None)
+        lambda blk, r, _: blk(r, segment_ids=segment_ids), residual, None
+      )
     else:
       residual, cache = self._scan_layers(
-          lambda blk, r, lc: blk(r, segment_ids=segment_ids, cache=lc), residual, cache)
+        lambda blk, r, lc: blk(r, segment_ids=segment_ids, cache=lc), residual, cache
+      )
     return self._final_norm(residual), cache
 
   def init_cache(self, batch: int) -> Mamba2Cache:
     return Mamba2Cache.zeros(self.config, batch)
 
-  def prefill(self, tokens: jax.Array, cache: Mamba2Cache | None = None, *,
-              segment_ids: jax.Array | None = None) -> tuple[jax.Array, Mamba2Cache]:
+  def prefill(
+    self,
+    tokens: jax.Array,
+    cache: Mamba2Cache | None = None,
+    *,
+    segment_ids: jax.Array | None = None,
+  ) -> tuple[jax.Array, Mamba2Cache]:
     """Processes tokens (b, L), continuing from `cache` if given; returns (logits, cache).
 
     prefill(a) then prefill(b, cache) equals prefill(a + b): long prompts can be fed in pieces.

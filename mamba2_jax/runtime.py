@@ -38,8 +38,11 @@ def tune_cpu_malloc() -> bool:
     libc = ctypes.CDLL("libc.so.6")
   except OSError:
     return False
-  return (bool(libc.mallopt(_M_ARENA_MAX, 1)) and bool(libc.mallopt(_M_MMAP_MAX, 0))
-          and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1)))
+  return (
+    bool(libc.mallopt(_M_ARENA_MAX, 1))
+    and bool(libc.mallopt(_M_MMAP_MAX, 0))
+    and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+  )
 
 
 def cpu_only_host() -> bool:
@@ -48,6 +51,7 @@ def cpu_only_host() -> bool:
   /dev/vfio/*) or NVIDIA GPU (/dev/nvidia*) device files."""
   import glob  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
+
   forced = os.environ.get("MAMBA2_JAX_TUNE_MALLOC")
   if forced is not None:
     return forced.strip().lower() not in ("0", "false", "no", "")

@@ -29,8 +29,9 @@ from mamba2_jax.ssd.common import segment_runs
 __all__ = ["window_prefill", "window_step"]
 
 
-def window_prefill(make_op, x, dt, A, B, C, cache, *, r, log_decay_offset, chunk_size, D=None,
-                   segment_ids=None):
+def window_prefill(
+  make_op, x, dt, A, B, C, cache, *, r, log_decay_offset, chunk_size, D=None, segment_ids=None
+):
   """One prefill piece with the window on.
 
   make_op(**ssd_kwargs) -> f(x, dt, A, B, C, *, D, initial_state, segment_ids) (mixer.ssd_op).
@@ -51,12 +52,25 @@ def window_prefill(make_op, x, dt, A, B, C, cache, *, r, log_decay_offset, chunk
   if segment_ids is not None:  # the ring continues the segment of the piece's first token
     seg = jnp.asarray(segment_ids)
     Zseg = jnp.concatenate([jnp.broadcast_to(seg[:, :1], (b, r)), seg], axis=1)
-  kw = dict(dt_softplus=False, dt_limit=(-math.inf, math.inf), chunk_size=chunk_size,
-            log_decay_offset=log_decay_offset, return_final_state=True)
-  y, h = make_op(window=r, **kw)(Zx, Zdt, A, ZB, ZC, D=D, initial_state=cache.win_h,
-                                 segment_ids=Zseg)
-  _, hd = make_op(**kw)(Zx[:, :L], Zdt[:, :L], A, ZB[:, :L], ZC[:, :L], initial_state=cache.win_h,
-                        segment_ids=None if Zseg is None else Zseg[:, :L])
+  kw = dict(
+    dt_softplus=False,
+    dt_limit=(-math.inf, math.inf),
+    chunk_size=chunk_size,
+    log_decay_offset=log_decay_offset,
+    return_final_state=True,
+  )
+  y, h = make_op(window=r, **kw)(
+    Zx, Zdt, A, ZB, ZC, D=D, initial_state=cache.win_h, segment_ids=Zseg
+  )
+  _, hd = make_op(**kw)(
+    Zx[:, :L],
+    Zdt[:, :L],
+    A,
+    ZB[:, :L],
+    ZC[:, :L],
+    initial_state=cache.win_h,
+    segment_ids=None if Zseg is None else Zseg[:, :L],
+  )
   ring_dt, ring_x, ring_B = Zdt[:, L:], Zx[:, L:], ZB[:, L:]  # positions pos+L-r .. pos+L-1
   if Zseg is not None:  # steps of earlier segments must not reach later outputs
     runs = segment_runs(Zseg)
@@ -68,9 +82,14 @@ def window_prefill(make_op, x, dt, A, B, C, cache, *, r, log_decay_offset, chunk
     hd = jnp.where((runs[:, L - 1] == last[:, 0])[:, None, None, None], hd, 0.0)
   q = (pos + L) % r  # slot of position pos+L-r
   slots = lambda t: jnp.roll(t, q, axis=1)  # noqa: E731
-  new = dict(pos=pos + L, win_dt=slots(ring_dt), win_x=slots(ring_x).astype(cache.win_x.dtype),
-             win_B=slots(ring_B).astype(cache.win_B.dtype), win_h=hd.astype(jnp.float32),
-             win_sum=jnp.sum(ring_dt, axis=1))
+  new = dict(
+    pos=pos + L,
+    win_dt=slots(ring_dt),
+    win_x=slots(ring_x).astype(cache.win_x.dtype),
+    win_B=slots(ring_B).astype(cache.win_B.dtype),
+    win_h=hd.astype(jnp.float32),
+    win_sum=jnp.sum(ring_dt, axis=1),
+  )
   return y[:, r:], h, new
 
 
@@ -89,13 +108,22 @@ def window_step(h, dt, x, B, A, cache, *, r, log_decay_offset):
   H = dt.shape[-1]
   oB = jnp.repeat(oB.astype(jnp.float32), H // oB.shape[1], axis=1)  # (b,H,N)
   off = jnp.float32(log_decay_offset)
-  hd = (jnp.exp(odt * A + off)[:, :, None, None] * cache.win_h
-        + (odt[:, :, None] * ox.astype(jnp.float32))[..., None] * oB[:, :, None, :])  # h_{t-r}
+  hd = (
+    jnp.exp(odt * A + off)[:, :, None, None] * cache.win_h
+    + (odt[:, :, None] * ox.astype(jnp.float32))[..., None] * oB[:, :, None, :]
+  )  # h_{t-r}
   s = cache.win_sum - odt + dt  # sum of dt over t-r+1..t
   w = jnp.exp(jnp.minimum(A * s + r * off, 0.0))  # alpha_{t-r+1:t}
+
   def write(ring, v):
     return lax.dynamic_update_index_in_dim(ring, v.astype(ring.dtype), slot, axis=1)
 
-  new = dict(pos=pos + 1, win_dt=write(cache.win_dt, dt), win_x=write(cache.win_x, x),
-             win_B=write(cache.win_B, B), win_h=hd, win_sum=s)
+  new = dict(
+    pos=pos + 1,
+    win_dt=write(cache.win_dt, dt),
+    win_x=write(cache.win_x, x),
+    win_B=write(cache.win_B, B),
+    win_h=hd,
+    win_sum=s,
+  )
   return h - w[:, :, None, None] * hd, new

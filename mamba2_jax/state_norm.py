@@ -28,8 +28,13 @@ from jax import lax
 
 from mamba2_jax.ssd.common import expand_groups, prepare_inputs
 
-__all__ = ["StateNormThreshold", "threshold_variable", "normalize_state", "token_normalized_ssd",
-           "block_normalized_ssd"]
+__all__ = [
+  "StateNormThreshold",
+  "threshold_variable",
+  "normalize_state",
+  "token_normalized_ssd",
+  "block_normalized_ssd",
+]
 
 _HI = lax.Precision.HIGHEST
 
@@ -54,9 +59,23 @@ def normalize_state(h: jax.Array, tau: jax.Array) -> jax.Array:
   return h * scale[..., None, None]
 
 
-def token_normalized_ssd(x, dt, A, B, C, *, tau, D=None, dt_bias=None, dt_softplus=True,
-                         dt_limit=(0.0, math.inf), dt_scale=1.0, log_decay_offset=0.0,
-                         initial_state=None, segment_ids=None):
+def token_normalized_ssd(
+  x,
+  dt,
+  A,
+  B,
+  C,
+  *,
+  tau,
+  D=None,
+  dt_bias=None,
+  dt_softplus=True,
+  dt_limit=(0.0, math.inf),
+  dt_scale=1.0,
+  log_decay_offset=0.0,
+  initial_state=None,
+  segment_ids=None,
+):
   """SSD with the state normalized after every token (granularity "token").
 
   Arguments as `mamba2_jax.ssd.ssd` (x (b,L,H,P), dt (b,L,H) raw, A (H,), B, C (b,L,G,N)),
@@ -64,9 +83,20 @@ def token_normalized_ssd(x, dt, A, B, C, *, tau, D=None, dt_bias=None, dt_softpl
   h = normalize(h~). Returns (y (b,L,H,P) in x.dtype, final state (b,H,P,N) in the accumulation
   dtype).
   """
-  p = prepare_inputs(x, dt, A, B, C, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                     initial_state=initial_state, segment_ids=segment_ids, dt_scale=dt_scale,
-                     log_decay_offset=log_decay_offset)
+  p = prepare_inputs(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    dt_bias=dt_bias,
+    dt_softplus=dt_softplus,
+    dt_limit=dt_limit,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+    dt_scale=dt_scale,
+    log_decay_offset=log_decay_offset,
+  )
   acc = p.acc
   b, L, H, P = p.x.shape
   N = p.B.shape[-1]
@@ -84,8 +114,13 @@ def token_normalized_ssd(x, dt, A, B, C, *, tau, D=None, dt_bias=None, dt_softpl
     return normalize_state(h, tau), y_t
 
   tm = lambda t: jnp.moveaxis(t, 1, 0)  # noqa: E731
-  seq = (decay, p.dt, p.x.astype(acc), expand_groups(p.B.astype(acc), H),
-         expand_groups(p.C.astype(acc), H))
+  seq = (
+    decay,
+    p.dt,
+    p.x.astype(acc),
+    expand_groups(p.B.astype(acc), H),
+    expand_groups(p.C.astype(acc), H),
+  )
   h_last, ys = lax.scan(step, h0, tuple(tm(t) for t in seq))
   y = jnp.moveaxis(ys, 0, 1)
   if D is not None:
@@ -104,8 +139,22 @@ def _place(t, o, Lb, static):
   return lax.dynamic_update_slice_in_dim(buf, t, o, axis=1)
 
 
-def block_normalized_ssd(op, x, dt, A, B, C, *, tau, block, position=0, D=None,
-                         log_decay_offset=0.0, initial_state=None, segment_ids=None):
+def block_normalized_ssd(
+  op,
+  x,
+  dt,
+  A,
+  B,
+  C,
+  *,
+  tau,
+  block,
+  position=0,
+  D=None,
+  log_decay_offset=0.0,
+  initial_state=None,
+  segment_ids=None,
+):
   """SSD with the state normalized after every block of `block` absolute positions.
 
   op: `f(x, dt, A, B, C, *, initial_state, segment_ids) -> (y, final)` computing the plain SSD
@@ -155,7 +204,7 @@ def block_normalized_ssd(op, x, dt, A, B, C, *, tau, block, position=0, D=None,
 
   (h_last, _), ys = lax.scan(body, (h0, last0), (jnp.arange(nblk), tuple(seq)))
   y = jnp.moveaxis(ys, 0, 1).reshape((b, Lb, H, P)).astype(acc)
-  y = y[:, o:o + L] if static else lax.dynamic_slice_in_dim(y, o, L, axis=1)
+  y = y[:, o : o + L] if static else lax.dynamic_slice_in_dim(y, o, L, axis=1)
   if D is not None:
     Dv = jnp.asarray(D).astype(acc)
     y = y + x.astype(acc) * (Dv[:, None] if Dv.ndim == 1 else Dv)

@@ -34,12 +34,12 @@ __all__ = ["log_decay_grad"]
 
 
 def log_decay_grad(row, col, st, carried):
-    """d(loss)/d(dA) per token: row, col, st (..., Q) and carried (...) per chunk.
+  """d(loss)/d(dA) per token: row, col, st (..., Q) and carried (...) per chunk.
 
-    The last axis is the position inside a chunk; the result has the shape of ``row``.
-    """
-    rc = row - col
-    rev = jnp.flip(jnp.cumsum(jnp.flip(rc, -1), axis=-1), -1)
-    # exclusive prefix sum by shifting (cumsum - st would cancel: st is largest at the chunk end)
-    excl = jnp.concatenate([jnp.zeros_like(st[..., :1]), jnp.cumsum(st[..., :-1], axis=-1)], -1)
-    return rev + excl + carried[..., None]
+  The last axis is the position inside a chunk; the result has the shape of ``row``.
+  """
+  rc = row - col
+  rev = jnp.flip(jnp.cumsum(jnp.flip(rc, -1), axis=-1), -1)
+  # exclusive prefix sum by shifting (cumsum - st would cancel: st is largest at the chunk end)
+  excl = jnp.concatenate([jnp.zeros_like(st[..., :1]), jnp.cumsum(st[..., :-1], axis=-1)], -1)
+  return rev + excl + carried[..., None]

@@ -36,85 +36,94 @@ __all__ = ["sharded_ssd"]
 
 
 def _axis_size(mesh, axes):
-    return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in axes)
 
 
 def sharded_ssd(mesh, *, batch_axes=("data", "fsdp"), head_axis="tensor", **ssd_kwargs):
-    """Returns ``f(x, dt, A, B, C, *, D=None, dt_bias=None, initial_state=None,
-    segment_ids=None)`` computing :func:`mamba2_jax.ssd.ssd` (with ``ssd_kwargs``) per shard.
+  """Returns ``f(x, dt, A, B, C, *, D=None, dt_bias=None, initial_state=None,
+  segment_ids=None)`` computing :func:`mamba2_jax.ssd.ssd` (with ``ssd_kwargs``) per shard.
 
-    Axes of ``batch_axes`` / ``head_axis`` missing from the mesh are ignored (treated as
-    size 1). Raises ValueError when the batch or the heads do not divide the axis sizes.
-    """
-    from mamba2_jax.ssd import ssd  # lazy: keeps pallas_kernels importable without flax
+  Axes of ``batch_axes`` / ``head_axis`` missing from the mesh are ignored (treated as
+  size 1). Raises ValueError when the batch or the heads do not divide the axis sizes.
+  """
+  from mamba2_jax.ssd import ssd  # lazy: keeps pallas_kernels importable without flax
 
-    names = tuple(mesh.axis_names)
-    if isinstance(batch_axes, str):
-        batch_axes = (batch_axes,)
-    baxes = tuple(a for a in batch_axes if a in names)
-    hax = head_axis if (head_axis is not None and head_axis in names) else None
-    bspec = (baxes if len(baxes) > 1 else baxes[0]) if baxes else None
-    nb = _axis_size(mesh, baxes)
-    tp = mesh.shape[hax] if hax else 1
-    return_final = bool(ssd_kwargs.get("return_final_state", False))
+  names = tuple(mesh.axis_names)
+  if isinstance(batch_axes, str):
+    batch_axes = (batch_axes,)
+  baxes = tuple(a for a in batch_axes if a in names)
+  hax = head_axis if (head_axis is not None and head_axis in names) else None
+  bspec = (baxes if len(baxes) > 1 else baxes[0]) if baxes else None
+  nb = _axis_size(mesh, baxes)
+  tp = mesh.shape[hax] if hax else 1
+  return_final = bool(ssd_kwargs.get("return_final_state", False))
 
-    def f(x, dt, A, B, C, *, D=None, dt_bias=None, initial_state=None, segment_ids=None):
-        b, L, H, P = x.shape
-        G = B.shape[2]
-        if b % nb:
-            raise ValueError(
-                f"sharded_ssd: batch {b} is not divisible by the batch axes {baxes} (size {nb})")
-        if H % tp:
-            raise ValueError(
-                f"sharded_ssd: nheads {H} is not divisible by the size {tp} of head axis {hax!r}")
-        if G < 1 or H % G:
-            raise ValueError(f"sharded_ssd: nheads ({H}) must be divisible by ngroups ({G})")
-        Hl = H // tp
-        R = H // G
-        split_groups = G % tp == 0
-        one_group = (not split_groups) and R % Hl == 0  # all of a shard's heads share a group
+  def f(x, dt, A, B, C, *, D=None, dt_bias=None, initial_state=None, segment_ids=None):
+    b, L, H, P = x.shape
+    G = B.shape[2]
+    if b % nb:
+      raise ValueError(
+        f"sharded_ssd: batch {b} is not divisible by the batch axes {baxes} (size {nb})"
+      )
+    if H % tp:
+      raise ValueError(
+        f"sharded_ssd: nheads {H} is not divisible by the size {tp} of head axis {hax!r}"
+      )
+    if G < 1 or H % G:
+      raise ValueError(f"sharded_ssd: nheads ({H}) must be divisible by ngroups ({G})")
+    Hl = H // tp
+    R = H // G
+    split_groups = G % tp == 0
+    one_group = (not split_groups) and R % Hl == 0  # all of a shard's heads share a group
 
-        spec = {
-            "x": PS(bspec, None, hax, None),
-            "dt": PS(bspec, None, hax),
-            "A": PS(hax),
-            "BC": PS(bspec, None, hax if split_groups else None, None),
-            "D": None if D is None else (PS(hax) if jnp.ndim(D) == 1 else PS(hax, None)),
-            "dt_bias": PS(hax),
-            "h0": PS(bspec, hax, None, None),
-            "seg": PS(bspec, None),
-        }
-        args = {"x": x, "dt": dt, "A": A, "B": B, "C": C}
-        specs = {"x": spec["x"], "dt": spec["dt"], "A": spec["A"], "B": spec["BC"], "C": spec["BC"]}
-        for k, v, s in (("D", D, "D"), ("dt_bias", dt_bias, "dt_bias"),
-                        ("initial_state", initial_state, "h0"), ("segment_ids", segment_ids, "seg")):
-            if v is not None:
-                args[k] = v
-                specs[k] = spec[s]
-        keys = tuple(args)
+    spec = {
+      "x": PS(bspec, None, hax, None),
+      "dt": PS(bspec, None, hax),
+      "A": PS(hax),
+      "BC": PS(bspec, None, hax if split_groups else None, None),
+      "D": None if D is None else (PS(hax) if jnp.ndim(D) == 1 else PS(hax, None)),
+      "dt_bias": PS(hax),
+      "h0": PS(bspec, hax, None, None),
+      "seg": PS(bspec, None),
+    }
+    args = {"x": x, "dt": dt, "A": A, "B": B, "C": C}
+    specs = {"x": spec["x"], "dt": spec["dt"], "A": spec["A"], "B": spec["BC"], "C": spec["BC"]}
+    for k, v, s in (
+      ("D", D, "D"),
+      ("dt_bias", dt_bias, "dt_bias"),
+      ("initial_state", initial_state, "h0"),
+      ("segment_ids", segment_ids, "seg"),
+    ):
+      if v is not None:
+        args[k] = v
+        specs[k] = spec[s]
+    keys = tuple(args)
 
-        def local(*vals):
-            kw = dict(zip(keys, vals))
-            Bl, Cl = kw.pop("B"), kw.pop("C")
-            if not split_groups and tp > 1:
-                i = lax.axis_index(hax)
-                if one_group:
-                    g0 = (i * Hl) // R
-                    Bl = lax.dynamic_slice_in_dim(Bl, g0, 1, axis=2)
-                    Cl = lax.dynamic_slice_in_dim(Cl, g0, 1, axis=2)
-                else:  # one group per local head
-                    idx = (i * Hl + jnp.arange(Hl)) // R
-                    Bl = jnp.take(Bl, idx, axis=2)
-                    Cl = jnp.take(Cl, idx, axis=2)
-            xl, dtl, Al = kw.pop("x"), kw.pop("dt"), kw.pop("A")
-            return ssd(xl, dtl, Al, Bl, Cl, **kw, **ssd_kwargs)
+    def local(*vals):
+      kw = dict(zip(keys, vals))
+      Bl, Cl = kw.pop("B"), kw.pop("C")
+      if not split_groups and tp > 1:
+        i = lax.axis_index(hax)
+        if one_group:
+          g0 = (i * Hl) // R
+          Bl = lax.dynamic_slice_in_dim(Bl, g0, 1, axis=2)
+          Cl = lax.dynamic_slice_in_dim(Cl, g0, 1, axis=2)
+        else:  # one group per local head
+          idx = (i * Hl + jnp.arange(Hl)) // R
+          Bl = jnp.take(Bl, idx, axis=2)
+          Cl = jnp.take(Cl, idx, axis=2)
+      xl, dtl, Al = kw.pop("x"), kw.pop("dt"), kw.pop("A")
+      return ssd(xl, dtl, Al, Bl, Cl, **kw, **ssd_kwargs)
 
-        out_y = PS(bspec, None, hax, None)
-        out_specs = (out_y, PS(bspec, hax, None, None)) if return_final else out_y
-        fn = jax.shard_map(
-            local, mesh=mesh, in_specs=tuple(specs[k] for k in keys), out_specs=out_specs,
-            check_vma=False,
-        )
-        return fn(*(args[k] for k in keys))
+    out_y = PS(bspec, None, hax, None)
+    out_specs = (out_y, PS(bspec, hax, None, None)) if return_final else out_y
+    fn = jax.shard_map(
+      local,
+      mesh=mesh,
+      in_specs=tuple(specs[k] for k in keys),
+      out_specs=out_specs,
+      check_vma=False,
+    )
+    return fn(*(args[k] for k in keys))
 
-    return f
+  return f

@@ -17,31 +17,49 @@ from tests.venv_subprocess import run_module, venv_python
 PY = venv_python(".venv-cuda")
 
 pytestmark = [
-    pytest.mark.cuda_compile,
-    pytest.mark.skipif(not PY.exists(), reason="no .venv-cuda: run scripts/setup_cuda_venv.sh"),
+  pytest.mark.cuda_compile,
+  pytest.mark.skipif(not PY.exists(), reason="no .venv-cuda: run scripts/setup_cuda_venv.sh"),
 ]
 
 
 def _run(*args, timeout=1800):
-    p = run_module(PY, "pallas_kernels.ssd_gpu.compile_check", *args, timeout=timeout,
-                   extra_env={"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"})
-    sys.stdout.write(p.stdout)
-    return p
+  p = run_module(
+    PY,
+    "pallas_kernels.ssd_gpu.compile_check",
+    *args,
+    timeout=timeout,
+    extra_env={"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1"},
+  )
+  sys.stdout.write(p.stdout)
+  return p
 
 
 def test_cuda_compile_published_and_tiny_shapes():
-    """Every case (tiny, 130m and 2.7b layer shapes), forward and forward+backward, compiles."""
-    p = _run()
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    assert "all compiled for H100" in p.stdout
-    lines = [ln for ln in p.stdout.splitlines() if ln.split()[:1] and ln.split()[0] in (
-        "tiny", "tiny-g2-bf16", "130m-L2048-fp32", "130m-L2048-fp32-tf32", "130m-L2048-bf16",
-        "130m-L4096-bf16-seg", "2.7b-L2048-bf16", "2.7b-L8192-bf16")]
-    assert len(lines) == 16 and all(" yes " in ln for ln in lines), "\n".join(lines)
+  """Every case (tiny, 130m and 2.7b layer shapes), forward and forward+backward, compiles."""
+  p = _run()
+  assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+  assert "all compiled for H100" in p.stdout
+  lines = [
+    ln
+    for ln in p.stdout.splitlines()
+    if ln.split()[:1]
+    and ln.split()[0]
+    in (
+      "tiny",
+      "tiny-g2-bf16",
+      "130m-L2048-fp32",
+      "130m-L2048-fp32-tf32",
+      "130m-L2048-bf16",
+      "130m-L4096-bf16-seg",
+      "2.7b-L2048-bf16",
+      "2.7b-L8192-bf16",
+    )
+  ]
+  assert len(lines) == 16 and all(" yes " in ln for ln in lines), "\n".join(lines)
 
 
 def test_cuda_compile_rejects_oversized_shared_memory():
-    """Negative control: the forward kernel with a 512-row block exceeds the H100's shared memory."""
-    p = _run("--negative")
-    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    assert "rejected as expected" in p.stdout and "RESOURCE_EXHAUSTED" in p.stdout
+  """Negative control: the forward kernel with a 512-row block exceeds the H100's shared memory."""
+  p = _run("--negative")
+  assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+  assert "rejected as expected" in p.stdout and "RESOURCE_EXHAUSTED" in p.stdout

@@ -13,23 +13,32 @@ def test_defaults_are_official_130m_shapes():
   assert c.dt_limit == (0.0, math.inf)
 
 
-@pytest.mark.parametrize("name,d_in_proj,conv_dim,params_m", [
-    ("mamba2-130m", 3352, 1792, 129.0), ("mamba2-370m", 4384, 2304, 368.3),
-    ("mamba2-780m", 6448, 3328, 780.2), ("mamba2-1.3b", 8512, 4352, 1343.8),
-    ("mamba2-2.7b", 10576, 5376, 2702.6)])
+@pytest.mark.parametrize(
+  "name,d_in_proj,conv_dim,params_m",
+  [
+    ("mamba2-130m", 3352, 1792, 129.0),
+    ("mamba2-370m", 4384, 2304, 368.3),
+    ("mamba2-780m", 6448, 3328, 780.2),
+    ("mamba2-1.3b", 8512, 4352, 1343.8),
+    ("mamba2-2.7b", 10576, 5376, 2702.6),
+  ],
+)
 def test_published_presets(name, d_in_proj, conv_dim, params_m):
   c = Mamba2Config.preset(name)
   assert c.d_in_proj == d_in_proj and c.conv_dim == conv_dim
   assert abs(c.num_params() / 1e6 - params_m) < 0.15
 
 
-@pytest.mark.parametrize("name,ns_m", [("mamba2-130m", 4.848), ("mamba2-370m", 12.915),
-                                       ("mamba2-780m", 19.354)])
+@pytest.mark.parametrize(
+  "name,ns_m", [("mamba2-130m", 4.848), ("mamba2-370m", 12.915), ("mamba2-780m", 19.354)]
+)
 def test_state_size_matches_paper(name, ns_m):
   assert abs(Mamba2Config.preset(name).state_size / 1e6 - ns_m) < 1e-3
 
 
-@pytest.mark.parametrize("changes,field,fragment", [
+@pytest.mark.parametrize(
+  "changes,field,fragment",
+  [
     (dict(headdim=100), "headdim", "d_model*expand % headdim != 0"),
     (dict(ngroups=5), "ngroups", "nheads % ngroups != 0"),
     (dict(d_state=0), "d_state", "positive integer"),
@@ -39,7 +48,8 @@ def test_state_size_matches_paper(name, ns_m):
     (dict(dtype="float8"), "dtype", "must be one of"),
     (dict(remat_policy="sometimes"), "remat_policy", "must be one of"),
     (dict(ssd_impl="cuda"), "ssd_impl", "must be one of"),
-])
+  ],
+)
 def test_validation_names_field_and_rule(changes, field, fragment):
   with pytest.raises(ConfigError) as e:
     Mamba2Config.preset("tiny", **changes)

@@ -4,9 +4,18 @@ resume through an orbax CheckpointManager (with and without worker processes), g
 import numpy as np
 import pytest
 
-from mamba2_jax.data import (ByteTokenizer, StreamConfig, TokenizerMismatchError,
-                             check_stream_fingerprint, iterator_restore_args, iterator_save_args,
-                             make_train_iterator, open_documents, stream_fingerprint, testing)
+from mamba2_jax.data import (
+  ByteTokenizer,
+  StreamConfig,
+  TokenizerMismatchError,
+  check_stream_fingerprint,
+  iterator_restore_args,
+  iterator_save_args,
+  make_train_iterator,
+  open_documents,
+  stream_fingerprint,
+  testing,
+)
 from mamba2_jax.data.prepare import prepare
 from mamba2_jax.data.pipeline import InMemoryDocuments
 
@@ -37,16 +46,16 @@ def _split_docs(stream):
 def test_packing_keeps_every_token_once(packing):
   cfg = StreamConfig(seq_len=97, batch_size=3, seed=1, packing=packing, num_epochs=1)
   batches = _batches(make_train_iterator(cfg, process_index=0, process_count=1, documents=SOURCE))
-  tokens = np.concatenate([b["tokens"] for b in batches])       # (rows, L)
+  tokens = np.concatenate([b["tokens"] for b in batches])  # (rows, L)
   assert tokens.shape[1] == 97 and all(b["tokens"].shape == (3, 97) for b in batches)
   assert tokens.dtype == np.int32
   flat = tokens.reshape(-1)
   n_real = sum(d.size + 1 for d in DOCS)
-  assert np.all(flat[:n_real] != PAD) and np.all(flat[n_real:] == PAD)   # padding only at the end
+  assert np.all(flat[:n_real] != PAD) and np.all(flat[n_real:] == PAD)  # padding only at the end
   assert flat.size - n_real < 97 * 3
   got = _split_docs(flat[:n_real])
-  assert sorted(got) == sorted(t.encode() for t in TEXTS)             # every document once
-  assert got != [t.encode() for t in TEXTS]                            # ... shuffled
+  assert sorted(got) == sorted(t.encode() for t in TEXTS)  # every document once
+  assert got != [t.encode() for t in TEXTS]  # ... shuffled
   if packing == "concat":
     assert set(batches[0]) == {"tokens"}
   else:
@@ -63,29 +72,46 @@ def test_packing_keeps_every_token_once(packing):
 
 def test_seeded_order_and_epochs():
   def first(seed, n=6, **kw):
-    it = make_train_iterator(StreamConfig(seq_len=64, batch_size=2, seed=seed, **kw),
-                             process_index=0, process_count=1, documents=SOURCE)
+    it = make_train_iterator(
+      StreamConfig(seq_len=64, batch_size=2, seed=seed, **kw),
+      process_index=0,
+      process_count=1,
+      documents=SOURCE,
+    )
     return np.concatenate([b["tokens"] for b in _batches(it, n)])
+
   assert np.array_equal(first(5), first(5))
   assert not np.array_equal(first(5), first(6))
-  it = make_train_iterator(StreamConfig(seq_len=64, batch_size=2, seed=5, num_epochs=2),
-                           process_index=0, process_count=1, documents=SOURCE)
-  docs = _split_docs(np.concatenate([b["tokens"].reshape(-1) for b in _batches(it)]
-                                    )[:2 * sum(d.size + 1 for d in DOCS)])
-  e1, e2 = docs[:len(DOCS)], docs[len(DOCS):]
-  assert sorted(e1) == sorted(e2) and e1 != e2        # each epoch complete, in a new order
+  it = make_train_iterator(
+    StreamConfig(seq_len=64, batch_size=2, seed=5, num_epochs=2),
+    process_index=0,
+    process_count=1,
+    documents=SOURCE,
+  )
+  docs = _split_docs(
+    np.concatenate([b["tokens"].reshape(-1) for b in _batches(it)])[
+      : 2 * sum(d.size + 1 for d in DOCS)
+    ]
+  )
+  e1, e2 = docs[: len(DOCS)], docs[len(DOCS) :]
+  assert sorted(e1) == sorted(e2) and e1 != e2  # each epoch complete, in a new order
   unshuffled = first(0, n=20, shuffle=False).reshape(-1)
-  assert np.array_equal(unshuffled[:DOCS[0].size + DOCS[1].size + 2],
-                        np.concatenate([DOCS[0], [EOS], DOCS[1], [EOS]]))
+  assert np.array_equal(
+    unshuffled[: DOCS[0].size + DOCS[1].size + 2], np.concatenate([DOCS[0], [EOS], DOCS[1], [EOS]])
+  )
 
 
 def test_process_shards_are_disjoint_and_cover():
   seen = []
   for p in range(3):
-    it = make_train_iterator(StreamConfig(seq_len=50, batch_size=2, seed=9, num_epochs=1),
-                             process_index=p, process_count=3, documents=SOURCE)
+    it = make_train_iterator(
+      StreamConfig(seq_len=50, batch_size=2, seed=9, num_epochs=1),
+      process_index=p,
+      process_count=3,
+      documents=SOURCE,
+    )
     flat = np.concatenate([b["tokens"].reshape(-1) for b in _batches(it)])
-    flat = flat[:np.nonzero(flat == EOS)[0][-1] + 1]
+    flat = flat[: np.nonzero(flat == EOS)[0][-1] + 1]
     assert np.all(flat != PAD)
     seen.append(_split_docs(flat))
   assert all(abs(len(s) - len(DOCS) / 3) <= 1 for s in seen)
@@ -98,23 +124,28 @@ def test_process_shards_are_disjoint_and_cover():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_through_orbax_checkpoint(tmp_path, workers):
   import orbax.checkpoint as ocp
+
   cfg = StreamConfig(seq_len=40, batch_size=2, seed=11, packing="segments", num_workers=workers)
   kw = dict(process_index=0, process_count=1, documents=SOURCE)
   it = make_train_iterator(cfg, **kw)
   _batches(it, 5)
-  if workers == 0:   # the saved position is inside a document: the packer must remember it
+  if workers == 0:  # the saved position is inside a document: the packer must remember it
     assert it.get_state()["pos"] > 0
   mngr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter", "meta"))
   fp = stream_fingerprint(cfg, process_count=1, documents=SOURCE)
-  mngr.save(5, args=ocp.args.Composite(data_iter=iterator_save_args(it),
-                                       meta=ocp.args.JsonSave({"data": fp})))
+  mngr.save(
+    5,
+    args=ocp.args.Composite(data_iter=iterator_save_args(it), meta=ocp.args.JsonSave({"data": fp})),
+  )
   mngr.wait_until_finished()
   expected = _batches(it, 6)
   it.close()
   fresh = make_train_iterator(cfg, **kw)
   mngr2 = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data_iter", "meta"))
-  restored = mngr2.restore(mngr2.latest_step(), args=ocp.args.Composite(
-      data_iter=iterator_restore_args(fresh), meta=ocp.args.JsonRestore()))
+  restored = mngr2.restore(
+    mngr2.latest_step(),
+    args=ocp.args.Composite(data_iter=iterator_restore_args(fresh), meta=ocp.args.JsonRestore()),
+  )
   check_stream_fingerprint(restored["meta"]["data"], fp)
   got = _batches(fresh, 6)
   fresh.close()
@@ -127,8 +158,9 @@ def test_resume_through_orbax_checkpoint(tmp_path, workers):
 
 def test_fingerprint_mismatch_is_reported():
   a = stream_fingerprint(StreamConfig(seq_len=64), process_count=2, documents=SOURCE)
-  assert a == stream_fingerprint(StreamConfig(seq_len=64, read_threads=7), process_count=2,
-                                 documents=SOURCE)
+  assert a == stream_fingerprint(
+    StreamConfig(seq_len=64, read_threads=7), process_count=2, documents=SOURCE
+  )
   b = stream_fingerprint(StreamConfig(seq_len=128), process_count=4, documents=SOURCE)
   with pytest.raises(ValueError, match=r"config\.seq_len: 64 -> 128; process_count: 2 -> 4"):
     check_stream_fingerprint(a, b)
@@ -140,12 +172,23 @@ def test_prepared_source_and_config_forms(tmp_path):
   out = str(tmp_path / "prep")
   prepare([str(raw)], "byte", out, show_progress=False, log=lambda *a: None)
   from ml_collections import ConfigDict
-  cd = ConfigDict({"source": out, "seq_len": 128, "batch_size": 4, "seed": 0, "model": "x",
-                   "packing": "concat", "num_epochs": 1, "min_doc_tokens": 500})
+
+  cd = ConfigDict(
+    {
+      "source": out,
+      "seq_len": 128,
+      "batch_size": 4,
+      "seed": 0,
+      "model": "x",
+      "packing": "concat",
+      "num_epochs": 1,
+      "min_doc_tokens": 500,
+    }
+  )
   it = make_train_iterator(cd, process_index=0, process_count=1)
   flat = np.concatenate([b["tokens"].reshape(-1) for b in _batches(it)])
   want = sorted(t.encode() for t in TEXTS if len(t.encode()) >= 500)
-  assert sorted(_split_docs(flat[:np.nonzero(flat == EOS)[0][-1] + 1])) == want
+  assert sorted(_split_docs(flat[: np.nonzero(flat == EOS)[0][-1] + 1])) == want
   docs, ident = open_documents(out)
   assert len(docs) == len(TEXTS) and ident == TOK.identity()
   tok_path = testing.write_word_level_tokenizer(tmp_path / "t.json")
@@ -156,20 +199,26 @@ def test_prepared_source_and_config_forms(tmp_path):
 
 
 def test_builtin_default_source():
-  it = make_train_iterator(StreamConfig(seq_len=256, batch_size=4), process_index=0,
-                           process_count=1)
+  it = make_train_iterator(
+    StreamConfig(seq_len=256, batch_size=4), process_index=0, process_count=1
+  )
   b = next(it)
   assert b["tokens"].shape == (4, 256) and b["tokens"].max() < 259
   text = TOK.decode(b["tokens"][0])
-  assert sum(c.isalpha() for c in text) > 150          # English prose, not noise
+  assert sum(c.isalpha() for c in text) > 150  # English prose, not noise
 
 
 def test_global_batch_single_process():
   import jax
   from mamba2_jax.data import batch_sharding, make_global_batch
+
   mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  it = make_train_iterator(StreamConfig(seq_len=32, batch_size=2, packing="segments"),
-                           process_index=0, process_count=1, documents=SOURCE)
+  it = make_train_iterator(
+    StreamConfig(seq_len=32, batch_size=2, packing="segments"),
+    process_index=0,
+    process_count=1,
+    documents=SOURCE,
+  )
   b = next(it)
   g = make_global_batch(b, batch_sharding(mesh))
   assert g["tokens"].shape == (2, 32) and g["tokens"].dtype == np.int32
@@ -207,6 +256,7 @@ def test_global_batch_two_processes(tmp_path):
   import subprocess
   import sys
   from pathlib import Path
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -214,9 +264,17 @@ def test_global_batch_two_processes(tmp_path):
   script.write_text(_MULTIHOST)
   root = Path(__file__).resolve().parents[1]
   env = {**__import__("os").environ, "PYTHONPATH": str(root)}
-  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port)], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(i), str(port)],
+      cwd=root,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=120) for p in procs]
   res = []
   for p, (out, err) in zip(procs, outs):

@@ -9,8 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mamba2_jax.data import (BadInputError, ByteTokenizer, PreparedDataset,
-                             TokenizerMismatchError, get_tokenizer, load_documents, testing)
+from mamba2_jax.data import (
+  BadInputError,
+  ByteTokenizer,
+  PreparedDataset,
+  TokenizerMismatchError,
+  get_tokenizer,
+  load_documents,
+  testing,
+)
 from mamba2_jax.data.prepare import length_histogram, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,10 +88,11 @@ def test_resume_and_settings_guard(tmp_path):
   before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-0000[0124].array_record")}
   m2, _ = _prep(tmp_path, raw, shard_bytes=1)
   after = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-0000[0124].array_record")}
-  assert before == after      # finished shards were not redone
+  assert before == after  # finished shards were not redone
   drop = ("prepare_seconds_last_run",)
-  assert {k: v for k, v in m2.items() if k not in drop} == {k: v for k, v in m.items()
-                                                            if k not in drop}
+  assert {k: v for k, v in m2.items() if k not in drop} == {
+    k: v for k, v in m.items() if k not in drop
+  }
   assert [TOK.decode_bytes(x).decode() for x in load_documents(out)] == TEXTS
   with pytest.raises(ValueError, match="other settings.*min_doc_tokens"):
     _prep(tmp_path, raw, shard_bytes=1, min_doc_tokens=10)
@@ -104,16 +112,21 @@ def test_workers_give_identical_output(tmp_path):
 def test_bad_input_fail_and_skip(tmp_path):
   raw = tmp_path / "raw"
   testing.write_corpus(raw, "jsonl", TEXTS[:6], files=2)
-  testing.write_bytes(raw / "part-009.jsonl",
-                      b'{"text": "ok"}\n{"text": broken}\n{"meta": 1}\n{"text": "\xff"}\n')
+  testing.write_bytes(
+    raw / "part-009.jsonl", b'{"text": "ok"}\n{"text": broken}\n{"meta": 1}\n{"text": "\xff"}\n'
+  )
   testing.write_bytes(raw / "part-010.jsonl", b"")
   with pytest.raises(BadInputError, match=r"part-009\.jsonl: line 2: malformed JSON"):
     _prep(tmp_path, str(raw))
   m, out = _prep(tmp_path, str(raw), name="skip", on_error="skip")
-  assert m["bad_input"]["counts"] == {"malformed_json": 1, "missing_text": 1, "invalid_utf8": 1,
-                                      "empty_file": 1}
+  assert m["bad_input"]["counts"] == {
+    "malformed_json": 1,
+    "missing_text": 1,
+    "invalid_utf8": 1,
+    "empty_file": 1,
+  }
   assert m["bad_input"]["total"] == 4 and len(m["bad_input"]["examples"]) == 4
-  assert m["num_documents"] == 7       # 6 good + "ok"
+  assert m["num_documents"] == 7  # 6 good + "ok"
 
 
 def test_tokenizer_identity_is_checked(tmp_path):
@@ -129,14 +142,27 @@ def test_tokenizer_identity_is_checked(tmp_path):
 def test_length_histogram():
   h = length_histogram(np.array([0, 1, 2, 3, 4, 1000]))
   assert [(b["min"], b["max_exclusive"], b["documents"]) for b in h] == [
-      (0, 1, 1), (1, 2, 1), (2, 4, 2), (4, 8, 1), (512, 1024, 1)]
+    (0, 1, 1),
+    (1, 2, 1),
+    (2, 4, 2),
+    (4, 8, 1),
+    (512, 1024, 1),
+  ]
 
 
 def test_cli(tmp_path):
   raw = _corpus(tmp_path, "jsonl", files=2)
   out = tmp_path / "cli"
-  cmd = [sys.executable, "-m", "experiments.prepare_data", f"--input={raw}", "--tokenizer=byte",
-         f"--out={out}", "--min_doc_tokens=100", "--quiet"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.prepare_data",
+    f"--input={raw}",
+    "--tokenizer=byte",
+    f"--out={out}",
+    "--min_doc_tokens=100",
+    "--quiet",
+  ]
   r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert r.returncode == 0, r.stderr
   m = json.loads((out / "manifest.json").read_text())
@@ -147,12 +173,21 @@ def test_cli(tmp_path):
   assert r.returncode != 0 and "zz.jsonl: line 2: no 'text' field" in r.stderr
 
 
-@pytest.mark.skipif(not (GUTENBERG.exists() and NEOX_FILE.exists()), reason=(
-    f"{GUTENBERG} / {NEOX_FILE} not present (shared data beside the checkout)"))
+@pytest.mark.skipif(
+  not (GUTENBERG.exists() and NEOX_FILE.exists()),
+  reason=(f"{GUTENBERG} / {NEOX_FILE} not present (shared data beside the checkout)"),
+)
 def test_gutenberg_with_neox(tmp_path):
   src = str(GUTENBERG / "validation-001.jsonl.zst")
-  m = prepare([src], str(NEOX_FILE), str(tmp_path / "g"), max_docs=3, min_doc_tokens=4096,
-              show_progress=False, log=lambda *a: None)
+  m = prepare(
+    [src],
+    str(NEOX_FILE),
+    str(tmp_path / "g"),
+    max_docs=3,
+    min_doc_tokens=4096,
+    show_progress=False,
+    log=lambda *a: None,
+  )
   assert m["num_documents"] == 3 and m["tokenizer"]["name"] == "gpt-neox-20b"
   assert m["tokenizer"]["vocab_size"] == 50277 and m["dtype"] == "<u2"
   assert m["length_stats"]["min"] >= 4096

@@ -10,8 +10,16 @@ import pytest
 from mamba2_jax.data import BadInputError, ByteTokenizer, load_documents
 from mamba2_jax.data import builtin, sources, testing
 
-FORMATS = ["jsonl", "jsonl.zst", "jsonl.gz", "slimpajama", "cc_flat", "parquet_struct",
-           "parquet_json", "txt"]
+FORMATS = [
+  "jsonl",
+  "jsonl.zst",
+  "jsonl.gz",
+  "slimpajama",
+  "cc_flat",
+  "parquet_struct",
+  "parquet_json",
+  "txt",
+]
 TEXTS = testing.sample_texts(23, seed=1)
 
 
@@ -99,14 +107,16 @@ def _good(i):
 
 
 BAD_JSONL = {
-    "malformed_json": (_good(0) + '{"text": "unterminated\n' + _good(2), "line 2: malformed JSON"),
-    "missing_text": (_good(0) + _good(1) + '{"meta": {}}\n', "line 3: no 'text' field"),
-    "text_not_string": (_good(0) + '{"text": 5}\n', "line 2: 'text' is int"),
-    "invalid_utf8": (_good(0).encode() + b'{"text": "caf\xe9"}\n' + _good(2).encode(),
-                     "line 2: invalid UTF-8 at byte"),
-    "invalid_unicode": (_good(0) + '{"text": "a\\ud800b"}\n', "line 2: text is not valid Unicode"),
-    "blank_line": (_good(0) + "\n" + _good(2), "line 2: blank line"),
-    "not_object": ('[1, 2]\n' + _good(1), "line 1: expected a JSON object"),
+  "malformed_json": (_good(0) + '{"text": "unterminated\n' + _good(2), "line 2: malformed JSON"),
+  "missing_text": (_good(0) + _good(1) + '{"meta": {}}\n', "line 3: no 'text' field"),
+  "text_not_string": (_good(0) + '{"text": 5}\n', "line 2: 'text' is int"),
+  "invalid_utf8": (
+    _good(0).encode() + b'{"text": "caf\xe9"}\n' + _good(2).encode(),
+    "line 2: invalid UTF-8 at byte",
+  ),
+  "invalid_unicode": (_good(0) + '{"text": "a\\ud800b"}\n', "line 2: text is not valid Unicode"),
+  "blank_line": (_good(0) + "\n" + _good(2), "line 2: blank line"),
+  "not_object": ("[1, 2]\n" + _good(1), "line 1: expected a JSON object"),
 }
 KIND = {"text_not_string": "missing_text", "not_object": "malformed_json"}
 
@@ -118,6 +128,7 @@ def test_bad_jsonl(tmp_path, case, suffix):
   data = content if isinstance(content, bytes) else content.encode("utf-8")
   if suffix == "jsonl.zst":
     import zstandard
+
     data = zstandard.ZstdCompressor().compress(data)
   path = testing.write_bytes(tmp_path / f"bad.{suffix}", data)
   with pytest.raises(BadInputError) as e:
@@ -131,8 +142,12 @@ def test_bad_jsonl(tmp_path, case, suffix):
 
 
 def test_empty_files(tmp_path):
-  for name, data in [("e.jsonl", b""), ("e.txt", b""), ("e.jsonl.zst", b""),
-                     ("e.jsonl.gz", gzip.compress(b""))]:
+  for name, data in [
+    ("e.jsonl", b""),
+    ("e.txt", b""),
+    ("e.jsonl.zst", b""),
+    ("e.jsonl.gz", gzip.compress(b"")),
+  ]:
     path = testing.write_bytes(tmp_path / name, data)
     with pytest.raises(BadInputError, match=f"^{path}: empty file"):
       _read_all(path)
@@ -142,6 +157,7 @@ def test_empty_files(tmp_path):
 
 def test_truncated_and_corrupt_zstd(tmp_path):
   import zstandard
+
   data = "".join(_good(i) for i in range(20000)).encode()
   blob = zstandard.ZstdCompressor().compress(data)
   path = testing.write_bytes(tmp_path / "trunc.jsonl.zst", blob[: len(blob) * 2 // 3])
@@ -150,8 +166,7 @@ def test_truncated_and_corrupt_zstd(tmp_path):
   assert str(e.value).startswith(f"{path}: after line ")
   docs, bad = _read_all(path, on_error="skip")
   assert 0 < len(docs) < 20000 and bad.counts == {"unreadable_file": 1}
-  path = testing.write_bytes(tmp_path / "corrupt.jsonl.zst",
-                             blob[:40] + b"\xff" * 64 + blob[104:])
+  path = testing.write_bytes(tmp_path / "corrupt.jsonl.zst", blob[:40] + b"\xff" * 64 + blob[104:])
   with pytest.raises(BadInputError, match="cannot read the rest"):
     _read_all(path)
 
@@ -167,6 +182,7 @@ def test_bad_txt_and_parquet(tmp_path):
   assert bad.counts == {"unreadable_file": 1}
   import pyarrow as pa
   import pyarrow.parquet as pq
+
   p = str(tmp_path / "nulls.parquet")
   pq.write_table(pa.table({"text": ["a", None, "c"]}), p)
   with pytest.raises(BadInputError, match=r"nulls\.parquet: row 1: text is null"):

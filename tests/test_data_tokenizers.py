@@ -8,20 +8,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mamba2_jax.data import (ByteTokenizer, HFTokenizer, TokenizerMismatchError, check_compatible,
-                             get_tokenizer)
+from mamba2_jax.data import (
+  ByteTokenizer,
+  HFTokenizer,
+  TokenizerMismatchError,
+  check_compatible,
+  get_tokenizer,
+)
 from mamba2_jax.data import testing
 from mamba2_jax.data import tokenizers as tok_lib
 
-SHARED = Path(os.environ.get("MAMBA2_JAX_SHARED", Path(__file__).resolve().parents[1].parent /
-                             "shared"))
+SHARED = Path(
+  os.environ.get("MAMBA2_JAX_SHARED", Path(__file__).resolve().parents[1].parent / "shared")
+)
 # the shared data dir beside the checkout, else the file scripts/get_neox_tokenizer.sh fetches
 # (.ci/run does) into the cache where get_tokenizer("neox") looks
 NEOX_FILE = SHARED / "data" / "tokenizers" / "gpt-neox-20b-olmo.json"
 if not NEOX_FILE.exists():
   NEOX_FILE = tok_lib.neox_tokenizer_path()
-needs_neox = pytest.mark.skipif(not NEOX_FILE.exists(), reason=(
-    f"{NEOX_FILE} not present: run scripts/get_neox_tokenizer.sh"))
+needs_neox = pytest.mark.skipif(
+  not NEOX_FILE.exists(), reason=(f"{NEOX_FILE} not present: run scripts/get_neox_tokenizer.sh")
+)
 
 
 def test_byte_identity_and_mismatch():
@@ -30,7 +37,7 @@ def test_byte_identity_and_mismatch():
   ident = tok.identity()
   assert ident["name"] == "byte" and len(ident["sha256"]) == 64 and ident["eos_id"] == 257
   tok.check_compatible(ident)
-  tok.check_compatible({"name": "byte", "vocab_size": 259})   # older identities without a hash
+  tok.check_compatible({"name": "byte", "vocab_size": 259})  # older identities without a hash
   with pytest.raises(TokenizerMismatchError, match=r"'gpt-neox-20b' \(vocab 50277\).*'byte'"):
     tok.check_compatible({"name": "gpt-neox-20b", "vocab_size": 50277, "sha256": "x"}, "DATA")
   with pytest.raises(TokenizerMismatchError, match="no tokenizer identity"):
@@ -47,7 +54,7 @@ def test_hf_tokenizer_json(tmp_path):
   assert ids.dtype == np.int32 and ids.tolist() == [3, 5, 4]
   assert [x.tolist() for x in tok.encode_batch(["hello", "world extra"])] == [[3], [4, 6]]
   trimmed = get_tokenizer(f"{path}:vocab=6")
-  assert trimmed.vocab_size == 6 and trimmed.encode("extra").tolist() == [0]   # now [UNK]
+  assert trimmed.vocab_size == 6 and trimmed.encode("extra").tolist() == [0]  # now [UNK]
   assert trimmed.identity()["sha256"] != tok.identity()["sha256"]
   with pytest.raises(TokenizerMismatchError, match="sha256"):
     check_compatible(trimmed, {**tok.identity(), "vocab_size": 6})

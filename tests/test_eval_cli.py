@@ -18,10 +18,10 @@ from mamba2_jax.eval import get_task_config, runner, sources
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
-    "ppl_by_position": dict(max_len=300, chunk_len=64, bucket_size=32),
-    "passkey": dict(lengths=(256, 300), num_samples=3, batch_size=2, chunk_len=128),
-    "state_stats": dict(max_len=256, stat_chunk=32, chunk_len=128),
-    "forgetting_curve": dict(max_dep_len=60, num_lengths=2, repeats=2, chunk_len=64),
+  "ppl_by_position": dict(max_len=300, chunk_len=64, bucket_size=32),
+  "passkey": dict(lengths=(256, 300), num_samples=3, batch_size=2, chunk_len=128),
+  "state_stats": dict(max_len=256, stat_chunk=32, chunk_len=128),
+  "forgetting_curve": dict(max_dep_len=60, num_lengths=2, repeats=2, chunk_len=64),
 }
 
 
@@ -38,10 +38,19 @@ def _pngs(d):
 
 def test_cli_end_to_end_random_tiny(tmp_path):
   out = tmp_path / "ev"
-  cmd = [sys.executable, "-m", "experiments.evaluate", "--checkpoint=random:tiny:3",
-         f"--out={out}", "--config=configs/evaluate.py:ppl_by_position",
-         "--config.max_len=400", "--config.chunk_len=128", "--config.bucket_size=32",
-         "--config.train_len=128", "--config.progress=False"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "experiments.evaluate",
+    "--checkpoint=random:tiny:3",
+    f"--out={out}",
+    "--config=configs/evaluate.py:ppl_by_position",
+    "--config.max_len=400",
+    "--config.chunk_len=128",
+    "--config.bucket_size=32",
+    "--config.train_len=128",
+    "--config.progress=False",
+  ]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -50,10 +59,22 @@ def test_cli_end_to_end_random_tiny(tmp_path):
   assert {p.name for p in _pngs(out)} == {"loss.png", "ppl.png"}
   line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
   assert line["task"] == "ppl_by_position" and line["step"] is None
-  bad = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--task=passkey",
-                        "--checkpoint=random:tiny", f"--out={out}",
-                        "--config=configs/evaluate.py:ppl_by_position"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  bad = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "experiments.evaluate",
+      "--task=passkey",
+      "--checkpoint=random:tiny",
+      f"--out={out}",
+      "--config=configs/evaluate.py:ppl_by_position",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
   assert bad.returncode != 0 and "but the config is for" in bad.stderr
 
 
@@ -68,6 +89,7 @@ def test_evaluate_source_each_task(task, tmp_path):
 def test_converted_checkpoint_dir(tmp_path):
   from mamba2_jax.checkpoint_io import save_params
   from mamba2_jax.pretrained import OUR_CONFIG, OUR_PARAMS
+
   model = Mamba2LM(Mamba2Config.preset("tiny"), rngs=nnx.Rngs(5))
   ckpt = tmp_path / "ckpt"
   ckpt.mkdir()
@@ -75,8 +97,9 @@ def test_converted_checkpoint_dir(tmp_path):
   (ckpt / OUR_CONFIG).write_text(model.config.to_json())
   loaded = sources.load_model(str(ckpt), tokenizer="byte")
   assert loaded.tokenizer.name == "byte"
-  runner.evaluate_source(str(ckpt), "ppl_by_position", _cfg("ppl_by_position"), tmp_path / "o",
-                         tokenizer="byte")
+  runner.evaluate_source(
+    str(ckpt), "ppl_by_position", _cfg("ppl_by_position"), tmp_path / "o", tokenizer="byte"
+  )
   assert (tmp_path / "o" / "results.json").exists()
   with pytest.raises(FileNotFoundError):
     sources.load_model(str(tmp_path / "nothing"))
@@ -88,7 +111,9 @@ def test_parse_mitigation():
   assert sources.parse_mitigation("") == (None, {})
   assert sources.parse_mitigation("rri") == ("rri", {})
   assert sources.parse_mitigation("rri_decay_scale=0.9999, ssd_window=2048,state_norm=chunk") == (
-      None, {"rri_decay_scale": 0.9999, "ssd_window": 2048, "state_norm": "chunk"})
+    None,
+    {"rri_decay_scale": 0.9999, "ssd_window": 2048, "state_norm": "chunk"},
+  )
   assert sources.parse_mitigation("state_norm,calibrate=2") == ("state_norm", {"calibrate": 2})
   with pytest.raises(ValueError, match="two presets"):
     sources.parse_mitigation("rri,longmamba")
@@ -121,6 +146,7 @@ def test_introspection_follows_mitigated_mixers():
   mit = pytest.importorskip("mamba2_jax.mitigations", reason="no mamba2_jax.mitigations yet")
   import jax
   from mamba2_jax.eval import introspect
+
   base = Mamba2LM(Mamba2Config.preset("tiny", chunk_size=8), rngs=nnx.Rngs(0))
   model = mit.with_mitigations(base, rri_decay_scale=0.99, rri_insert_scale=0.5, dt_scale=0.7)
   toks = jax.random.randint(jax.random.key(0), (1, 24), 0, 256)
@@ -149,9 +175,12 @@ def _save_steps(workdir, steps, seq_len=128, tbptt=2):
   (Path(workdir) / "config.json").write_text(json.dumps({"seq_len": seq_len}))  # as the trainer
   ck = ckpt_lib.Checkpointer(str(workdir), save_every=1, async_save=False)
   for step in steps:
-    meta = {"config": {"seq_len": seq_len, "tbptt_segments": tbptt},
-            "model": json.loads(TINY.to_json()), "tokenizer": get_tokenizer("byte").identity(),
-            "tokens_seen": step * 1000}
+    meta = {
+      "config": {"seq_len": seq_len, "tbptt_segments": tbptt},
+      "model": json.loads(TINY.to_json()),
+      "tokenizer": get_tokenizer("byte").identity(),
+      "tokens_seen": step * 1000,
+    }
     ck.save(step, params, {"x": jnp.zeros(2)}, None, meta, force=True)
   ck.close()
 
@@ -205,15 +234,26 @@ def test_mode_watch_follows_training_and_retries_damaged_steps(tmp_path):
     elif len(sleeps) == 2:
       ckpt_lib.mark_train_complete(str(wd), {"step": 30})
 
-  lines = runner.evaluate_source(str(wd), "ppl_by_position", _cfg("ppl_by_position"), out,
-                                 mode="watch", poll_interval_s=7, sleep=fake_sleep)
+  lines = runner.evaluate_source(
+    str(wd),
+    "ppl_by_position",
+    _cfg("ppl_by_position"),
+    out,
+    mode="watch",
+    poll_interval_s=7,
+    sleep=fake_sleep,
+  )
   assert [l["step"] for l in lines] == [10, 20, 30] and sleeps == [7, 7]
   ledger = json.loads((out / runner.LEDGER).read_text())
   assert sorted(ledger["evaluated"], key=int) == ["10", "20", "30"] and ledger["failed"] == {}
   assert [m["step"] for m in _metrics(out)] == [10, 20, 30]
   # a restarted watcher finds everything done and stops at once
-  assert runner.evaluate_source(str(wd), "ppl_by_position", _cfg("ppl_by_position"), out,
-                                mode="watch", sleep=fake_sleep) == []
+  assert (
+    runner.evaluate_source(
+      str(wd), "ppl_by_position", _cfg("ppl_by_position"), out, mode="watch", sleep=fake_sleep
+    )
+    == []
+  )
   assert len(sleeps) == 2
 
 
@@ -223,8 +263,15 @@ def test_mode_watch_gives_up_after_training_completes(tmp_path):
   _damage(wd, 10)
   ckpt_lib.mark_train_complete(str(wd), {"step": 20})
   sleeps = []
-  lines = runner.evaluate_source(str(wd), "ppl_by_position", _cfg("ppl_by_position"), out,
-                                 mode="watch", max_attempts=2, sleep=sleeps.append)
+  lines = runner.evaluate_source(
+    str(wd),
+    "ppl_by_position",
+    _cfg("ppl_by_position"),
+    out,
+    mode="watch",
+    max_attempts=2,
+    sleep=sleeps.append,
+  )
   assert [l["step"] for l in lines] == [20] and len(sleeps) == 1
   failed = json.loads((out / runner.LEDGER).read_text())["failed"]
   assert failed["10"]["attempts"] == 2 and "CheckpointError" in failed["10"]["error"]

@@ -50,9 +50,15 @@ def test_tokenizer_identity_and_training_rows_align_with_pairs():
   with pytest.raises(ValueError, match="synthetic-copy-v32"):
     get_tokenizer("synthetic-copy-v32").check_compatible(ident)
   # rows of seq_len + 1 = 9 tokens are exactly one document each: BOS, S, S
-  it = make_train_iterator(source="synthetic:copy:vocab=64,span=4,pairs=1,docs=50",
-                           seq_len=9, batch_size=4, add_eos=False, process_index=0,
-                           process_count=1, documents=(docs, ident))
+  it = make_train_iterator(
+    source="synthetic:copy:vocab=64,span=4,pairs=1,docs=50",
+    seq_len=9,
+    batch_size=4,
+    add_eos=False,
+    process_index=0,
+    process_count=1,
+    documents=(docs, ident),
+  )
   rows = next(it)["tokens"]
   assert np.all(rows[:, 0] == synthetic.BOS_ID)
   assert np.array_equal(rows[:, 1:5], rows[:, 5:9])
@@ -78,8 +84,9 @@ def test_copy_task_equals_direct_masked_scores(tmp_path):
   for k, (s, e) in enumerate(zip(b["start"], b["end"])):
     m = mask[:, s:e]
     np.testing.assert_allclose(b["loss"][k], loss[:, s:e][m].mean(), rtol=1e-5)
-    np.testing.assert_allclose(b["accuracy"][k],
-                               (pred[:, s:e] == tokens[:, 1:][:, s:e])[m].mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+      b["accuracy"][k], (pred[:, s:e] == tokens[:, 1:][:, s:e])[m].mean(), rtol=1e-6
+    )
   s = res["summary"]
   assert abs(s["chance_loss"] - np.log(62)) < 1e-9
   assert s["forget_test_passed"] is not None and s["copy_loss_within_train"] > 0

@@ -57,6 +57,7 @@ def test_lengths_ranges_and_special_ids():
 
   class NeoxLike:
     bos_id, eos_id, pad_id, vocab_size = None, 0, 1, 50277
+
   assert prompts.special_ids(NeoxLike()) == (0, 0)
   assert fc.random_range(NeoxLike(), 10, -1) == (10, 31999)
 
@@ -67,23 +68,30 @@ def test_sampler_order_and_random(tmp_path):
   stream = s.stream
   for _ in range(20):
     S, R = s.draw(100)
-    off = next(i for i in range(stream.size - 99) if np.array_equal(stream[i:i + 100], S))
+    off = next(i for i in range(stream.size - 99) if np.array_equal(stream[i : i + 100], S))
     assert 0 <= off <= stream.size - 300
     np.testing.assert_array_equal(R, stream[-100:])
   with pytest.raises(ValueError, match="3 \\* max_dep_len"):
     fc.Sampler(_cfg(data=str(tmp_path / "a.txt")), get_tokenizer("byte"), 200)
-  r = fc.Sampler(_cfg(data_type="random", random_low=10, random_high=20), get_tokenizer("byte"),
-                 50)
+  r = fc.Sampler(_cfg(data_type="random", random_low=10, random_high=20), get_tokenizer("byte"), 50)
   S, R = r.draw(50)
   assert S.min() >= 10 and S.max() <= 20 and not np.array_equal(S, R) and r.stream is None
 
 
 def test_p_value_and_memory_lengths():
   assert fc.paired_p_value(np.zeros(5), np.zeros(5)) == 1.0  # NaN => 1
-  assert fc.paired_p_value(np.array([0.1, 0.2, 0.1, 0.15]), np.array([0.9, 1.0, 0.95, 1.0])) < .01
-  rows = [{"length": L, "copy_mean": c, "lm_mean": m, "p_value": p}
-          for L, c, m, p in [(8, 1.0, 0.1, 1e-6), (16, 0.995, 0.1, 1e-6), (32, 0.9, 0.1, 1e-4),
-                             (64, 0.3, 0.1, 0.2), (128, 0.99, 0.1, 0.01), (256, 0.1, 0.1, 1.0)]]
+  assert fc.paired_p_value(np.array([0.1, 0.2, 0.1, 0.15]), np.array([0.9, 1.0, 0.95, 1.0])) < 0.01
+  rows = [
+    {"length": L, "copy_mean": c, "lm_mean": m, "p_value": p}
+    for L, c, m, p in [
+      (8, 1.0, 0.1, 1e-6),
+      (16, 0.995, 0.1, 1e-6),
+      (32, 0.9, 0.1, 1e-4),
+      (64, 0.3, 0.1, 0.2),
+      (128, 0.99, 0.1, 0.01),
+      (256, 0.1, 0.1, 1.0),
+    ]
+  ]
   m = fc.memory_lengths(rows, 0.99, 0.05, "prefix")
   assert m["fine_memory_length"] == 16 and m["coarse_memory_length"] == 32
   assert m["fine_memory_length_any"] == 128 and m["coarse_memory_length_any"] == 128
@@ -92,8 +100,7 @@ def test_p_value_and_memory_lengths():
 @pytest.mark.slow
 def test_run_forgetting_curve_tiny(tmp_path):
   model = Mamba2LM(Mamba2Config.preset("tiny"), rngs=nnx.Rngs(0))
-  cfg = _cfg(min_dep_len=8, max_dep_len=100, num_lengths=3, repeats=3, chunk_len=64,
-             batch_size=4)
+  cfg = _cfg(min_dep_len=8, max_dep_len=100, num_lengths=3, repeats=3, chunk_len=64, batch_size=4)
   res = run_forgetting_curve(model, "byte", cfg, tmp_path, train_len=64)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert [r["length"] for r in saved["rows"]] == [8, 54, 100]

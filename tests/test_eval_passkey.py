@@ -8,13 +8,23 @@ from flax import nnx
 
 from mamba2_jax import Mamba2Config, Mamba2LM
 from mamba2_jax.eval import get_task_config, passkey, run_passkey
-from mamba2_jax.eval.task_configs import (PASSKEY_BLOCK, PASSKEY_NEEDLE, PASSKEY_PREFIX,
-                                          PASSKEY_SUFFIX)
+from mamba2_jax.eval.task_configs import (
+  PASSKEY_BLOCK,
+  PASSKEY_NEEDLE,
+  PASSKEY_PREFIX,
+  PASSKEY_SUFFIX,
+)
 
 
 def _builder(**kw):
-  return passkey.PasskeyBuilder("byte", prefix=PASSKEY_PREFIX, block=PASSKEY_BLOCK,
-                                needle=PASSKEY_NEEDLE, suffix=PASSKEY_SUFFIX, **kw)
+  return passkey.PasskeyBuilder(
+    "byte",
+    prefix=PASSKEY_PREFIX,
+    block=PASSKEY_BLOCK,
+    needle=PASSKEY_NEEDLE,
+    suffix=PASSKEY_SUFFIX,
+    **kw,
+  )
 
 
 def _cfg(**over):
@@ -80,14 +90,25 @@ def _rows(length, accs, n=10):
   for i in range(n):
     key = f"{i:05d}"
     ok = i < round(accs * n)
-    rows.append({"idx": i, "prediction": f" {key}." if ok else " 99999",
-                 "ground_truth": key, "relative_position": passkey.sample_depth(i, n)})
+    rows.append(
+      {
+        "idx": i,
+        "prediction": f" {key}." if ok else " 99999",
+        "ground_truth": key,
+        "relative_position": passkey.sample_depth(i, n),
+      }
+    )
   return rows
 
 
 def test_aggregate_grid_and_t_recall_non_monotone():
-  per = {1024: _rows(1024, 1.0), 2048: _rows(2048, 1.0), 4096: _rows(4096, 0.5),
-         8192: _rows(8192, 1.0), 16384: _rows(16384, 0.0)}
+  per = {
+    1024: _rows(1024, 1.0),
+    2048: _rows(2048, 1.0),
+    4096: _rows(4096, 0.5),
+    8192: _rows(8192, 1.0),
+    16384: _rows(16384, 0.0),
+  }
   agg = passkey.aggregate(per, 10, 0.95, "prefix")
   assert agg["accuracy"] == [1.0, 1.0, 0.5, 1.0, 0.0]
   assert agg["t_recall"] == agg["t_recall_prefix"] == 2048
@@ -157,6 +178,7 @@ def test_run_passkey_tiny_model(tmp_path):
 @pytest.mark.slow
 def test_greedy_answer_matches_one_shot_generation():
   from mamba2_jax.generate import generate
+
   model = Mamba2LM(Mamba2Config.preset("tiny", chunk_size=16), rngs=nnx.Rngs(1))
   b = _builder()
   ps = [b.build(300, d, "12345") for d in (0.2, 0.7)]

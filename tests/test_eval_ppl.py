@@ -89,6 +89,7 @@ def test_newline_prompt_never_tokenizes_a_newline_run():
   class MergingTok(_FakeTok):  # a BPE that merges newline runs: "\n\n" -> id 500
     def encode(self, s):
       return np.asarray([500] * (len(s) // 2) + [10] * (len(s) % 2), np.int32)
+
   np.testing.assert_array_equal(prompts.newline_prompt(MergingTok(), 6), [10] * 6)
 
 
@@ -96,9 +97,10 @@ def test_document_prompts_concatenate_and_cycle(tmp_path):
   for i, n in enumerate([5, 30, 12, 3]):
     (tmp_path / f"d{i}.txt").write_text(chr(ord("a") + i) * n)
   glob = str(tmp_path / "*.txt")
-  out = prompts.document_prompts(glob, "byte", num_prompts=3, length=20, min_doc_len=10,
-                                 separator=257)
-  a, b, c = ord("b"), ord("c"), ord("c")
+  out = prompts.document_prompts(
+    glob, "byte", num_prompts=3, length=20, min_doc_len=10, separator=257
+  )
+  a, c = ord("b"), ord("c")
   np.testing.assert_array_equal(out[0], [a] * 20)  # the 30-token doc, truncated
   np.testing.assert_array_equal(out[1], [c] * 12 + [257] + [a] * 7)  # next docs, separator
   np.testing.assert_array_equal(out[2], out[1])  # the corpus is reused from the start
@@ -124,8 +126,17 @@ def test_prompt_bucket_sums(model):
 def test_run_ppl_by_position_docs(model, tmp_path):
   cfg = get_task_config("ppl_by_position")
   with cfg.unlocked():
-    cfg.update(prompt="docs", data="builtin:shakespeare", min_doc_len=1000, num_prompts=3,
-               batch_size=2, max_len=700, chunk_len=128, bucket_size=64, progress=False)
+    cfg.update(
+      prompt="docs",
+      data="builtin:shakespeare",
+      min_doc_len=1000,
+      num_prompts=3,
+      batch_size=2,
+      max_len=700,
+      chunk_len=128,
+      bucket_size=64,
+      progress=False,
+    )
   res = run_ppl_by_position(model, "byte", cfg, tmp_path, train_len=256)
   saved = json.loads((tmp_path / "results.json").read_text())
   assert saved["summary"]["forget_test_passed"] in (True, False)

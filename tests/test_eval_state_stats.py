@@ -36,8 +36,9 @@ def _close(a, b, tol=2e-5):
 def test_internals_forward_equals_prefill(model, setup):
   toks, cache0 = setup
   logits, cache = model.prefill(toks, cache0)
-  got_logits, got_cache, it = jax.jit(
-      lambda t, c: introspect.forward_with_internals(model, t, c))(toks, cache0)
+  got_logits, got_cache, it = jax.jit(lambda t, c: introspect.forward_with_internals(model, t, c))(
+    toks, cache0
+  )
   _close(got_logits, logits)
   for name in ("conv_x", "conv_B", "conv_C", "ssm"):
     _close(getattr(got_cache, name), getattr(cache, name))
@@ -56,8 +57,17 @@ def test_internals_reproduce_the_mixer_state_and_output(model, setup):
   for l in range(CFG.n_layer):
     block = nnx.merge(graphdef, jax.tree.map(lambda a: a[l], state))
     A = -jnp.exp(block.mixer.A_log[...])
-    y, h = ssd_reference(it.x[l], it.dt[l], A, it.B[l], it.C[l], D=block.mixer._D(),
-                         dt_softplus=False, initial_state=cache0.ssm[l], return_final_state=True)
+    y, h = ssd_reference(
+      it.x[l],
+      it.dt[l],
+      A,
+      it.B[l],
+      it.C[l],
+      D=block.mixer._D(),
+      dt_softplus=False,
+      initial_state=cache0.ssm[l],
+      return_final_state=True,
+    )
     _close(h, cache.ssm[l])
     np.testing.assert_allclose(np.asarray(it.log_decay[l]), np.asarray(it.dt[l] * A), rtol=1e-6)
     if l == 0:
@@ -89,8 +99,9 @@ def test_retention_is_the_linear_response_of_each_layers_state(model, setup):
 
 def test_collect_statistics_match_direct_computation(model):
   toks = np.asarray(jax.random.randint(jax.random.key(4), (2, 45), 0, CFG.vocab_size), np.int32)
-  stats, snaps = state_stats.collect(model, toks, 8, 16, snapshot_at=(32,), snapshot=(1, 2),
-                                     progress=False)
+  stats, snaps = state_stats.collect(
+    model, toks, 8, 16, snapshot_at=(32,), snapshot=(1, 2), progress=False
+  )
   assert stats["norm"].shape == (5, CFG.n_layer, CFG.nheads)  # 45 -> 40 tokens, 5 points
   _, _, it = introspect.forward_with_internals(model, jnp.asarray(toks[:, :40]))
   log_decay = np.asarray(it.log_decay, np.float64)  # (L, b, 40, H)
@@ -98,17 +109,17 @@ def test_collect_statistics_match_direct_computation(model):
   cache = model.init_cache(2)
   for k in range(5):
     t = 8 * (k + 1)
-    cache = step(jnp.asarray(toks[:, t - 8:t]), cache)
+    cache = step(jnp.asarray(toks[:, t - 8 : t]), cache)
     h = np.asarray(cache.ssm, np.float64)  # (L, b, H, P, N)
     flat = h.reshape(*h.shape[:3], -1)
     _close(stats["norm"][k], np.linalg.norm(flat, axis=-1).mean(1))
-    _close(stats["rms"][k], np.sqrt((flat ** 2).mean(-1)).mean(1))
+    _close(stats["rms"][k], np.sqrt((flat**2).mean(-1)).mean(1))
     _close(stats["mean"][k], flat.mean(-1).mean(1))
     _close(stats["var"][k], flat.var(-1, ddof=1).mean(1))
-    _close(stats["log_decay_sum"][k], log_decay[:, :, t - 8:t].sum(2).mean(1), 1e-5)
-    dt = np.asarray(it.dt[:, :, t - 8:t], np.float64)
+    _close(stats["log_decay_sum"][k], log_decay[:, :, t - 8 : t].sum(2).mean(1), 1e-5)
+    dt = np.asarray(it.dt[:, :, t - 8 : t], np.float64)
     _close(stats["dt_mean"][k], dt.mean((1, 2)))
-    x = np.asarray(it.x[:, :, t - 8:t], np.float64)
+    x = np.asarray(it.x[:, :, t - 8 : t], np.float64)
     _close(stats["x_var"][k], x.var(-1, ddof=1).mean((1, 2)))
     if t == 32:
       _close(snaps[32], h[1, :, 2])
@@ -139,6 +150,11 @@ def test_run_state_stats_files(model, tmp_path):
   with np.load(tmp_path / "stats.npz") as z:
     assert z["log_retention"].shape == (12, CFG.n_layer, CFG.nheads)
     assert np.all(np.diff(z["log_retention"], axis=0) <= 0)  # alpha_{1:t} never increases
-  for name in ("state_norm.png", "retention.png", "explosion_ratio.png", "inputs.png",
-               "state_hist.png"):
+  for name in (
+    "state_norm.png",
+    "retention.png",
+    "explosion_ratio.png",
+    "inputs.png",
+    "state_hist.png",
+  ):
     assert (tmp_path / name).stat().st_size > 1000

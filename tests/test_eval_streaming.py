@@ -25,7 +25,7 @@ def tokens():
 @pytest.fixture(scope="module")
 def one_shot(model, tokens):
   logits = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)), np.float64)
-  logits = logits[:, :-1, :CFG.vocab_size]  # padded ids excluded, last position has no target
+  logits = logits[:, :-1, : CFG.vocab_size]  # padded ids excluded, last position has no target
   logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
   loss = logz - np.take_along_axis(logits, tokens[:, 1:, None], -1)[..., 0]
   return loss, logits.argmax(-1)
@@ -70,8 +70,9 @@ def test_prefill_stream_is_exact_and_keeps_callers_cache(model, tokens):
   last, c = streaming.prefill_stream(model, tokens, 13)
   np.testing.assert_allclose(np.asarray(last), np.asarray(logits[:, -1]), atol=2e-4, rtol=0)
   for name in ("conv_x", "conv_B", "conv_C", "ssm"):
-    np.testing.assert_allclose(np.asarray(getattr(c, name)), np.asarray(getattr(cache, name)),
-                               atol=2e-4, rtol=0)
+    np.testing.assert_allclose(
+      np.asarray(getattr(c, name)), np.asarray(getattr(cache, name)), atol=2e-4, rtol=0
+    )
   # continuing from a cache: the caller's cache stays usable (it is copied, not donated)
   _, c1 = streaming.prefill_stream(model, tokens[:, :30], 8)
   last2, _ = streaming.prefill_stream(model, tokens[:, 30:], 8, cache=c1)

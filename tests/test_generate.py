@@ -18,21 +18,21 @@ def test_greedy_generate_matches_manual_loop():
   logits, cache = prefill(model, prompt)
   last, want = logits[:, -1], []
   for _ in range(12):
-    tok = jnp.argmax(last[:, :CFG.vocab_size], -1)
+    tok = jnp.argmax(last[:, : CFG.vocab_size], -1)
     want.append(tok)
     last, cache = decode_step(model, tok, cache)
   np.testing.assert_array_equal(out, np.stack(want, 1))
   np.testing.assert_array_equal(np.asarray(generate(model, prompt, 12, prefill_chunk=5)), out)
   # Re-running the whole sequence through the full forward gives the same argmax tokens.
   full = model(jnp.concatenate([prompt, jnp.asarray(out)], 1))
-  np.testing.assert_array_equal(
-      np.argmax(np.asarray(full)[:, 18:-1, :CFG.vocab_size], -1), out)
+  np.testing.assert_array_equal(np.argmax(np.asarray(full)[:, 18:-1, : CFG.vocab_size], -1), out)
 
 
 def test_sampling_never_picks_padded_ids_and_respects_top_k():
   logits = jnp.zeros((4000, 16)).at[:, 12:].set(100.0).at[:, :3].set(5.0)
-  toks = np.asarray(sample_logits(logits, jax.random.key(0), vocab_size=12, temperature=1.0,
-                                  top_k=3))
+  toks = np.asarray(
+    sample_logits(logits, jax.random.key(0), vocab_size=12, temperature=1.0, top_k=3)
+  )
   assert set(np.unique(toks)) == {0, 1, 2}
   greedy = sample_logits(logits, jax.random.key(0), vocab_size=12, temperature=0.0)
   assert np.all(np.asarray(greedy) == 0)
@@ -45,8 +45,9 @@ def test_temperature_sampling_follows_softmax():
   freq = np.bincount(toks, minlength=4) / toks.size
   np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.01)
   # top_p = 0.7 keeps the smallest prefix with mass >= 0.7: ids 0 and 1, renormalised.
-  toks = np.asarray(sample_logits(logits, jax.random.key(2), vocab_size=4, temperature=1.0,
-                                  top_p=0.7))
+  toks = np.asarray(
+    sample_logits(logits, jax.random.key(2), vocab_size=4, temperature=1.0, top_p=0.7)
+  )
   freq = np.bincount(toks, minlength=4) / toks.size
   np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0], atol=0.01)
   # Temperature 0.5 squares the probabilities before renormalising.

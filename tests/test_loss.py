@@ -32,11 +32,14 @@ def test_matches_log_softmax(vocab_major, dtype, tol):
     return jnp.sum(lm_head_nll(h, w, targets, vocab_major=vocab_major) * weights)
 
   want, (gh_want, gw_want) = jax.value_and_grad(
-      lambda h, w: _reference(h, w, targets, vocab_major, weights), argnums=(0, 1))(h, w)
+    lambda h, w: _reference(h, w, targets, vocab_major, weights), argnums=(0, 1)
+  )(h, w)
   got, (gh, gw) = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, w)
   assert got.dtype == jnp.float32 and gh.dtype == h.dtype and gw.dtype == w.dtype
-  rel = lambda a, b: float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
-                           / jnp.max(jnp.abs(b.astype(jnp.float32))))  # noqa: E731
+  rel = lambda a, b: float(
+    jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))
+    / jnp.max(jnp.abs(b.astype(jnp.float32)))
+  )  # noqa: E731
   assert abs(float(got - want)) <= tol * abs(float(want))
   assert rel(gh, gh_want) <= tol
   assert rel(gw, gw_want) <= tol
@@ -54,8 +57,9 @@ def test_model_features_give_the_logits(tie):
   assert vocab_major == tie
   targets = jnp.roll(tokens, -1, axis=1)
   want = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
-  np.testing.assert_allclose(lm_head_nll(h, w, targets, vocab_major=vocab_major), want,
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    lm_head_nll(h, w, targets, vocab_major=vocab_major), want, rtol=1e-5, atol=1e-5
+  )
   nll, no_cache = model_nll(model, tokens, targets)  # the trainer's loss
   assert no_cache is None
   np.testing.assert_allclose(nll, want, rtol=1e-5, atol=1e-5)

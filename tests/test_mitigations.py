@@ -18,11 +18,21 @@ import pytest
 from flax import nnx
 
 from mamba2_jax import ConfigError, Mamba2Config, Mamba2LM
-from mamba2_jax.mitigations import (PRESETS, calibrate_state_norm, measure_state_norms,
-                                    preset_fields, state_norm_thresholds, with_mitigations)
+from mamba2_jax.mitigations import (
+  PRESETS,
+  calibrate_state_norm,
+  measure_state_norms,
+  preset_fields,
+  state_norm_thresholds,
+  with_mitigations,
+)
 from mamba2_jax.ssd import ssd
-from mamba2_jax.state_norm import (StateNormThreshold, block_normalized_ssd, normalize_state,
-                                   token_normalized_ssd)
+from mamba2_jax.state_norm import (
+  StateNormThreshold,
+  block_normalized_ssd,
+  normalize_state,
+  token_normalized_ssd,
+)
 
 Q = 8
 LOG_CA = math.log(0.9)  # stronger than the paper's 0.9999 so the effect is far above rounding
@@ -38,9 +48,17 @@ def x64():
 def inputs(seed, b=2, L=37, H=4, P=3, G=2, N=5, dtype=np.float64):
   rng = np.random.default_rng(seed)
   f = lambda *s: rng.standard_normal(s)  # noqa: E731
-  v = dict(x=f(b, L, H, P), dt=f(b, L, H) - 1.0, A=-np.exp(rng.uniform(0, 1.5, H)),
-           B=f(b, L, G, N), C=f(b, L, G, N), D=f(H), dt_bias=rng.uniform(-1, 1, H),
-           h0=f(b, H, P, N), seg=np.sort(rng.integers(0, 5, (b, L)), axis=1).astype(np.int32))
+  v = dict(
+    x=f(b, L, H, P),
+    dt=f(b, L, H) - 1.0,
+    A=-np.exp(rng.uniform(0, 1.5, H)),
+    B=f(b, L, G, N),
+    C=f(b, L, G, N),
+    D=f(H),
+    dt_bias=rng.uniform(-1, 1, H),
+    h0=f(b, H, P, N),
+    seg=np.sort(rng.integers(0, 5, (b, L)), axis=1).astype(np.int32),
+  )
   return {k: (a if k == "seg" else np.asarray(a, dtype)) for k, a in v.items()}
 
 
@@ -75,22 +93,40 @@ def naive(v, *, r=None, dt_scale=1.0, off=0.0, seg=True, h0=True):
 def _op(impl, r, with_grad, chunk=Q):
   def f(args, seg, wy, wh):
     x, dt, A, B, C, D, dt_bias, h0, off = args
-    y, h = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_state=h0, segment_ids=seg,
-               chunk_size=chunk, window=r, dt_scale=S, log_decay_offset=off, impl=impl,
-               return_final_state=True)
+    y, h = ssd(
+      x,
+      dt,
+      A,
+      B,
+      C,
+      D=D,
+      dt_bias=dt_bias,
+      initial_state=h0,
+      segment_ids=seg,
+      chunk_size=chunk,
+      window=r,
+      dt_scale=S,
+      log_decay_offset=off,
+      impl=impl,
+      return_final_state=True,
+    )
     return jnp.sum(y * wy) + jnp.sum(h * wh), (y, h)
+
   return jax.jit(jax.value_and_grad(f, has_aux=True) if with_grad else f)
 
 
 def _args(v, off=LOG_CA):
   return tuple(jnp.asarray(v[k]) for k in ("x", "dt", "A", "B", "C", "D", "dt_bias", "h0")) + (
-      jnp.asarray(off, v["x"].dtype),)
+    jnp.asarray(off, v["x"].dtype),
+  )
 
 
 def _weights(v):
   rng = np.random.default_rng(99)
-  return (jnp.asarray(rng.standard_normal(v["x"].shape), v["x"].dtype),
-          jnp.asarray(rng.standard_normal(v["h0"].shape), v["x"].dtype))
+  return (
+    jnp.asarray(rng.standard_normal(v["x"].shape), v["x"].dtype),
+    jnp.asarray(rng.standard_normal(v["h0"].shape), v["x"].dtype),
+  )
 
 
 def rel(a, b):
@@ -101,8 +137,9 @@ def rel(a, b):
 # ------------------------------------------------------------------------------ op level
 
 
-@pytest.mark.parametrize("r,G", [(1, 1), (3, 2), (8, 1), (8, 2), (16, 2), (21, 1), (21, 2),
-                                 (37, 2)])
+@pytest.mark.parametrize(
+  "r,G", [(1, 1), (3, 2), (8, 1), (8, 2), (16, 2), (21, 1), (21, 2), (37, 2)]
+)
 def test_window_equals_direct_windowed_sum(x64, r, G):
   v = inputs(r + G, G=G)  # L = 37: not a multiple of the chunk 8; segments and h0
   want = naive(v, r=r, dt_scale=S, off=LOG_CA)
@@ -158,7 +195,8 @@ def test_pallas_impls_honour_rri_and_dt_scale(impl):
   with jax.enable_x64(True):
     v64 = {k: (a if k == "seg" else a.astype(np.float64)) for k, a in v.items()}
     (_, (y0, h0)), g0 = _op("reference", None, True, 16)(
-        _args(v64), seg, jnp.asarray(wy, jnp.float64), jnp.asarray(wh, jnp.float64))
+      _args(v64), seg, jnp.asarray(wy, jnp.float64), jnp.asarray(wh, jnp.float64)
+    )
     assert rel(y0, naive(v64, dt_scale=S, off=LOG_CA)) < 1e-12
   assert rel(y, y0) < 5e-5 and rel(h, h0) < 5e-5
   names = ("x", "dt", "A", "B", "C", "D", "dt_bias", "h0", "log_decay_offset")
@@ -176,9 +214,12 @@ def test_pallas_window_raises(impl):
 def test_op_argument_errors():
   v = inputs(0, dtype=np.float32)
   args = (v["x"], v["dt"], v["A"], v["B"], v["C"])
-  for kw, msg in [(dict(dt_scale=0.0), "dt_scale"),
-                  (dict(log_decay_offset=0.1), "log_decay_offset"),
-                  (dict(window=0), "window"), (dict(window=True), "window")]:
+  for kw, msg in [
+    (dict(dt_scale=0.0), "dt_scale"),
+    (dict(log_decay_offset=0.1), "log_decay_offset"),
+    (dict(window=0), "window"),
+    (dict(window=True), "window"),
+  ]:
     with pytest.raises(ValueError, match=msg):
       ssd(*args, impl="xla", **kw)
 
@@ -187,25 +228,65 @@ def test_op_argument_errors():
 
 
 def _plain(v, **kw):
-  return ssd(v["x"], v["dt"], v["A"], v["B"], v["C"], D=v["D"], dt_bias=v["dt_bias"],
-             initial_state=v["h0"], segment_ids=v["seg"], return_final_state=True, impl="xla",
-             chunk_size=Q, **kw)
+  return ssd(
+    v["x"],
+    v["dt"],
+    v["A"],
+    v["B"],
+    v["C"],
+    D=v["D"],
+    dt_bias=v["dt_bias"],
+    initial_state=v["h0"],
+    segment_ids=v["seg"],
+    return_final_state=True,
+    impl="xla",
+    chunk_size=Q,
+    **kw,
+  )
 
 
 def _block(v, tau, block, *, position=0, sl=slice(None), h0=None, off=LOG_CA):
   dtp = jnp.logaddexp(v["dt"][:, sl] + v["dt_bias"], 0.0) * S
-  op = functools.partial(ssd, dt_softplus=False, dt_limit=(-math.inf, math.inf),
-                         chunk_size=min(Q, block), return_final_state=True, impl="xla")
-  return block_normalized_ssd(op, v["x"][:, sl], dtp, v["A"], v["B"][:, sl], v["C"][:, sl],
-                              tau=tau, block=block, position=position, D=v["D"],
-                              log_decay_offset=off, segment_ids=v["seg"][:, sl],
-                              initial_state=v["h0"] if h0 is None else h0)
+  op = functools.partial(
+    ssd,
+    dt_softplus=False,
+    dt_limit=(-math.inf, math.inf),
+    chunk_size=min(Q, block),
+    return_final_state=True,
+    impl="xla",
+  )
+  return block_normalized_ssd(
+    op,
+    v["x"][:, sl],
+    dtp,
+    v["A"],
+    v["B"][:, sl],
+    v["C"][:, sl],
+    tau=tau,
+    block=block,
+    position=position,
+    D=v["D"],
+    log_decay_offset=off,
+    segment_ids=v["seg"][:, sl],
+    initial_state=v["h0"] if h0 is None else h0,
+  )
 
 
 def _token(v, tau):
-  return token_normalized_ssd(v["x"], v["dt"], v["A"], v["B"], v["C"], tau=tau, D=v["D"],
-                              dt_bias=v["dt_bias"], dt_scale=S, log_decay_offset=LOG_CA,
-                              initial_state=v["h0"], segment_ids=v["seg"])
+  return token_normalized_ssd(
+    v["x"],
+    v["dt"],
+    v["A"],
+    v["B"],
+    v["C"],
+    tau=tau,
+    D=v["D"],
+    dt_bias=v["dt_bias"],
+    dt_scale=S,
+    log_decay_offset=LOG_CA,
+    initial_state=v["h0"],
+    segment_ids=v["seg"],
+  )
 
 
 def test_state_norm_with_infinite_threshold_is_the_plain_op(x64):
@@ -297,14 +378,15 @@ def close(a, b, tol=3e-5):
 
 
 MODEL_CASES = {
-    "rri": dict(rri_decay_scale=0.9, rri_insert_scale=0.75),
-    "dt_scale": dict(dt_scale=0.5),
-    "window3": dict(ssd_window=3),
-    "window8": dict(ssd_window=8),
-    "window12_rri_dt": dict(ssd_window=12, rri_decay_scale=0.95, dt_scale=0.7),
-    "norm_token": dict(state_norm="token", state_norm_threshold=0.05),
-    "norm_chunk4": dict(state_norm="chunk", state_norm_chunk=4, state_norm_threshold=0.05,
-                        rri_decay_scale=0.95),
+  "rri": dict(rri_decay_scale=0.9, rri_insert_scale=0.75),
+  "dt_scale": dict(dt_scale=0.5),
+  "window3": dict(ssd_window=3),
+  "window8": dict(ssd_window=8),
+  "window12_rri_dt": dict(ssd_window=12, rri_decay_scale=0.95, dt_scale=0.7),
+  "norm_token": dict(state_norm="token", state_norm_threshold=0.05),
+  "norm_chunk4": dict(
+    state_norm="chunk", state_norm_chunk=4, state_norm_threshold=0.05, rri_decay_scale=0.95
+  ),
 }
 
 
@@ -324,8 +406,11 @@ def test_forward_equals_pieces_equals_decode(model, tokens, case):
 
 @pytest.mark.parametrize("case", ["window5", "norm_chunk4"])
 def test_segments_with_pieces_and_decode(model, case):
-  kw = dict(ssd_window=5) if case == "window5" else dict(
-      state_norm="chunk", state_norm_chunk=4, state_norm_threshold=0.05)
+  kw = (
+    dict(ssd_window=5)
+    if case == "window5"
+    else dict(state_norm="chunk", state_norm_chunk=4, state_norm_threshold=0.05)
+  )
   m = with_mitigations(model, **kw)
   toks = jax.random.randint(jax.random.key(5), (1, 33), 0, CFG.vocab_size)
   lens = [4, 4, 9, 4, 9]  # boundaries on and off chunk edges; decode continues the last one
@@ -339,7 +424,7 @@ def test_segments_with_pieces_and_decode(model, case):
   if case == "window5":  # the window (and conv) reset at segment starts: == separate documents
     start = 0
     for n in lens:
-      close(full[:, start:start + n], _fwd(m, toks[:, start:start + n], None))
+      close(full[:, start : start + n], _fwd(m, toks[:, start : start + n], None))
       start += n
 
 
@@ -363,8 +448,11 @@ def test_model_window_gradient_xla_equals_reference(model, tokens):
     m = with_mitigations(model, ssd_impl=impl, **kw)
     loss = lambda m_: jnp.mean(m_(tokens[:1, :16]) ** 2)  # noqa: E731
     return jax.tree.leaves(nnx.grad(loss)(m))
-  for kw in (dict(ssd_window=5), dict(state_norm="chunk", state_norm_chunk=4,
-                                      state_norm_threshold=0.05)):
+
+  for kw in (
+    dict(ssd_window=5),
+    dict(state_norm="chunk", state_norm_chunk=4, state_norm_threshold=0.05),
+  ):
     for a, b in zip(grads("xla", **kw), grads("reference", **kw)):
       assert np.all(np.isfinite(a)) and rel(a, b) < 1e-4
 
@@ -399,8 +487,7 @@ def test_calibrate_state_norm_sets_measured_values(model, tokens):
 
 
 def test_with_mitigations_shares_parameters_and_keeps_default_state(model):
-  assert not any(isinstance(v, StateNormThreshold)
-                 for _, v in nnx.to_flat_state(nnx.state(model)))
+  assert not any(isinstance(v, StateNormThreshold) for _, v in nnx.to_flat_state(nnx.state(model)))
   assert model.init_cache(1).pos is None and model.init_cache(1).win_h is None
   m = with_mitigations(model, rri_decay_scale=0.9999, rri_insert_scale=0.75)
   assert m.config.rri_decay_scale == 0.9999 and model.config.rri_decay_scale == 1.0
@@ -426,11 +513,21 @@ def test_with_mitigations_shares_parameters_and_keeps_default_state(model):
     CFG.replace(**preset_fields(name))
 
 
-@pytest.mark.parametrize("field,value", [
-    ("rri_decay_scale", 0.0), ("rri_decay_scale", 1.01), ("rri_insert_scale", -1.0),
-    ("dt_scale", 0.0), ("dt_scale", math.inf), ("ssd_window", -1), ("ssd_window", 1.5),
-    ("state_norm", "layer"), ("state_norm_chunk", 0), ("state_norm_threshold", 0.0),
-])
+@pytest.mark.parametrize(
+  "field,value",
+  [
+    ("rri_decay_scale", 0.0),
+    ("rri_decay_scale", 1.01),
+    ("rri_insert_scale", -1.0),
+    ("dt_scale", 0.0),
+    ("dt_scale", math.inf),
+    ("ssd_window", -1),
+    ("ssd_window", 1.5),
+    ("state_norm", "layer"),
+    ("state_norm_chunk", 0),
+    ("state_norm_threshold", 0.0),
+  ],
+)
 def test_config_validation_names_the_field(field, value):
   with pytest.raises(ConfigError, match=rf"Mamba2Config\.{field}:"):
     CFG.replace(**{field: value})
@@ -459,6 +556,6 @@ def test_window_is_exact_per_layer_but_not_for_the_stack():
     m = Mamba2LM(CFG.replace(n_layer=n, ssd_window=r), rngs=nnx.Rngs(n))
     last = np.asarray(_fwd(m, toks, None))[:, -1]
     span = n * (r + K - 2) + 1  # the stack's true receptive field
-    close(np.asarray(_fwd(m, toks[:, L - span:], None))[:, -1], last, 1e-5)
-    gaps[n] = rel(np.asarray(_fwd(m, toks[:, L - r:], None))[:, -1], last)  # "last r tokens"
+    close(np.asarray(_fwd(m, toks[:, L - span :], None))[:, -1], last, 1e-5)
+    gaps[n] = rel(np.asarray(_fwd(m, toks[:, L - r :], None))[:, -1], last)  # "last r tokens"
   assert gaps[1] > 1e-4 and gaps[3] > 1e-4, gaps  # not an r-token model (see the report)

@@ -76,12 +76,12 @@ def test_segment_ids_equal_separate_documents(model):
   packed = fwd(model, toks, jnp.asarray(seg))
   start, parts = 0, []
   for n in lens:
-    parts.append(fwd(model, toks[:, start:start + n], None))
+    parts.append(fwd(model, toks[:, start : start + n], None))
     start += n
   _close(packed, np.concatenate(parts, axis=1))
   # The cache after a packed prefill is that of the last document alone.
   _, c_packed = model.prefill(toks, segment_ids=jnp.asarray(seg))
-  _, c_last = model.prefill(toks[:, -lens[-1]:])
+  _, c_last = model.prefill(toks[:, -lens[-1] :])
   _close(c_packed.ssm, c_last.ssm)
   _close(c_packed.conv_x, c_last.conv_x)
 
@@ -98,8 +98,13 @@ def test_causal_conv_matches_naive_loop():
   u, w, bias = rng.normal(size=(b, L, C)), rng.normal(size=(K, C)), rng.normal(size=C)
   ctx = rng.normal(size=(b, K - 1, C))
   seg = np.array([[0] * 4 + [1] * 1 + [2] * 6, [3] * 11])
-  out, new_ctx = causal_conv(jnp.asarray(u), jnp.asarray(w), jnp.asarray(bias),
-                             context=jnp.asarray(ctx), segment_ids=jnp.asarray(seg))
+  out, new_ctx = causal_conv(
+    jnp.asarray(u),
+    jnp.asarray(w),
+    jnp.asarray(bias),
+    context=jnp.asarray(ctx),
+    segment_ids=jnp.asarray(seg),
+  )
   full = np.concatenate([ctx, u], axis=1)
   seg_full = np.concatenate([np.repeat(seg[:, :1], K - 1, 1), seg], 1)
   want = np.zeros((b, L, C))
@@ -113,8 +118,9 @@ def test_causal_conv_matches_naive_loop():
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
   # Row 0 ends in a 6-token segment: context = its last 3 inputs. Row 1 keeps its last 3.
   np.testing.assert_allclose(new_ctx, full[:, -3:], rtol=1e-6)
-  _, short_ctx = causal_conv(jnp.asarray(u[:, :5]), jnp.asarray(w), None,
-                             segment_ids=jnp.asarray(seg[:, :5]))
+  _, short_ctx = causal_conv(
+    jnp.asarray(u[:, :5]), jnp.asarray(w), None, segment_ids=jnp.asarray(seg[:, :5])
+  )
   assert np.all(np.asarray(short_ctx)[0, :2] == 0)  # tokens of segment 0 are not carried
 
 
@@ -123,9 +129,12 @@ def test_gated_rms_norm_groups_match_naive():
   y, z, w = rng.normal(size=(3, 12)), rng.normal(size=(3, 12)), rng.normal(size=12)
   out = gated_rms_norm(jnp.asarray(y), jnp.asarray(z), jnp.asarray(w), 3, 1e-5, jnp.float32)
   g = y * z / (1 + np.exp(-z))
-  want = np.concatenate(
-      [gi / np.sqrt(np.mean(gi ** 2, -1, keepdims=True) + 1e-5) for gi in np.split(g, 3, -1)],
-      -1) * w
+  want = (
+    np.concatenate(
+      [gi / np.sqrt(np.mean(gi**2, -1, keepdims=True) + 1e-5) for gi in np.split(g, 3, -1)], -1
+    )
+    * w
+  )
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
@@ -154,6 +163,7 @@ def test_layers_are_scanned_so_trace_size_is_depth_independent():
     g, s = nnx.split(m)
     jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(g, s)(t))(s, jnp.zeros((1, 16), jnp.int32))
     return len(jaxpr.eqns)
+
   assert n_eqns(2) == n_eqns(6)
 
 
@@ -161,6 +171,7 @@ def test_layers_are_scanned_so_trace_size_is_depth_independent():
 def test_remat_gives_the_same_gradients(model, tokens, policy):
   def loss(m):
     return jnp.mean(jax.nn.log_softmax(m(tokens))[..., 0])
+
   g0 = nnx.jit(nnx.grad(loss))(model)
   rm = Mamba2LM(CFG.replace(remat_policy=policy), rngs=nnx.Rngs(0))
   nnx.update(rm, nnx.state(model))

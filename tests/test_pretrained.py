@@ -18,8 +18,11 @@ from mamba2_jax.generate import decode_step
 from mamba2_jax.pretrained import config_from_official, load_config
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
-CASES = [("hf_tiny_g2", "golden_hf_tiny_g2"), ("official_tiny_g2", "golden_hf_tiny_g2"),
-         ("hf_tiny_g1_untied", "golden_hf_tiny_g1_untied")]
+CASES = [
+  ("hf_tiny_g2", "golden_hf_tiny_g2"),
+  ("official_tiny_g2", "golden_hf_tiny_g2"),
+  ("hf_tiny_g1_untied", "golden_hf_tiny_g1_untied"),
+]
 
 
 def _rel(a, b):
@@ -60,6 +63,7 @@ def test_infinity_and_formats_are_parsed():
 
 def test_convert_cli_round_trip(tmp_path):
   from experiments.convert_hf import convert
+
   dst = str(tmp_path / "converted")
   convert(os.path.join(FIX, "official_tiny_g2"), dst)
   assert sorted(os.listdir(dst)) == ["mamba2_jax_config.json", "params", "source.json"]
@@ -86,6 +90,7 @@ def _copy(tmp_path, name):
 
 def test_missing_tensor_is_named(tmp_path):
   from safetensors.numpy import load_file, save_file
+
   d = _copy(tmp_path, "hf_tiny_g2")
   sd = load_file(str(d / "model.safetensors"))
   del sd["backbone.layers.1.mixer.A_log"]
@@ -103,11 +108,14 @@ def test_vocab_larger_than_config_is_an_error(tmp_path):
     from_pretrained(str(d))
 
 
-@pytest.mark.parametrize("change,fragment", [
+@pytest.mark.parametrize(
+  "change,fragment",
+  [
     (dict(d_intermediate=256), "d_intermediate"),
     (dict(ssm_cfg={"layer": "Mamba1"}), "only 'Mamba2'"),
     (dict(ssm_cfg={"norm_before_gate": True}), "norm_before_gate"),
-])
+  ],
+)
 def test_unsupported_official_configs(change, fragment):
   with open(os.path.join(FIX, "official_tiny_g2", "config.json")) as f:
     cfg = json.load(f)

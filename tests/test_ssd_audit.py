@@ -22,45 +22,60 @@ CASE, MODE = "130m-L2048", "fwd+bwd"
 LOW, HIGH = 0.5, 1.3
 # target: (bytes per token (kernels + XLA ops), kernel dot FLOPs per token)
 RECORDED = {
-    "tpu": (38107, 6.16e6),
-    "gpu": (78411, 9.14e6),
+  "tpu": (38107, 6.16e6),
+  "gpu": (78411, 9.14e6),
 }
 
 
 def _audit(target):
-    py = venv_python(ssd_audit.VENVS[target])
-    env = {"JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1", "TF_CPP_MIN_LOG_LEVEL": "0",
-           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}  # other libtpu processes may be compiling
-    p = run_module(py, "benchmarks.ssd_audit", "--worker", target, "--cases", CASE,
-                   "--modes", MODE, timeout=900, extra_env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    (r,) = json.loads(p.stdout)["results"]
-    assert "error" not in r, r["error"]
-    return ssd_audit.summarize(r)
+  py = venv_python(ssd_audit.VENVS[target])
+  env = {
+    "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "0",
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+  }  # other libtpu processes may be compiling
+  p = run_module(
+    py,
+    "benchmarks.ssd_audit",
+    "--worker",
+    target,
+    "--cases",
+    CASE,
+    "--modes",
+    MODE,
+    timeout=900,
+    extra_env=env,
+  )
+  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  (r,) = json.loads(p.stdout)["results"]
+  assert "error" not in r, r["error"]
+  return ssd_audit.summarize(r)
 
 
 def _check(target):
-    r = _audit(target)
-    assert r["kernels"] and all(k.get("dot_flops") for k in r["kernels"]), r["kernels"]
-    rec_bytes, rec_flops = RECORDED[target]
-    got = (r["bytes_per_token"], r["flops_per_token"])
-    print(f"{target} {CASE} {MODE}: {got[0]:.0f} B/token, {got[1] / 1e6:.2f} MFLOP/token")
-    assert LOW * rec_bytes <= got[0] <= HIGH * rec_bytes, (got, RECORDED[target])
-    assert LOW * rec_flops <= got[1] <= HIGH * rec_flops, (got, RECORDED[target])
-    return r
+  r = _audit(target)
+  assert r["kernels"] and all(k.get("dot_flops") for k in r["kernels"]), r["kernels"]
+  rec_bytes, rec_flops = RECORDED[target]
+  got = (r["bytes_per_token"], r["flops_per_token"])
+  print(f"{target} {CASE} {MODE}: {got[0]:.0f} B/token, {got[1] / 1e6:.2f} MFLOP/token")
+  assert LOW * rec_bytes <= got[0] <= HIGH * rec_bytes, (got, RECORDED[target])
+  assert LOW * rec_flops <= got[1] <= HIGH * rec_flops, (got, RECORDED[target])
+  return r
 
 
 @pytest.mark.tpu_compile
-@pytest.mark.skipif(not venv_python(".venv-tpu").exists(),
-                    reason="no .venv-tpu: run scripts/setup_tpu_venv.sh")
+@pytest.mark.skipif(
+  not venv_python(".venv-tpu").exists(), reason="no .venv-tpu: run scripts/setup_tpu_venv.sh"
+)
 def test_tpu_audit_within_recorded_traffic_and_flops():
-    _check("tpu")
+  _check("tpu")
 
 
 @pytest.mark.cuda_compile
-@pytest.mark.skipif(not venv_python(".venv-cuda").exists(),
-                    reason="no .venv-cuda: run scripts/setup_cuda_venv.sh")
+@pytest.mark.skipif(
+  not venv_python(".venv-cuda").exists(), reason="no .venv-cuda: run scripts/setup_cuda_venv.sh"
+)
 def test_gpu_audit_within_recorded_traffic_and_flops():
-    r = _check("gpu")
-    # ptxas -v and the thunk sequence were read for every Triton kernel
-    assert all(k.get("regs") and k.get("smem") is not None for k in r["kernels"]), r["kernels"]
+  r = _check("gpu")
+  # ptxas -v and the thunk sequence were read for every Triton kernel
+  assert all(k.get("regs") and k.get("smem") is not None for k in r["kernels"]), r["kernels"]

@@ -41,11 +41,11 @@ from mamba2_jax.ssd import ssd
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "h0")
 OUTS = ("y", "final_state") + tuple("d" + k for k in NAMES)
 RATIO = 3.0
-FLOOR = {"bfloat16": 2.0 ** -7, "float32": 2e-5}
+FLOOR = {"bfloat16": 2.0**-7, "float32": 2e-5}
 DECAYS = {  # log|A| range and the shift of raw dt (softplus(N(0,1) + shift + bias))
-    "default": ((0.0, 1.5), -1.0),
-    "weak": ((-6.0, -4.0), -1.0),
-    "strong": ((2.0, 4.0), 3.0),
+  "default": ((0.0, 1.5), -1.0),
+  "weak": ((-6.0, -4.0), -1.0),
+  "strong": ((2.0, 4.0), 3.0),
 }
 KERNELS = ("pallas_tpu", "pallas_gpu")
 # the TPU kernels run in TPU interpret mode: uninitialised memory poisoned with NaN, races
@@ -54,86 +54,105 @@ INTERPRET = {"pallas_tpu": pltpu.InterpretParams(detect_races=True, uninitialize
 
 
 def _inputs(seed, L, H, decay, D_per_p):
-    rng = np.random.default_rng(seed)
-    a_range, shift = DECAYS[decay]
-    P, N = 64, 128
-    return dict(
-        x=rng.standard_normal((1, L, H, P)), dt=rng.standard_normal((1, L, H)) + shift,
-        A=-np.exp(rng.uniform(*a_range, size=(H,))), B=rng.standard_normal((1, L, 1, N)),
-        C=rng.standard_normal((1, L, 1, N)),
-        D=rng.standard_normal((H, P) if D_per_p else (H,)),
-        dt_bias=rng.uniform(-1.0, 1.0, size=(H,)), h0=rng.standard_normal((1, H, P, N)),
-        wy=rng.standard_normal((1, L, H, P)), wh=rng.standard_normal((1, H, P, N)),
-    )
+  rng = np.random.default_rng(seed)
+  a_range, shift = DECAYS[decay]
+  P, N = 64, 128
+  return dict(
+    x=rng.standard_normal((1, L, H, P)),
+    dt=rng.standard_normal((1, L, H)) + shift,
+    A=-np.exp(rng.uniform(*a_range, size=(H,))),
+    B=rng.standard_normal((1, L, 1, N)),
+    C=rng.standard_normal((1, L, 1, N)),
+    D=rng.standard_normal((H, P) if D_per_p else (H,)),
+    dt_bias=rng.uniform(-1.0, 1.0, size=(H,)),
+    h0=rng.standard_normal((1, H, P, N)),
+    wy=rng.standard_normal((1, L, H, P)),
+    wh=rng.standard_normal((1, H, P, N)),
+  )
 
 
 @functools.lru_cache(maxsize=None)
 def _vg(impl, chunk, has_seg):
-    def loss(diff, seg, wy, wh):
-        x, dt, A, B, C, D, dt_bias, h0 = diff
-        y, h = ssd(x, dt, A, B, C, D=D, dt_bias=dt_bias, chunk_size=chunk, initial_state=h0,
-                   segment_ids=seg if has_seg else None, return_final_state=True, impl=impl,
-                   interpret=INTERPRET.get(impl))
-        return jnp.sum(y.astype(wy.dtype) * wy) + jnp.sum(h.astype(wh.dtype) * wh), (y, h)
+  def loss(diff, seg, wy, wh):
+    x, dt, A, B, C, D, dt_bias, h0 = diff
+    y, h = ssd(
+      x,
+      dt,
+      A,
+      B,
+      C,
+      D=D,
+      dt_bias=dt_bias,
+      chunk_size=chunk,
+      initial_state=h0,
+      segment_ids=seg if has_seg else None,
+      return_final_state=True,
+      impl=impl,
+      interpret=INTERPRET.get(impl),
+    )
+    return jnp.sum(y.astype(wy.dtype) * wy) + jnp.sum(h.astype(wh.dtype) * wh), (y, h)
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
 def _run(impl, inp, dtype, seg, chunk):
-    act = jnp.dtype(dtype)
-    real = jnp.float64 if act == jnp.float64 else jnp.float32
-    diff = tuple(jnp.asarray(inp[k], act if k in ("x", "B", "C") else real) for k in NAMES)
-    segj = None if seg is None else jnp.asarray(seg)
-    (_, (y, h)), g = _vg(impl, chunk, seg is not None)(
-        diff, segj, jnp.asarray(inp["wy"], real), jnp.asarray(inp["wh"], real))
-    return [np.asarray(v, np.float64) for v in (y, h, *g)]
+  act = jnp.dtype(dtype)
+  real = jnp.float64 if act == jnp.float64 else jnp.float32
+  diff = tuple(jnp.asarray(inp[k], act if k in ("x", "B", "C") else real) for k in NAMES)
+  segj = None if seg is None else jnp.asarray(seg)
+  (_, (y, h)), g = _vg(impl, chunk, seg is not None)(
+    diff, segj, jnp.asarray(inp["wy"], real), jnp.asarray(inp["wh"], real)
+  )
+  return [np.asarray(v, np.float64) for v in (y, h, *g)]
 
 
 def _oracle(inp, dtype, seg, chunk):
-    rounded = dict(inp)
-    for k in ("x", "B", "C"):
-        rounded[k] = np.asarray(jnp.asarray(inp[k], jnp.dtype(dtype)).astype(jnp.float32),
-                                np.float64)
-    for k in ("dt", "A", "D", "dt_bias", "h0"):
-        rounded[k] = np.asarray(np.asarray(inp[k], np.float32), np.float64)
-    with jax.enable_x64(True):
-        return _run("reference", rounded, "float64", seg, chunk)
+  rounded = dict(inp)
+  for k in ("x", "B", "C"):
+    rounded[k] = np.asarray(jnp.asarray(inp[k], jnp.dtype(dtype)).astype(jnp.float32), np.float64)
+  for k in ("dt", "A", "D", "dt_bias", "h0"):
+    rounded[k] = np.asarray(np.asarray(inp[k], np.float32), np.float64)
+  with jax.enable_x64(True):
+    return _run("reference", rounded, "float64", seg, chunk)
 
 
 def _errors(got, want):
-    return {n: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-            for n, a, b in zip(OUTS, got, want)}
+  return {
+    n: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+    for n, a, b in zip(OUTS, got, want)
+  }
 
 
 # (seed, L, H, chunk, dtype, decay, segments, D per (head, headdim))
 CASES = [
-    (0, 512, 4, 256, "bfloat16", "default", False, False),
-    (1, 600, 8, 128, "bfloat16", "default", True, True),
-    (2, 512, 4, 256, "bfloat16", "weak", False, False),
-    (3, 512, 4, 256, "float32", "default", True, False),
-    (4, 512, 4, 128, "float32", "strong", False, True),
+  (0, 512, 4, 256, "bfloat16", "default", False, False),
+  (1, 600, 8, 128, "bfloat16", "default", True, True),
+  (2, 512, 4, 256, "bfloat16", "weak", False, False),
+  (3, 512, 4, 256, "float32", "default", True, False),
+  (4, 512, 4, 128, "float32", "strong", False, True),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"L{c[1]}-H{c[2]}-Q{c[3]}-{c[4]}-{c[5]}"
-                         + ("-seg" if c[6] else ""))
+@pytest.mark.parametrize(
+  "case", CASES, ids=lambda c: f"L{c[1]}-H{c[2]}-Q{c[3]}-{c[4]}-{c[5]}" + ("-seg" if c[6] else "")
+)
 def test_kernels_at_production_shapes(case):
-    seed, L, H, chunk, dtype, decay, has_seg, D_per_p = case
-    inp = _inputs(seed, L, H, decay, D_per_p)
-    seg = None
-    if has_seg:  # a boundary mid-chunk and one exactly at a chunk start
-        seg = np.zeros((1, L), np.int32)
-        seg[:, 200:] = 1
-        seg[:, 2 * chunk:] = 2
-    want = _oracle(inp, dtype, seg, chunk)
-    err_xla = _errors(_run("xla", inp, dtype, seg, chunk), want)
-    tol = {n: max(RATIO * e, FLOOR[dtype]) for n, e in err_xla.items()}
-    report = {}
-    for impl in KERNELS:
-        got = _run(impl, inp, dtype, seg, chunk)
-        assert all(np.all(np.isfinite(v)) for v in got), impl
-        err = _errors(got, want)
-        report[impl] = err
-        bad = {n: (f"{e:.2e}", f"tol {tol[n]:.2e}") for n, e in err.items() if not e <= tol[n]}
-        assert not bad, f"{impl}: {bad}\nxla: {err_xla}\n{impl}: {err}"
-    print({"xla": err_xla, **report})
+  seed, L, H, chunk, dtype, decay, has_seg, D_per_p = case
+  inp = _inputs(seed, L, H, decay, D_per_p)
+  seg = None
+  if has_seg:  # a boundary mid-chunk and one exactly at a chunk start
+    seg = np.zeros((1, L), np.int32)
+    seg[:, 200:] = 1
+    seg[:, 2 * chunk :] = 2
+  want = _oracle(inp, dtype, seg, chunk)
+  err_xla = _errors(_run("xla", inp, dtype, seg, chunk), want)
+  tol = {n: max(RATIO * e, FLOOR[dtype]) for n, e in err_xla.items()}
+  report = {}
+  for impl in KERNELS:
+    got = _run(impl, inp, dtype, seg, chunk)
+    assert all(np.all(np.isfinite(v)) for v in got), impl
+    err = _errors(got, want)
+    report[impl] = err
+    bad = {n: (f"{e:.2e}", f"tol {tol[n]:.2e}") for n, e in err.items() if not e <= tol[n]}
+    assert not bad, f"{impl}: {bad}\nxla: {err_xla}\n{impl}: {err}"
+  print({"xla": err_xla, **report})

@@ -23,10 +23,12 @@ def _sweep(**kw):
   c.train_overrides = (("total_steps", 3), ("data.source", "builtin:shakespeare"))
   c.grid = (("model.d_state", (8, 16)), (("seq_len", "tbptt_segments"), ((32, 1), (16, 4))))
   c.tokens_per_step = 256
-  c.evals = ml_collections.ConfigDict({
+  c.evals = ml_collections.ConfigDict(
+    {
       "ppl": {"task": "ppl_by_position", "max_len_factor": 8, "overrides": (("bucket_size", 16),)},
       "pk": {"task": "passkey", "mitigation": "rri", "overrides": (("lengths", (64, 128)),)},
-  })
+    }
+  )
   for k, v in kw.items():
     c[k] = v
   return c
@@ -34,8 +36,12 @@ def _sweep(**kw):
 
 def test_grid_expansion_product_zip_and_derived_batch():
   runs = expand(_sweep())
-  assert [r.name for r in runs] == ["d_state-8_seq_len-32", "d_state-8_seq_len-16",
-                                    "d_state-16_seq_len-32", "d_state-16_seq_len-16"]
+  assert [r.name for r in runs] == [
+    "d_state-8_seq_len-32",
+    "d_state-8_seq_len-16",
+    "d_state-16_seq_len-32",
+    "d_state-16_seq_len-16",
+  ]
   r = runs[1]
   over = dict(r.overrides)
   assert over["model.d_state"] == 8 and over["seq_len"] == 16 and over["tbptt_segments"] == 4
@@ -46,18 +52,31 @@ def test_grid_expansion_product_zip_and_derived_batch():
 def test_collapse_eval_needs_a_bucket_within_every_training_length(tmp_path):
   sweep = _sweep(collapse_eval="ppl")
   sweep.evals.ppl.overrides = (("bucket_size", 32),)  # first bucket dropped: [32, 64) > T = 32
-  with pytest.raises(ValueError, match=r"sweep eval 'ppl': bucket_size 32 with drop_first_bucket "
-                     r"leaves no bucket within the training length 32 of run "
-                     r"'d_state-8_seq_len-32'.*set bucket_size <= 16"):
+  with pytest.raises(
+    ValueError,
+    match=r"sweep eval 'ppl': bucket_size 32 with drop_first_bucket "
+    r"leaves no bucket within the training length 32 of run "
+    r"'d_state-8_seq_len-32'.*set bucket_size <= 16",
+  ):
     run_sweep(sweep, tmp_path / "sw", launcher="print")
   assert not (tmp_path / "sw").exists()  # nothing started
 
 
-@pytest.mark.parametrize("config", ["demo.py:cpu", "demo.py:quick", "demo.py:full",
-                                    "state_capacity.py:copy", "state_capacity.py:text",
-                                    "state_capacity.py:ci", "state_capacity.py:paper"])
+@pytest.mark.parametrize(
+  "config",
+  [
+    "demo.py:cpu",
+    "demo.py:quick",
+    "demo.py:full",
+    "state_capacity.py:copy",
+    "state_capacity.py:text",
+    "state_capacity.py:ci",
+    "state_capacity.py:paper",
+  ],
+)
 def test_shipped_sweeps_expand_and_resolve_their_forgetting_test(config):
   import importlib.util  # pylint: disable=g-import-not-at-top
+
   path, arg = config.split(":")
   spec = importlib.util.spec_from_file_location("sweep_cfg", f"configs/sweeps/{path}")
   mod = importlib.util.module_from_spec(spec)
@@ -80,10 +99,19 @@ def test_grid_errors():
 def test_run_names_from_distinct_keys_or_labels():
   # no key alone distinguishes the entries: every differing key names the run
   runs = expand(_sweep(grid=((("seq_len", "tbptt_segments"), ((32, 1), (32, 2), (16, 2))),)))
-  assert [r.name for r in runs] == ["seq_len-32_tbptt_segments-1", "seq_len-32_tbptt_segments-2",
-                                    "seq_len-16_tbptt_segments-2"]
-  runs = expand(_sweep(grid=((("model.d_model", "model.n_layer"), ((64, 2), (64, 4)),
-                              ("small", "deep")), ("seq_len", (32,)))))
+  assert [r.name for r in runs] == [
+    "seq_len-32_tbptt_segments-1",
+    "seq_len-32_tbptt_segments-2",
+    "seq_len-16_tbptt_segments-2",
+  ]
+  runs = expand(
+    _sweep(
+      grid=(
+        (("model.d_model", "model.n_layer"), ((64, 2), (64, 4)), ("small", "deep")),
+        ("seq_len", (32,)),
+      )
+    )
+  )
   assert [r.name for r in runs] == ["small_seq_len-32", "deep_seq_len-32"]
 
 
@@ -91,8 +119,12 @@ def test_eval_specs_and_commands(tmp_path):
   s = _sweep(eval_grid=(("mitigation", ("", "rri")), ("max_len_factor", (4, 16))))
   specs = eval_specs(s)
   names = [e.name for e in specs if e.task == "ppl_by_position"]
-  assert len(specs) == 8 and names == ["ppl_mitigation-none_max_len_factor-4", "ppl_mitigation-none_max_len_factor-16",
-                       "ppl_mitigation-rri_max_len_factor-4", "ppl_mitigation-rri_max_len_factor-16"]
+  assert len(specs) == 8 and names == [
+    "ppl_mitigation-none_max_len_factor-4",
+    "ppl_mitigation-none_max_len_factor-16",
+    "ppl_mitigation-rri_max_len_factor-4",
+    "ppl_mitigation-rri_max_len_factor-16",
+  ]
   run = expand(s)[1]  # seq_len 16 x 4 segments: training length 64
   cmd = eval_command([e for e in specs if e.name == names[3]][0], run, tmp_path, python="py")
   assert "--config.max_len=1024" in cmd and "--config.mitigation=rri" in cmd
@@ -135,14 +167,17 @@ def test_local_launcher_runs_skips_done_and_records_failures(tmp_path, capsys):
   # 3 good runs x (train + 2 evals) + the failing run's train command only
   assert len(calls) == 3 * 3 + 1
   st = json.load(open(tmp_path / "sw" / "runs" / "d_state-16_seq_len-32" / "status.json"))
-  assert st["state"] == "failed" and st["failed_command"] == "train" and "exit code 3" in st["error"]
+  assert (
+    st["state"] == "failed" and st["failed_command"] == "train" and "exit code 3" in st["error"]
+  )
   assert (tmp_path / "sw" / "runs" / "d_state-8_seq_len-32" / "logs" / "train.log").exists()
   assert "step 1/3 loss 1.0" in capsys.readouterr().out  # progress is echoed
   # second invocation: done runs are skipped, the failed one is retried
   py2, log2 = _fake_python(tmp_path / "again" if (tmp_path / "again").mkdir() is None else tmp_path)
   out = run_sweep(s, tmp_path / "sw", python=py2)
-  assert sorted(out["skipped"]) == sorted(["d_state-8_seq_len-32", "d_state-8_seq_len-16",
-                                           "d_state-16_seq_len-16"])
+  assert sorted(out["skipped"]) == sorted(
+    ["d_state-8_seq_len-32", "d_state-8_seq_len-16", "d_state-16_seq_len-16"]
+  )
   assert out["done"] == ["d_state-16_seq_len-32"]
   assert len(_calls(log2)) == 3
   sweep_json = json.load(open(tmp_path / "sw" / "sweep.json"))
@@ -175,9 +210,17 @@ def test_evaluation_only_sweep_of_a_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------------- capacity
 def test_t_forget_is_the_smallest_length_from_which_all_pass():
-  pts = [(1e3, 64, False), (1e3, 128, True), (1e3, 256, True),
-         (2e3, 64, True), (2e3, 128, False), (2e3, 256, True), (2e3, 512, True),
-         (3e3, 64, False), (3e3, 128, False)]
+  pts = [
+    (1e3, 64, False),
+    (1e3, 128, True),
+    (1e3, 256, True),
+    (2e3, 64, True),
+    (2e3, 128, False),
+    (2e3, 256, True),
+    (2e3, 512, True),
+    (3e3, 64, False),
+    (3e3, 128, False),
+  ]
   assert capacity.t_forget(pts) == {1e3: 128, 2e3: 256, 3e3: None}
 
 
@@ -199,7 +242,7 @@ def test_linear_fit_recovers_the_paper_law():
 @pytest.mark.parametrize("scale", [1.0, 1e6])  # paper units (M scalars) and raw scalars
 def test_exponential_fit_recovers_the_paper_law(scale):
   ns = np.array([0.8, 1.6, 2.4, 4.8, 7.0, 12.9])
-  y = 4.756 * (1.365 ** ns - 1) - 0.742
+  y = 4.756 * (1.365**ns - 1) - 0.742
   f = capacity.fit_exponential(ns * scale, y)
   assert f is not None and f.r2 > 0.9999
   assert abs(f.params["a"] - 4.756) / 4.756 < 1e-3
@@ -230,12 +273,14 @@ def test_report_recovers_known_capacity_laws(tmp_path):
     t_recall = 3 * (1.5 ** (ns / 1000) - 1)
     for T in lengths:
       name = f"d{d_state}_T{T}"
-      runs.append({"name": name, "values": {"model.d_state": d_state, "seq_len": T},
-                   "overrides": {}})
+      runs.append(
+        {"name": name, "values": {"model.d_state": d_state, "seq_len": T}, "overrides": {}}
+      )
       d = wd / "runs" / name
       (d / "train").mkdir(parents=True)
-      (d / "train" / "config.json").write_text(json.dumps({"seq_len": T, "tbptt_segments": 1,
-                                                           "model": json.loads(mc.to_json())}))
+      (d / "train" / "config.json").write_text(
+        json.dumps({"seq_len": T, "tbptt_segments": 1, "model": json.loads(mc.to_json())})
+      )
       (d / "status.json").write_text(json.dumps({"state": "done"}))
       # a loss curve that blows up past T unless T >= T_forget
       pos = np.arange(0, 8192, 64)
@@ -244,14 +289,26 @@ def test_report_recovers_known_capacity_laws(tmp_path):
         loss[pos >= T] = 6.0
       b = criteria.Buckets(pos, pos + 64, loss)
       test = criteria.forgetting_test(b, T, 2.0)
-      for ev, res in (("ppl", {"task": "ppl_by_position", "summary": {
-          "forget_test_passed": test["passed"], "first_fail_position": test["first_fail_position"]},
-          "buckets": {"start": pos.tolist(), "end": (pos + 64).tolist(), "loss": loss.tolist()}}),
-                      ("passkey", {"task": "passkey", "summary": {"t_recall": t_recall}})):
+      for ev, res in (
+        (
+          "ppl",
+          {
+            "task": "ppl_by_position",
+            "summary": {
+              "forget_test_passed": test["passed"],
+              "first_fail_position": test["first_fail_position"],
+            },
+            "buckets": {"start": pos.tolist(), "end": (pos + 64).tolist(), "loss": loss.tolist()},
+          },
+        ),
+        ("passkey", {"task": "passkey", "summary": {"t_recall": t_recall}}),
+      ):
         (d / "eval" / ev / "step_10").mkdir(parents=True)
         (d / "eval" / ev / "step_10" / "results.json").write_text(json.dumps(res))
-  sweep = {"name": "synthetic", "evals": {"ppl": {"task": "ppl_by_position"},
-                                          "passkey": {"task": "passkey"}}}
+  sweep = {
+    "name": "synthetic",
+    "evals": {"ppl": {"task": "ppl_by_position"}, "passkey": {"task": "passkey"}},
+  }
   (wd / "sweep.json").write_text(json.dumps({"sweep": sweep, "runs": runs}))
   md = write_report(wd).read_text()
   rep = json.load(open(wd / "report" / "report.json"))
@@ -267,7 +324,13 @@ def test_report_recovers_known_capacity_laws(tmp_path):
 
 
 def test_t_forget_bounds_bracket_or_bound_from_above():
-  pts = [(1e3, 64, False), (1e3, 128, True), (1e3, 256, True),   # (64, 128]
-         (2e3, 256, True), (2e3, 512, True),                      # <= 256: nothing shorter ran
-         (3e3, 64, False), (3e3, 128, False)]                     # never
+  pts = [
+    (1e3, 64, False),
+    (1e3, 128, True),
+    (1e3, 256, True),  # (64, 128]
+    (2e3, 256, True),
+    (2e3, 512, True),  # <= 256: nothing shorter ran
+    (3e3, 64, False),
+    (3e3, 128, False),
+  ]  # never
   assert capacity.t_forget_bounds(pts) == {1e3: (64, 128), 2e3: (None, 256), 3e3: (None, None)}

@@ -19,8 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def _run(*args, timeout=600):
   env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
   env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-  p = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=timeout)
+  p = subprocess.run(
+    [sys.executable, "-m", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
   return p.stdout
 
@@ -38,9 +44,16 @@ def test_demo_sweep_and_report(tmp_path):
       assert res["train_len"] == int(run.split("-")[1]) and "summary" in res
   _run("experiments.report", f"--sweep={wd}")
   md = (wd / "report" / "report.md").read_text()
-  for part in ("## Runs", "## Mitigations", "## State statistics", "| seq_len-64 | copy_rri | rri",
-               "ssd_window=64", "loss_by_position.png", "mitigations_seq_len-64.png",
-               "seq_len-256__states__state_norm.png"):
+  for part in (
+    "## Runs",
+    "## Mitigations",
+    "## State statistics",
+    "| seq_len-64 | copy_rri | rri",
+    "ssd_window=64",
+    "loss_by_position.png",
+    "mitigations_seq_len-64.png",
+    "seq_len-256__states__state_norm.png",
+  ):
     assert part in md, part
   for png in ("loss_by_position.png", "mitigations_seq_len-256.png"):
     assert (wd / "report" / png).stat().st_size > 1000
@@ -52,8 +65,7 @@ def test_demo_sweep_and_report(tmp_path):
 
 def test_state_capacity_ci_sweep(tmp_path):
   wd = tmp_path / "sc"
-  out = _run("experiments.sweep", "--config=configs/sweeps/state_capacity.py:ci",
-             f"--workdir={wd}")
+  out = _run("experiments.sweep", "--config=configs/sweeps/state_capacity.py:ci", f"--workdir={wd}")
   assert "2 done" in out
   _run("experiments.report", f"--sweep={wd}")
   report = json.load(open(wd / "report" / "report.json"))

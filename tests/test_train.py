@@ -93,8 +93,9 @@ def test_sharded_step_with_pallas_kernel_matches():
   """ssd_impl="pallas_tpu" (interpret mode) runs per shard through shard_map in the step."""
   config = tiny_config(**{"model.ssd_impl": "pallas_tpu", "model.n_layer": 1})
   batches = [_batch(config, s) for s in range(2)]
-  ref = _setup(tiny_config(**{"model.ssd_impl": "xla", "model.n_layer": 1}), (1, 1, 1),
-               jax.devices()[:1])
+  ref = _setup(
+    tiny_config(**{"model.ssd_impl": "xla", "model.n_layer": 1}), (1, 1, 1), jax.devices()[:1]
+  )
   pal = _setup(config, (2, 2, 2))
   s_ref = ref.init_state(0)
   s_pal = jax.device_put(_host(s_ref), pal.state_shard)
@@ -108,8 +109,12 @@ def test_training_with_state_normalization_keeps_tau_fixed(granularity):
   """The mitigation trains: finite losses, thresholds that never change (no gradient, no weight
   decay), and trained states under them where the same weights without it exceed them."""
   tau = 0.05
-  kw = {"model.state_norm": granularity, "model.state_norm_threshold": tau,
-        "model.state_norm_chunk": 8, "optimizer.weight_decay": 0.1}
+  kw = {
+    "model.state_norm": granularity,
+    "model.state_norm_threshold": tau,
+    "model.state_norm_chunk": 8,
+    "optimizer.weight_decay": 0.1,
+  }
   config = tiny_config(**kw)
   batches = [_batch(config, s) for s in range(3)]
   setup = _setup(config, (2, 1, 1), jax.devices()[:2])
@@ -162,9 +167,19 @@ def test_tbptt_same_loss_truncated_gradient():
 
 
 # ------------------------------------------------------------------------------------ config
-@pytest.mark.parametrize("field,value,match", [
-    ("optimizer.schedule", "linear", r"config.optimizer.schedule: must be one of \('wsd', 'cosine', 'constant'\), got 'linear'"),
-    ("mesh_shape", (3, 1, 1), "config.mesh_shape: the product of the sizes must equal the 8 devices"),
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
+    (
+      "optimizer.schedule",
+      "linear",
+      r"config.optimizer.schedule: must be one of \('wsd', 'cosine', 'constant'\), got 'linear'",
+    ),
+    (
+      "mesh_shape",
+      (3, 1, 1),
+      "config.mesh_shape: the product of the sizes must equal the 8 devices",
+    ),
     ("mesh_shape", (-1, -1, 1), "may contain -1 at most once"),
     ("global_batch_size", 6, "divisible by the data-parallel size data\\*fsdp = 8"),
     ("grad_accum_steps", 3, "config.global_batch_size: must be divisible by grad_accum_steps=3"),
@@ -172,10 +187,19 @@ def test_tbptt_same_loss_truncated_gradient():
     ("model.headdim", 48, "config.model: Mamba2Config.headdim"),
     ("optimizer.lr", -1.0, "config.optimizer.lr: must be > 0.0"),
     ("seq_len", 0, "config.seq_len: must be an integer >= 1"),
-    ("model.state_norm", "chunk", "config.model.state_norm_threshold: must be finite when "
-     "training with model.state_norm='chunk'"),
-    ("model.rri_decay_scale", 1.5, r"config.model: Mamba2Config.rri_decay_scale: must be in \(0, 1\]"),
-])
+    (
+      "model.state_norm",
+      "chunk",
+      "config.model.state_norm_threshold: must be finite when "
+      "training with model.state_norm='chunk'",
+    ),
+    (
+      "model.rri_decay_scale",
+      1.5,
+      r"config.model: Mamba2Config.rri_decay_scale: must be in \(0, 1\]",
+    ),
+  ],
+)
 def test_config_errors_name_the_field(field, value, match):
   with pytest.raises(ConfigError, match=match):
     validate(tiny_config(**{field: value}), num_devices=8)
@@ -183,7 +207,9 @@ def test_config_errors_name_the_field(field, value, match):
 
 def test_incompatible_workdir_refuses_to_resume(tmp_path):
   train_and_evaluate(tiny_config(total_steps=2), str(tmp_path))
-  with pytest.raises(ConfigError, match=r"different config: seq_len: 32 -> 64.*allow_config_change"):
+  with pytest.raises(
+    ConfigError, match=r"different config: seq_len: 32 -> 64.*allow_config_change"
+  ):
     train_and_evaluate(tiny_config(total_steps=2, seq_len=64), str(tmp_path))
   # resume-safe fields may change (more steps); the marker of the shorter run is dropped
   train_and_evaluate(tiny_config(total_steps=4), str(tmp_path))
@@ -269,19 +295,29 @@ def test_silently_wrong_bytes_fail_the_checksum(tmp_path):
   meta = ckpt_lib.read_meta(str(tmp_path), 6)
   tampered = jax.tree.map(lambda x: x, p)
   tampered["norm_f"] = p["norm_f"].at[3].add(1e-3)
-  ck.mngr.save(8, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(tampered), opt_state=ocp.args.StandardSave({"opt_state": o}),
-      meta=ocp.args.JsonSave({**meta, "step": 8})), force=True)
+  ck.mngr.save(
+    8,
+    args=ocp.args.Composite(
+      params=ocp.args.StandardSave(tampered),
+      opt_state=ocp.args.StandardSave({"opt_state": o}),
+      meta=ocp.args.JsonSave({**meta, "step": 8}),
+    ),
+    force=True,
+  )
   ck.wait()
-  with pytest.raises(ckpt_lib.CheckpointError, match=r"step 8: params checksum mismatch in 1 array\(s\) \(norm_f"):
+  with pytest.raises(
+    ckpt_lib.CheckpointError, match=r"step 8: params checksum mismatch in 1 array\(s\) \(norm_f"
+  ):
     ck.restore(8, setup.abstract_params, setup.abstract_opt)
   ck.close()
   assert ckpt_lib.fingerprint({"a": jnp.arange(8.0)}) != ckpt_lib.fingerprint(
-      {"a": jnp.arange(8.0)[::-1]})  # position-dependent
+    {"a": jnp.arange(8.0)[::-1]}
+  )  # position-dependent
 
 
 def test_deleted_newest_step_falls_back(tmp_path):
   import shutil
+
   config, _ = _train(tmp_path)
   shutil.rmtree(tmp_path / "checkpoints" / "6" / "opt_state")
   _, out = _restore(tmp_path, config, (8, 1, 1))
@@ -294,11 +330,16 @@ def test_deleted_newest_step_falls_back(tmp_path):
 
 
 def test_nan_stops_with_last_good_checkpoint(tmp_path):
-  config = tiny_config(checkpoint_every=1, total_steps=10, **{"optimizer.lr": 1e30,
-                                                              "optimizer.clip_norm": 0.0,
-                                                              "optimizer.warmup_steps": 0})
-  with pytest.raises(TrainingDiverged, match=r"non-finite .* at step (\d+); stopping without "
-                     r"saving. Last good checkpoint: step \d+") as e:
+  config = tiny_config(
+    checkpoint_every=1,
+    total_steps=10,
+    **{"optimizer.lr": 1e30, "optimizer.clip_norm": 0.0, "optimizer.warmup_steps": 0},
+  )
+  with pytest.raises(
+    TrainingDiverged,
+    match=r"non-finite .* at step (\d+); stopping without "
+    r"saving. Last good checkpoint: step \d+",
+  ) as e:
     train_and_evaluate(config, str(tmp_path))
   bad = int(str(e.value).split(" at step ")[1].split(";")[0])
   steps = ckpt_lib.complete_steps(tmp_path)
@@ -318,9 +359,15 @@ def test_init_from_pretrained_checkpoint(tmp_path):
   path = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny_g2")
   ref = nnx.to_pure_dict(nnx.state(from_pretrained(path)))
   mc, _ = load_config(path)
-  config = tiny_config(init_checkpoint=path, total_steps=2, **{
+  config = tiny_config(
+    init_checkpoint=path,
+    total_steps=2,
+    **{
       "data.source": "synthetic:copy:vocab=64,span=8,pairs=1,docs=64",
-      "data.tokenizer": "synthetic", "data.add_eos": False})
+      "data.tokenizer": "synthetic",
+      "data.add_eos": False,
+    },
+  )
   config.model = base.model_config("tiny", **{k: v for k, v in mc.to_dict().items()})
   setup = _setup(config, (2, 2, 2))
   state = setup.state_from_pretrained(path)

@@ -20,10 +20,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--config=configs/train.py:tiny", "--config.seq_len=32", "--config.global_batch_size=4",
-        "--config.model.d_model=32", "--config.model.chunk_size=16", "--config.log_every=1",
-        "--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=2",
-        "--config.checkpoint_every=4"]
+ARGS = [
+  "--config=configs/train.py:tiny",
+  "--config.seq_len=32",
+  "--config.global_batch_size=4",
+  "--config.model.d_model=32",
+  "--config.model.chunk_size=16",
+  "--config.log_every=1",
+  "--config.optimizer.schedule=constant",
+  "--config.optimizer.warmup_steps=2",
+  "--config.checkpoint_every=4",
+]
 
 
 def _env(devices=1):
@@ -34,8 +41,9 @@ def _env(devices=1):
 
 def _start(workdir, *extra, devices=1):
   cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *ARGS, *extra]
-  return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  return subprocess.Popen(
+    cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
 
 
 def _run(workdir, *extra, devices=1, timeout=300):
@@ -114,13 +122,26 @@ def _free_port():
 def test_two_processes_match_one_process(tmp_path, packing):
   """2 processes x 2 CPU devices vs 1 process x 4 devices, same global batch (data.num_shards
   = 2 logical shards in both): the same losses."""
-  common = ["--config.total_steps=6", "--config.data.num_shards=2", f"--config.data.packing={packing}"]
+  common = [
+    "--config.total_steps=6",
+    "--config.data.num_shards=2",
+    f"--config.data.packing={packing}",
+  ]
   one = tmp_path / "one"
   _run(one, *common, devices=4)
   multi = tmp_path / "multi"
   port = _free_port()
-  procs = [_start(multi, *common, f"--coordinator_address=127.0.0.1:{port}",
-                  "--num_processes=2", f"--process_id={i}", devices=2) for i in range(2)]
+  procs = [
+    _start(
+      multi,
+      *common,
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      devices=2,
+    )
+    for i in range(2)
+  ]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -130,5 +151,7 @@ def test_two_processes_match_one_process(tmp_path, packing):
     assert abs(a[s] - b[s]) <= 1e-5 * abs(a[s]), (s, a[s], b[s])
   # only process 0 wrote logs; both wrote their data-iterator state
   it_files = os.listdir(multi / "checkpoints" / "6" / "data_iter")
-  assert sorted(f for f in it_files if f.endswith(".json")) == ["process_0-of-2.json",
-                                                                 "process_1-of-2.json"]
+  assert sorted(f for f in it_files if f.endswith(".json")) == [
+    "process_0-of-2.json",
+    "process_1-of-2.json",
+  ]

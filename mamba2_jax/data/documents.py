@@ -34,12 +34,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 @dataclasses.dataclass
 class DocCounts:
   """What happened to every document read (all of it goes into the manifest)."""
-  read: int = 0                # documents that parsed
+
+  read: int = 0  # documents that parsed
   kept: int = 0
   kept_tokens: int = 0
   kept_text_bytes: int = 0
-  filtered_subset: int = 0     # not in --subset
-  filtered_short: int = 0      # fewer than --min_doc_tokens tokens
+  filtered_subset: int = 0  # not in --subset
+  filtered_short: int = 0  # fewer than --min_doc_tokens tokens
   filtered_short_tokens: int = 0
   stopped_at_max_docs: bool = False
 
@@ -61,11 +62,18 @@ def parse_subsets(subset) -> frozenset[str] | None:
   return frozenset(sources_lib.normalize_set_name(n) for n in names if str(n).strip())
 
 
-def tokenized_documents(files: Sequence[sources_lib.InputFile], tokenizer, *,
-                        bad: sources_lib.BadInput, counts: DocCounts, min_doc_tokens: int = 0,
-                        subsets: frozenset[str] | None = None, max_docs: int | None = None,
-                        batch_bytes: int = 4 << 20, progress=None
-                        ) -> Iterator[tuple[np.ndarray, sources_lib.Document]]:
+def tokenized_documents(
+  files: Sequence[sources_lib.InputFile],
+  tokenizer,
+  *,
+  bad: sources_lib.BadInput,
+  counts: DocCounts,
+  min_doc_tokens: int = 0,
+  subsets: frozenset[str] | None = None,
+  max_docs: int | None = None,
+  batch_bytes: int = 4 << 20,
+  progress=None,
+) -> Iterator[tuple[np.ndarray, sources_lib.Document]]:
   """(token ids, document) in input order after the subset / length / count filters.
 
   Texts are encoded in batches of about `batch_bytes` (HF tokenizers encode a batch on all
@@ -75,7 +83,7 @@ def tokenized_documents(files: Sequence[sources_lib.InputFile], tokenizer, *,
   tok = get_tokenizer(tokenizer)
   pending: list[sources_lib.Document] = []
   pending_bytes = 0
-  reported = [0]     # raw bytes of the current file already reported to `progress`
+  reported = [0]  # raw bytes of the current file already reported to `progress`
 
   def report(pos):
     if progress is not None and pos > reported[0]:
@@ -109,8 +117,9 @@ def tokenized_documents(files: Sequence[sources_lib.InputFile], tokenizer, *,
         continue
       pending.append(doc)
       pending_bytes += len(doc.text)
-      if pending_bytes >= batch_bytes or (max_docs is not None and
-                                          counts.kept + len(pending) >= max_docs):
+      if pending_bytes >= batch_bytes or (
+        max_docs is not None and counts.kept + len(pending) >= max_docs
+      ):
         yield from flush()
         if counts.stopped_at_max_docs:
           return
@@ -132,8 +141,9 @@ class PreparedDataset:
     if not mpath.exists():
       if (self.directory / STATE).exists():
         raise FileNotFoundError(
-            f"{self.directory}: preparation did not finish (no {MANIFEST}); run the same "
-            "`python -m experiments.prepare_data` command again to resume it")
+          f"{self.directory}: preparation did not finish (no {MANIFEST}); run the same "
+          "`python -m experiments.prepare_data` command again to resume it"
+        )
       raise FileNotFoundError(f"{self.directory}: not a prepared data directory (no {MANIFEST})")
     self.manifest = json.loads(mpath.read_text())
     if self.manifest.get("format") != FORMAT:
@@ -144,13 +154,16 @@ class PreparedDataset:
     lengths = []
     for s in shards:
       ln = np.load(self.directory / SHARD_DIR / s["lengths_file"])
-      lengths.append(ln[:s["num_documents"]])
+      lengths.append(ln[: s["num_documents"]])
     self.lengths = (np.concatenate(lengths) if lengths else np.zeros((0,), np.int64)).astype(
-        np.int64)
+      np.int64
+    )
     self._len = int(self.lengths.size)
     if self._len != self.manifest["num_documents"]:
-      raise ValueError(f"{mpath}: {self._len} documents in the shards, manifest says "
-                       f"{self.manifest['num_documents']}")
+      raise ValueError(
+        f"{mpath}: {self._len} documents in the shards, manifest says "
+        f"{self.manifest['num_documents']}"
+      )
     self._source = None
 
   @property
@@ -160,6 +173,7 @@ class PreparedDataset:
   def _src(self):
     if self._source is None:
       import grain  # pylint: disable=g-import-not-at-top
+
       self._source = grain.sources.ArrayRecordDataSource(self.paths)
     return self._source
 
@@ -177,8 +191,10 @@ class PreparedDataset:
     return d
 
   def __repr__(self):
-    return (f"PreparedDataset({str(self.directory)!r}, documents={self._len}, "
-            f"tokens={int(self.lengths.sum())}, tokenizer={self.tokenizer_identity['name']!r})")
+    return (
+      f"PreparedDataset({str(self.directory)!r}, documents={self._len}, "
+      f"tokens={int(self.lengths.sum())}, tokenizer={self.tokenizer_identity['name']!r})"
+    )
 
 
 def is_prepared_dir(path) -> bool:
@@ -186,8 +202,15 @@ def is_prepared_dir(path) -> bool:
   return "://" not in str(path) and p.is_dir() and ((p / MANIFEST).exists() or (p / STATE).exists())
 
 
-def load_documents(dir_or_glob, tokenizer=None, *, min_doc_tokens: int = 0, subset=None,
-                   max_docs: int | None = None, on_error: str = "fail") -> Iterator[np.ndarray]:
+def load_documents(
+  dir_or_glob,
+  tokenizer=None,
+  *,
+  min_doc_tokens: int = 0,
+  subset=None,
+  max_docs: int | None = None,
+  on_error: str = "fail",
+) -> Iterator[np.ndarray]:
   """Yields int32 token arrays, one per document, in order.
 
   `dir_or_glob`: a prepared directory (its tokenizer identity must match `tokenizer` if one is
@@ -198,6 +221,7 @@ def load_documents(dir_or_glob, tokenizer=None, *, min_doc_tokens: int = 0, subs
   unless `on_error="skip"`.
   """
   from mamba2_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
   if synthetic.is_synthetic(dir_or_glob):
     yield from synthetic.load(dir_or_glob, min_doc_tokens)[0][:max_docs]
     return
@@ -206,8 +230,10 @@ def load_documents(dir_or_glob, tokenizer=None, *, min_doc_tokens: int = 0, subs
     if tokenizer is not None:
       get_tokenizer(tokenizer).check_compatible(ds.tokenizer_identity, f"{dir_or_glob}")
     if subset is not None:
-      raise ValueError("subset= applies to raw inputs; prepared data was filtered when prepared"
-                       f" (manifest filters: {ds.manifest.get('filters')})")
+      raise ValueError(
+        "subset= applies to raw inputs; prepared data was filtered when prepared"
+        f" (manifest filters: {ds.manifest.get('filters')})"
+      )
     n = 0
     for i in range(len(ds)):
       if ds.lengths[i] < min_doc_tokens:
@@ -218,11 +244,19 @@ def load_documents(dir_or_glob, tokenizer=None, *, min_doc_tokens: int = 0, subs
       yield ds[i]
     return
   if tokenizer is None:
-    raise ValueError(f"load_documents({dir_or_glob!r}): raw inputs need a tokenizer "
-                     "(e.g. 'byte', 'neox' or a tokenizer.json path)")
+    raise ValueError(
+      f"load_documents({dir_or_glob!r}): raw inputs need a tokenizer "
+      "(e.g. 'byte', 'neox' or a tokenizer.json path)"
+    )
   files = sources_lib.expand_inputs(dir_or_glob)
   bad = sources_lib.BadInput(on_error)
-  for ids, _ in tokenized_documents(files, tokenizer, bad=bad, counts=DocCounts(),
-                                    min_doc_tokens=min_doc_tokens, subsets=parse_subsets(subset),
-                                    max_docs=max_docs):
+  for ids, _ in tokenized_documents(
+    files,
+    tokenizer,
+    bad=bad,
+    counts=DocCounts(),
+    min_doc_tokens=min_doc_tokens,
+    subsets=parse_subsets(subset),
+    max_docs=max_docs,
+  ):
     yield ids

@@ -47,21 +47,22 @@ _MAX_IN_MEMORY_TOKENS = 1 << 30
 @dataclasses.dataclass(frozen=True)
 class StreamConfig:
   """Everything that determines the stream (besides the process index/count)."""
-  source: str = "builtin:shakespeare"   # prepared dir, or raw inputs / builtin:NAME
-  tokenizer: str | None = None   # raw sources: default "byte"; prepared: checked if given
+
+  source: str = "builtin:shakespeare"  # prepared dir, or raw inputs / builtin:NAME
+  tokenizer: str | None = None  # raw sources: default "byte"; prepared: checked if given
   seq_len: int = 1024
-  batch_size: int = 8            # per host (process)
+  batch_size: int = 8  # per host (process)
   seed: int = 0
-  packing: str = "concat"        # "concat" | "segments"
-  num_workers: int = 0           # mp_prefetch processes (0 = in this process)
+  packing: str = "concat"  # "concat" | "segments"
+  num_workers: int = 0  # mp_prefetch processes (0 = in this process)
   num_epochs: int | None = None  # None = repeat forever
   shuffle: bool = True
-  min_doc_tokens: int = 0        # drop shorter documents (the paper: 4096)
+  min_doc_tokens: int = 0  # drop shorter documents (the paper: 4096)
   add_bos: bool = False
   add_eos: bool = True
   read_threads: int = 2
-  read_buffer: int = 8           # documents read ahead per process (documents can be MBs)
-  worker_buffer: int = 2         # batches buffered per worker
+  read_buffer: int = 8  # documents read ahead per process (documents can be MBs)
+  worker_buffer: int = 2  # batches buffered per worker
 
   def __post_init__(self):
     if self.packing not in PACKING_MODES:
@@ -81,8 +82,11 @@ class StreamConfig:
     vals = {}
     names = [f.name for f in dataclasses.fields(cls)]
     if cfg is not None:
-      get = cfg.get if isinstance(cfg, Mapping) or hasattr(cfg, "to_dict") else (
-          lambda k, d: getattr(cfg, k, d))
+      get = (
+        cfg.get
+        if isinstance(cfg, Mapping) or hasattr(cfg, "to_dict")
+        else (lambda k, d: getattr(cfg, k, d))
+      )
       for n in names:
         v = get(n, dataclasses.MISSING)
         if v is not dataclasses.MISSING:
@@ -104,7 +108,7 @@ class InMemoryDocuments:
     return int(self.lengths.size)
 
   def __getitem__(self, i):
-    return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+    return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
 class _Subset:
@@ -133,8 +137,14 @@ def open_documents(source, tokenizer=None, min_doc_tokens: int = 0):
     keep = np.nonzero(ds.lengths >= min_doc_tokens)[0]
     docs = ds if keep.size == len(ds) else _Subset(ds, keep)
     if keep.size < len(ds):
-      logging.info("%s: streaming %d of %d documents (%d have fewer than %d tokens)", source,
-                   keep.size, len(ds), len(ds) - keep.size, min_doc_tokens)
+      logging.info(
+        "%s: streaming %d of %d documents (%d have fewer than %d tokens)",
+        source,
+        keep.size,
+        len(ds),
+        len(ds) - keep.size,
+        min_doc_tokens,
+      )
     return docs, ds.tokenizer_identity
   tok = get_tokenizer(tokenizer or "byte")
   arrays, total, short = [], 0, 0
@@ -145,11 +155,18 @@ def open_documents(source, tokenizer=None, min_doc_tokens: int = 0):
     arrays.append(ids)
     total += ids.size
     if total > _MAX_IN_MEMORY_TOKENS:
-      raise ValueError(f"{source}: more than {_MAX_IN_MEMORY_TOKENS:,} tokens; prepare it first "
-                       "(python -m experiments.prepare_data) and stream the prepared directory")
+      raise ValueError(
+        f"{source}: more than {_MAX_IN_MEMORY_TOKENS:,} tokens; prepare it first "
+        "(python -m experiments.prepare_data) and stream the prepared directory"
+      )
   if short:
-    logging.info("%s: streaming %d documents (%d have fewer than %d tokens)", source,
-                 len(arrays), short, min_doc_tokens)
+    logging.info(
+      "%s: streaming %d documents (%d have fewer than %d tokens)",
+      source,
+      len(arrays),
+      short,
+      min_doc_tokens,
+    )
   return InMemoryDocuments(arrays), tok.identity()
 
 
@@ -165,16 +182,19 @@ def _make_pack_classes():
       super().__init__(parent)
       self._L, self._bos, self._eos, self._pad = seq_len, bos_id, eos_id, pad_id
       self._segments = segments
-      self._doc = None             # current document with BOS/EOS
-      self._pos = 0                # next unread position in it
-      self._doc_state = None       # parent state from just before the current doc was read
+      self._doc = None  # current document with BOS/EOS
+      self._pos = 0  # next unread position in it
+      self._doc_state = None  # parent state from just before the current doc was read
       self._exhausted = False
 
     def _fetch(self):
       self._doc_state = self._parent.get_state()
       doc = np.asarray(next(self._parent), np.int32)
-      parts = ([np.asarray([self._bos], np.int32)] if self._bos is not None else []) + [doc] + (
-          [np.asarray([self._eos], np.int32)] if self._eos is not None else [])
+      parts = (
+        ([np.asarray([self._bos], np.int32)] if self._bos is not None else [])
+        + [doc]
+        + ([np.asarray([self._eos], np.int32)] if self._eos is not None else [])
+      )
       self._doc = np.concatenate(parts) if len(parts) > 1 else doc
       self._pos = 0
 
@@ -197,10 +217,10 @@ def _make_pack_classes():
           if self._doc.size == 0:
             continue
         take = min(L - filled, self._doc.size - self._pos)
-        tokens[filled:filled + take] = self._doc[self._pos:self._pos + take]
+        tokens[filled : filled + take] = self._doc[self._pos : self._pos + take]
         if segs is not None:
           seg += 1
-          segs[filled:filled + take] = seg
+          segs[filled : filled + take] = seg
         filled += take
         self._pos += take
       out = {"tokens": tokens}
@@ -221,7 +241,6 @@ def _make_pack_classes():
         self._pos = int(state["pos"])
 
   class PackIterDataset(grain.IterDataset):
-
     def __init__(self, parent, *, seq_len, bos_id, eos_id, pad_id, segments):
       super().__init__(parent)
       self._args = (seq_len, bos_id, eos_id, pad_id, segments)
@@ -243,8 +262,9 @@ def pack_documents(ds, *, seq_len, bos_id=None, eos_id=None, pad_id=0, segments=
   global _PACK_CLS
   if _PACK_CLS is None:
     _PACK_CLS = _make_pack_classes()
-  return _PACK_CLS(ds, seq_len=seq_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id,
-                   segments=segments)
+  return _PACK_CLS(
+    ds, seq_len=seq_len, bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, segments=segments
+  )
 
 
 class _StackPad:
@@ -259,8 +279,9 @@ class _StackPad:
       x = np.stack([r[k] for r in rows])
       if x.shape[0] < self.batch_size:
         fill = self.pad_id if k == "tokens" else 0
-        x = np.concatenate([x, np.full((self.batch_size - x.shape[0],) + x.shape[1:], fill,
-                                       x.dtype)])
+        x = np.concatenate(
+          [x, np.full((self.batch_size - x.shape[0],) + x.shape[1:], fill, x.dtype)]
+        )
       out[k] = x
     return out
 
@@ -269,6 +290,7 @@ class _StackPad:
 def _process(process_index, process_count):
   if process_index is None or process_count is None:
     import jax  # pylint: disable=g-import-not-at-top
+
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -276,8 +298,9 @@ def _process(process_index, process_count):
   return int(process_index), int(process_count)
 
 
-def make_train_dataset(config=None, *, process_index=None, process_count=None, documents=None,
-                       **overrides):
+def make_train_dataset(
+  config=None, *, process_index=None, process_count=None, documents=None, **overrides
+):
   """The grain IterDataset of per-host batches (see make_train_iterator)."""
   import grain  # pylint: disable=g-import-not-at-top
 
@@ -292,8 +315,10 @@ def make_train_dataset(config=None, *, process_index=None, process_count=None, d
   eos = ident.get("eos_id") if cfg.add_eos else None
   bos = ident.get("bos_id") if cfg.add_bos else None
   if cfg.add_eos and eos is None and cfg.packing == "concat":
-    raise ValueError(f"tokenizer {ident.get('name')!r} has no EOS id: concat packing needs one "
-                     "(use packing='segments' or add_eos=False)")
+    raise ValueError(
+      f"tokenizer {ident.get('name')!r} has no EOS id: concat packing needs one "
+      "(use packing='segments' or add_eos=False)"
+    )
   if cfg.add_bos and bos is None:
     raise ValueError(f"tokenizer {ident.get('name')!r} has no BOS id (set add_bos=False)")
   pad = ident.get("pad_id")
@@ -303,19 +328,25 @@ def make_train_dataset(config=None, *, process_index=None, process_count=None, d
     ds = ds.shuffle(seed=cfg.seed)
   ds = ds.repeat(cfg.num_epochs)
   ds = ds[pi::pc]
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                            prefetch_buffer_size=cfg.read_buffer))
-  ds = pack_documents(ds, seq_len=cfg.seq_len, bos_id=bos, eos_id=eos, pad_id=pad,
-                      segments=cfg.packing == "segments")
+  ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer)
+  )
+  ds = pack_documents(
+    ds, seq_len=cfg.seq_len, bos_id=bos, eos_id=eos, pad_id=pad, segments=cfg.packing == "segments"
+  )
   ds = ds.batch(cfg.batch_size, drop_remainder=False, batch_fn=_StackPad(cfg.batch_size, pad))
   if cfg.num_workers > 0:
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
-                                                     per_worker_buffer_size=cfg.worker_buffer))
+    ds = ds.mp_prefetch(
+      grain.MultiprocessingOptions(
+        num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer
+      )
+    )
   return ds
 
 
-def make_train_iterator(config=None, *, process_index=None, process_count=None, documents=None,
-                        **overrides):
+def make_train_iterator(
+  config=None, *, process_index=None, process_count=None, documents=None, **overrides
+):
   """A grain DatasetIterator of this process's batches {"tokens": (b, L) int32,
   "segment_ids": (b, L) int32 (packing="segments")}.
 
@@ -325,8 +356,15 @@ def make_train_iterator(config=None, *, process_index=None, process_count=None, 
   `documents=(docs, tokenizer_identity)` reuses sources already opened with `open_documents`.
   Close it (`it.close()`) when using worker processes.
   """
-  return iter(make_train_dataset(config, process_index=process_index,
-                                 process_count=process_count, documents=documents, **overrides))
+  return iter(
+    make_train_dataset(
+      config,
+      process_index=process_index,
+      process_count=process_count,
+      documents=documents,
+      **overrides,
+    )
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,6 +372,7 @@ def make_train_iterator(config=None, *, process_index=None, process_count=None, 
 def iterator_save_args(it):
   """The orbax Composite item that saves `it`: Composite(..., data_iter=iterator_save_args(it))."""
   import grain  # pylint: disable=g-import-not-at-top
+
   return grain.checkpoint.CheckpointSave(it)
 
 
@@ -341,6 +380,7 @@ def iterator_restore_args(it):
   """Restores a freshly built iterator in place:
   Composite(..., data_iter=iterator_restore_args(it))."""
   import grain  # pylint: disable=g-import-not-at-top
+
   return grain.checkpoint.CheckpointRestore(it)
 
 
@@ -350,15 +390,18 @@ def stream_fingerprint(config=None, *, process_count=None, documents=None, **ove
   pc = _process(0 if process_count is not None else None, process_count)[1]
   if documents is None and docs_lib.is_prepared_dir(cfg.source):
     m = docs_lib.PreparedDataset(cfg.source).manifest
-    data = {"num_documents": m["num_documents"], "num_tokens": m["num_tokens"],
-            "tokenizer_sha256": m["tokenizer"].get("sha256")}
+    data = {
+      "num_documents": m["num_documents"],
+      "num_tokens": m["num_tokens"],
+      "tokenizer_sha256": m["tokenizer"].get("sha256"),
+    }
   elif documents is not None:
     docs, ident = documents
     data = {"num_documents": len(docs), "tokenizer_sha256": ident.get("sha256")}
   else:
     data = {}
   fields = dataclasses.asdict(cfg)
-  for k in ("read_threads", "read_buffer", "worker_buffer"):   # do not change the order
+  for k in ("read_threads", "read_buffer", "worker_buffer"):  # do not change the order
     fields.pop(k)
   fp = {"config": fields, "process_count": pc, "data": data}
   fp["hash"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
@@ -372,23 +415,31 @@ def check_stream_fingerprint(saved: dict, current: dict) -> None:
   diffs = []
   for sec in ("config", "data"):
     a, b = saved.get(sec, {}), current.get(sec, {})
-    diffs += [f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-              if a.get(k) != b.get(k)]
+    diffs += [
+      f"{sec}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
+      for k in sorted(set(a) | set(b))
+      if a.get(k) != b.get(k)
+    ]
   if saved.get("process_count") != current.get("process_count"):
     diffs.append(f"process_count: {saved.get('process_count')} -> {current.get('process_count')}")
-  raise ValueError("the saved data-iterator state belongs to a different stream ("
-                   + "; ".join(diffs or ["fingerprint differs"]) + "); resuming it would not "
-                   "replay the same batches")
+  raise ValueError(
+    "the saved data-iterator state belongs to a different stream ("
+    + "; ".join(diffs or ["fingerprint differs"])
+    + "); resuming it would not "
+    "replay the same batches"
+  )
 
 
 def batch_sharding(mesh, data_axes=("data", "fsdp")):
   """NamedSharding that splits the batch dimension over the mesh's data axes."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
   axes = tuple(a for a in data_axes if a in mesh.axis_names)
   if not axes:
     axes = (mesh.axis_names[0],)
-    logging.warning("batch_sharding: mesh has none of %s; splitting the batch over %r",
-                    data_axes, axes[0])
+    logging.warning(
+      "batch_sharding: mesh has none of %s; splitting the batch over %r", data_axes, axes[0]
+    )
   return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0], None))
 
 
@@ -396,5 +447,7 @@ def make_global_batch(batch: dict[str, Any], sharding) -> dict[str, Any]:
   """Per-host numpy batch -> global jax.Arrays (global batch = per-host batch x process count),
   via jax.make_array_from_process_local_data."""
   import jax  # pylint: disable=g-import-not-at-top
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }

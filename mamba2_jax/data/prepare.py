@@ -74,8 +74,14 @@ def length_histogram(lengths: np.ndarray) -> list[dict]:
   for b in range(len(edges) - 1):
     sel = idx == b
     if sel.any():
-      out.append({"min": edges[b], "max_exclusive": edges[b + 1], "documents": int(sel.sum()),
-                  "tokens": int(lengths[sel].sum())})
+      out.append(
+        {
+          "min": edges[b],
+          "max_exclusive": edges[b + 1],
+          "documents": int(sel.sum()),
+          "tokens": int(lengths[sel].sum()),
+        }
+      )
   return out
 
 
@@ -87,7 +93,7 @@ _PROGRESS_QUEUE = None
 def _init_worker(q, threads) -> None:
   global _PROGRESS_QUEUE
   _PROGRESS_QUEUE = q
-  signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: the parent stops the pool
+  signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool
   # HF tokenizers encode batches on a rayon pool: share the cores among the workers.
   os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
 
@@ -118,9 +124,15 @@ def run_unit(task: dict, progress=None) -> dict:
 
   try:
     for ids, _ in docs_lib.tokenized_documents(
-        files, tok, bad=bad, counts=counts, min_doc_tokens=task["min_doc_tokens"],
-        subsets=docs_lib.parse_subsets(task["subset"]), max_docs=task["max_docs"],
-        progress=on_bytes):
+      files,
+      tok,
+      bad=bad,
+      counts=counts,
+      min_doc_tokens=task["min_doc_tokens"],
+      subsets=docs_lib.parse_subsets(task["subset"]),
+      max_docs=task["max_docs"],
+      progress=on_bytes,
+    ):
       if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
         raise ValueError(f"token ids out of range for {dtype}")
       writer.write(ids.astype(dtype).tobytes())
@@ -130,21 +142,33 @@ def run_unit(task: dict, progress=None) -> dict:
   os.replace(tmp, shard_dir / f"{name}.array_record")
   lengths_arr = np.asarray(lengths, np.int64)
   np.save(shard_dir / f"{name}.lengths.npy", lengths_arr)
-  stats = {"unit": task["unit"], "file": f"{name}.array_record",
-           "lengths_file": f"{name}.lengths.npy", "num_documents": int(lengths_arr.size),
-           "num_tokens": int(lengths_arr.sum()), "counts": counts.to_dict(),
-           "bad_input": bad.to_dict(), "sources": [f.path for f in files]}
+  stats = {
+    "unit": task["unit"],
+    "file": f"{name}.array_record",
+    "lengths_file": f"{name}.lengths.npy",
+    "num_documents": int(lengths_arr.size),
+    "num_tokens": int(lengths_arr.sum()),
+    "counts": counts.to_dict(),
+    "bad_input": bad.to_dict(),
+    "sources": [f.path for f in files],
+  }
   _write_json_atomic(shard_dir / f"{name}.json", stats)
   return stats
 
 
 # ------------------------------------------------------------------------------------------------
 def _settings(files, tok, min_doc_tokens, subset, max_docs, on_error, shard_bytes, ignored):
-  return {"inputs": [f.to_dict() for f in files], "ignored_files": ignored,
-          "tokenizer": tok.identity(), "min_doc_tokens": int(min_doc_tokens),
-          "subset": sorted(docs_lib.parse_subsets(subset) or []) or None,
-          "max_docs": max_docs, "on_error": on_error, "shard_bytes": int(shard_bytes),
-          "dtype": docs_lib.token_dtype(tok.vocab_size).str}
+  return {
+    "inputs": [f.to_dict() for f in files],
+    "ignored_files": ignored,
+    "tokenizer": tok.identity(),
+    "min_doc_tokens": int(min_doc_tokens),
+    "subset": sorted(docs_lib.parse_subsets(subset) or []) or None,
+    "max_docs": max_docs,
+    "on_error": on_error,
+    "shard_bytes": int(shard_bytes),
+    "dtype": docs_lib.token_dtype(tok.vocab_size).str,
+  }
 
 
 def _diff(a: dict, b: dict) -> list[str]:
@@ -162,17 +186,27 @@ def _shard_done(shard_dir: Path, unit: int) -> dict | None:
     return None
 
 
-def prepare(inputs, tokenizer, out, *, min_doc_tokens: int = 0, subset=None,
-            max_docs: int | None = None, workers: int = 1, on_error: str = "fail",
-            shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-            show_progress: bool = True, log=print) -> dict:
+def prepare(
+  inputs,
+  tokenizer,
+  out,
+  *,
+  min_doc_tokens: int = 0,
+  subset=None,
+  max_docs: int | None = None,
+  workers: int = 1,
+  on_error: str = "fail",
+  shard_bytes: int = DEFAULT_SHARD_BYTES,
+  overwrite: bool = False,
+  show_progress: bool = True,
+  log=print,
+) -> dict:
   """Prepares `inputs` into `out`; returns the manifest. Resumes an interrupted run."""
   out = Path(os.path.expanduser(str(out)))
   tok = get_tokenizer(tokenizer)
   ignored: list[str] = []
   files = sources_lib.expand_inputs(inputs, ignored)
-  settings = _settings(files, tok, min_doc_tokens, subset, max_docs, on_error, shard_bytes,
-                       ignored)
+  settings = _settings(files, tok, min_doc_tokens, subset, max_docs, on_error, shard_bytes, ignored)
   units = plan_units(files, shard_bytes)
   state_path, manifest_path = out / docs_lib.STATE, out / docs_lib.MANIFEST
   if overwrite and out.exists():
@@ -183,23 +217,41 @@ def prepare(inputs, tokenizer, out, *, min_doc_tokens: int = 0, subset=None,
     old = json.loads(state_path.read_text())["settings"]
     if old != settings:
       raise ValueError(
-          f"{out} was prepared with other settings (differ: {', '.join(_diff(old, settings))});"
-          " use another --out, or --overwrite to start again")
+        f"{out} was prepared with other settings (differ: {', '.join(_diff(old, settings))});"
+        " use another --out, or --overwrite to start again"
+      )
     if manifest_path.exists():
       log(f"{out}: already prepared ({manifest_path})")
       return json.loads(manifest_path.read_text())
   elif out.exists() and any(out.iterdir()):
     raise ValueError(f"{out} exists and is not a prepare_data directory; choose an empty --out")
   (out / docs_lib.SHARD_DIR).mkdir(parents=True, exist_ok=True)
-  _write_json_atomic(state_path, {"format": docs_lib.FORMAT, "settings": settings,
-                                  "tokenizer_spec": getattr(tok, "spec", str(tokenizer)),
-                                  "units": units})
+  _write_json_atomic(
+    state_path,
+    {
+      "format": docs_lib.FORMAT,
+      "settings": settings,
+      "tokenizer_spec": getattr(tok, "spec", str(tokenizer)),
+      "units": units,
+    },
+  )
   shard_dir = out / docs_lib.SHARD_DIR
   done = {u: s for u in range(len(units)) if (s := _shard_done(shard_dir, u)) is not None}
-  tasks = [{"out": str(out), "unit": u, "files": [dataclasses.asdict(files[i]) for i in units[u]],
-            "tokenizer": getattr(tok, "spec", tok), "dtype": settings["dtype"],
-            "min_doc_tokens": min_doc_tokens, "subset": subset, "max_docs": max_docs,
-            "on_error": on_error} for u in range(len(units)) if u not in done]
+  tasks = [
+    {
+      "out": str(out),
+      "unit": u,
+      "files": [dataclasses.asdict(files[i]) for i in units[u]],
+      "tokenizer": getattr(tok, "spec", tok),
+      "dtype": settings["dtype"],
+      "min_doc_tokens": min_doc_tokens,
+      "subset": subset,
+      "max_docs": max_docs,
+      "on_error": on_error,
+    }
+    for u in range(len(units))
+    if u not in done
+  ]
   total_bytes = sum(f.size for f in files)
   done_bytes = sum(files[i].size for u in done for i in units[u])
   if done:
@@ -243,6 +295,7 @@ def prepare(inputs, tokenizer, out, *, min_doc_tokens: int = 0, subset=None,
             on_progress(q.get(timeout=0.2))
           except queue_lib.Empty:
             pass
+
       th = threading.Thread(target=drain, daemon=True)
       th.start()
       n = min(workers, len(tasks))
@@ -257,21 +310,31 @@ def prepare(inputs, tokenizer, out, *, min_doc_tokens: int = 0, subset=None,
       th.join()
   except KeyboardInterrupt:
     pbar.close()
-    log(f"\n{out}: interrupted with {sum(1 for u in stats if u < len(units))} of {len(units)} "
-        "shards done; run the same command again to resume")
+    log(
+      f"\n{out}: interrupted with {sum(1 for u in stats if u < len(units))} of {len(units)} "
+      "shards done; run the same command again to resume"
+    )
     raise
   finally:
     pbar.close()
-  manifest = _manifest(out, settings, tok, files, units, stats, max_docs,
-                       time.perf_counter() - t0)
+  manifest = _manifest(out, settings, tok, files, units, stats, max_docs, time.perf_counter() - t0)
   _write_json_atomic(manifest_path, manifest)
   return manifest
 
 
 def _progress_bar(total, initial, enabled):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-             desc="prepare", disable=not enabled, dynamic_ncols=True)
+
+  bar = tqdm(
+    total=total,
+    initial=initial,
+    unit="B",
+    unit_scale=True,
+    unit_divisor=1024,
+    desc="prepare",
+    disable=not enabled,
+    dynamic_ncols=True,
+  )
   bar.docs = bar.tokens = 0
   return bar
 
@@ -282,43 +345,54 @@ def _manifest(out, settings, tok, files, units, stats, max_docs, seconds) -> dic
   bad = sources_lib.BadInput(settings["on_error"])
   kept = 0
   for u in range(len(units)):
-    if u not in stats:      # only after max_docs was reached
+    if u not in stats:  # only after max_docs was reached
       break
     s = dict(stats[u])
     ln = np.load(Path(out) / docs_lib.SHARD_DIR / s["lengths_file"])
     if max_docs is not None and kept + s["num_documents"] > max_docs:
       s["num_documents"] = max_docs - kept
-      ln = ln[:s["num_documents"]]
+      ln = ln[: s["num_documents"]]
       s["num_tokens"] = int(ln.sum())
     kept += s["num_documents"]
     lengths.append(ln)
     counts.add(s["counts"])
     bad.merge(s["bad_input"])
-    shards.append({k: s[k] for k in ("file", "lengths_file", "num_documents", "num_tokens",
-                                     "sources")})
+    shards.append(
+      {k: s[k] for k in ("file", "lengths_file", "num_documents", "num_tokens", "sources")}
+    )
     if max_docs is not None and kept >= max_docs:
       counts.stopped_at_max_docs = counts.stopped_at_max_docs or u + 1 < len(units)
       break
   lengths = np.concatenate(lengths) if lengths else np.zeros((0,), np.int64)
   used = {p for s in shards for p in s["sources"]}
   return {
-      "format": docs_lib.FORMAT,
-      "tokenizer": tok.identity(),
-      "tokenizer_spec": getattr(tok, "spec", None),
-      "dtype": settings["dtype"],
-      "num_documents": int(lengths.size),
-      "num_tokens": int(lengths.sum()),
-      "length_stats": ({"min": int(lengths.min()), "max": int(lengths.max()),
-                        "mean": float(lengths.mean()), "median": float(np.median(lengths))}
-                       if lengths.size else {}),
-      "length_histogram": length_histogram(lengths),
-      "filters": {"min_doc_tokens": settings["min_doc_tokens"], "subset": settings["subset"],
-                  "max_docs": settings["max_docs"]},
-      "counts": counts.to_dict(),
-      "bad_input": bad.to_dict(),
-      "sources": [f.to_dict() | {"used": f.path in used} for f in files],
-      "source_bytes": int(sum(f.size for f in files)),
-      "ignored_files": settings["ignored_files"],
-      "shards": shards,
-      "prepare_seconds_last_run": round(seconds, 3),
+    "format": docs_lib.FORMAT,
+    "tokenizer": tok.identity(),
+    "tokenizer_spec": getattr(tok, "spec", None),
+    "dtype": settings["dtype"],
+    "num_documents": int(lengths.size),
+    "num_tokens": int(lengths.sum()),
+    "length_stats": (
+      {
+        "min": int(lengths.min()),
+        "max": int(lengths.max()),
+        "mean": float(lengths.mean()),
+        "median": float(np.median(lengths)),
+      }
+      if lengths.size
+      else {}
+    ),
+    "length_histogram": length_histogram(lengths),
+    "filters": {
+      "min_doc_tokens": settings["min_doc_tokens"],
+      "subset": settings["subset"],
+      "max_docs": settings["max_docs"],
+    },
+    "counts": counts.to_dict(),
+    "bad_input": bad.to_dict(),
+    "sources": [f.to_dict() | {"used": f.path in used} for f in files],
+    "source_bytes": int(sum(f.size for f in files)),
+    "ignored_files": settings["ignored_files"],
+    "shards": shards,
+    "prepare_seconds_last_run": round(seconds, 3),
   }

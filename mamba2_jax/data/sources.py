@@ -35,8 +35,15 @@ from typing import Iterator, Sequence
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz")
 SUPPORTED_SUFFIXES = JSONL_SUFFIXES + (".parquet", ".txt")
-BAD_KINDS = ("empty_file", "unreadable_file", "blank_line", "invalid_utf8", "malformed_json",
-             "missing_text", "invalid_unicode")
+BAD_KINDS = (
+  "empty_file",
+  "unreadable_file",
+  "blank_line",
+  "invalid_utf8",
+  "malformed_json",
+  "missing_text",
+  "invalid_unicode",
+)
 MAX_EXAMPLES = 20
 
 
@@ -72,26 +79,34 @@ class BadInput:
     return sum(self.counts.values())
 
   def to_dict(self) -> dict:
-    return {"on_error": self.on_error, "counts": dict(sorted(self.counts.items())),
-            "total": self.total, "examples": list(self.examples)}
+    return {
+      "on_error": self.on_error,
+      "counts": dict(sorted(self.counts.items())),
+      "total": self.total,
+      "examples": list(self.examples),
+    }
 
   def merge(self, d: dict) -> None:
     for k, v in d.get("counts", {}).items():
       self.counts[k] = self.counts.get(k, 0) + v
-    self.examples.extend(d.get("examples", [])[:max(0, MAX_EXAMPLES - len(self.examples))])
+    self.examples.extend(d.get("examples", [])[: max(0, MAX_EXAMPLES - len(self.examples))])
 
 
 @dataclasses.dataclass(frozen=True)
 class InputFile:
-  path: str                 # local path or fsspec URL
-  size: int                 # bytes on disk
-  fmt: str                  # "jsonl" | "parquet" | "txt"
-  origin: str = ""          # "builtin:shakespeare" for built-in corpora
-  set_name: str | None = None   # forced set name (built-in corpora)
+  path: str  # local path or fsspec URL
+  size: int  # bytes on disk
+  fmt: str  # "jsonl" | "parquet" | "txt"
+  origin: str = ""  # "builtin:shakespeare" for built-in corpora
+  set_name: str | None = None  # forced set name (built-in corpora)
 
   def to_dict(self) -> dict:
-    return {"path": self.path, "size": self.size, "format": self.fmt,
-            **({"origin": self.origin} if self.origin else {})}
+    return {
+      "path": self.path,
+      "size": self.size,
+      "format": self.fmt,
+      **({"origin": self.origin} if self.origin else {}),
+    }
 
 
 @dataclasses.dataclass
@@ -100,17 +115,23 @@ class Document:
   meta: dict
   set_name: str | None
   path: str
-  where: str     # "line 12", "row 3", "" (whole file)
-  raw_pos: int = 0   # bytes of the file (compressed) consumed so far, for progress bars
+  where: str  # "line 12", "row 3", "" (whole file)
+  raw_pos: int = 0  # bytes of the file (compressed) consumed so far, for progress bars
 
 
 # ------------------------------------------------------------------------------------------------
 # Set names
 _SET_ALIASES = {
-    "redpajamacommoncrawl": "common_crawl", "cc": "common_crawl", "commoncrawl": "common_crawl",
-    "redpajamac4": "c4", "redpajamagithub": "github", "redpajamabook": "book",
-    "redpajamaarxiv": "arxiv", "redpajamawikipedia": "wikipedia", "wiki": "wikipedia",
-    "redpajamastackexchange": "stackexchange",
+  "redpajamacommoncrawl": "common_crawl",
+  "cc": "common_crawl",
+  "commoncrawl": "common_crawl",
+  "redpajamac4": "c4",
+  "redpajamagithub": "github",
+  "redpajamabook": "book",
+  "redpajamaarxiv": "arxiv",
+  "redpajamawikipedia": "wikipedia",
+  "wiki": "wikipedia",
+  "redpajamastackexchange": "stackexchange",
 }
 _KNOWN_SETS = ("common_crawl", "c4", "github", "book", "arxiv", "wikipedia", "stackexchange")
 
@@ -155,7 +176,7 @@ def _parse_meta(obj: dict) -> dict:
       return parsed if isinstance(parsed, dict) else {"meta": parsed}
     except json.JSONDecodeError:
       return {"meta_raw": meta}
-  if meta is None and "meta" not in obj:   # RedPajama CC: flat fields are the metadata
+  if meta is None and "meta" not in obj:  # RedPajama CC: flat fields are the metadata
     return {k: v for k, v in obj.items() if k not in ("text", "red_pajama_subset")}
   return {}
 
@@ -169,6 +190,7 @@ def _is_url(path: str) -> bool:
 def open_binary(path: str):
   if _is_url(path):
     import fsspec  # pylint: disable=g-import-not-at-top
+
     return fsspec.open(path, "rb").open()
   return open(path, "rb")
 
@@ -188,24 +210,27 @@ def _has_magic(p: str) -> bool:
   return any(c in p for c in "*?[")
 
 
-def expand_inputs(patterns: str | Sequence[str],
-                  ignored: list[str] | None = None) -> list[InputFile]:
+def expand_inputs(
+  patterns: str | Sequence[str], ignored: list[str] | None = None
+) -> list[InputFile]:
   """Ordered, de-duplicated input files. Directories and globs are expanded recursively in sorted
   order; files there with unsupported names are appended to `ignored` (reported in the manifest).
   A pattern that matches no supported file is an error."""
   if isinstance(patterns, (str, os.PathLike)):
     patterns = [patterns]
   from mamba2_jax.data import builtin  # pylint: disable=g-import-not-at-top
+
   out: list[InputFile] = []
   seen = set()
   for pat in map(str, patterns):
     found: list[InputFile] = []
     if pat.startswith(builtin.PREFIX):
-      name = pat[len(builtin.PREFIX):]
+      name = pat[len(builtin.PREFIX) :]
       for f in builtin.builtin_files(name):
         found.append(InputFile(str(f), f.stat().st_size, "txt", origin=pat, set_name=name))
     elif _is_url(pat):
       import fsspec  # pylint: disable=g-import-not-at-top
+
       fs, root = fsspec.core.url_to_fs(pat)
       if _has_magic(root):
         cands, explicit = sorted(fs.glob(root)), False
@@ -245,8 +270,9 @@ def _classify(path, size_fn, explicit, ignored):
   fmt = _fmt_of(path)
   if fmt is None:
     if explicit:
-      raise ValueError(f"input {path}: unsupported file type (supported: "
-                       f"{', '.join(SUPPORTED_SUFFIXES)})")
+      raise ValueError(
+        f"input {path}: unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+      )
     if ignored is not None and not os.path.basename(path).startswith("."):
       ignored.append(path)
     return []
@@ -276,8 +302,13 @@ def _text_ok(text: str, bad: BadInput, path: str, where: str) -> bool:
     text.encode("utf-8")
     return True
   except UnicodeEncodeError as e:
-    bad("invalid_unicode", path, where, f"text is not valid Unicode ({e.reason} at character "
-        f"{e.start}: an escaped lone surrogate such as \\ud800)")
+    bad(
+      "invalid_unicode",
+      path,
+      where,
+      f"text is not valid Unicode ({e.reason} at character "
+      f"{e.start}: an escaped lone surrogate such as \\ud800)",
+    )
     return False
 
 
@@ -288,6 +319,7 @@ def _zstd_chunks(raw) -> Iterator[bytes]:
   """Decompressed chunks of a (multi-frame) zstd stream; a truncated last frame raises EOFError
   (zstandard's stream_reader ends quietly there, which would drop documents silently)."""
   import zstandard  # pylint: disable=g-import-not-at-top
+
   pending = b""
   while True:
     if not pending:
@@ -325,7 +357,7 @@ def _iter_lines(chunks: Iterator[bytes]) -> Iterator[bytes]:
         if start < len(ch):
           parts.append(ch[start:])
         break
-      parts.append(ch[start:i + 1])
+      parts.append(ch[start : i + 1])
       yield b"".join(parts)
       parts = []
       start = i + 1
@@ -346,8 +378,13 @@ def _read_jsonl(f: InputFile, bad: BadInput) -> Iterator[Document]:
         try:
           s = line.decode("utf-8")
         except UnicodeDecodeError as e:
-          bad("invalid_utf8", f.path, where, f"invalid UTF-8 at byte {e.start} of the line "
-              f"(near {line[max(0, e.start - 12):e.start + 12]!r})")
+          bad(
+            "invalid_utf8",
+            f.path,
+            where,
+            f"invalid UTF-8 at byte {e.start} of the line "
+            f"(near {line[max(0, e.start - 12) : e.start + 12]!r})",
+          )
           continue
         try:
           obj = json.loads(s)
@@ -359,20 +396,26 @@ def _read_jsonl(f: InputFile, bad: BadInput) -> Iterator[Document]:
           continue
         text = obj.get("text")
         if not isinstance(text, str):
-          what = ("no 'text' field (fields: " + ", ".join(sorted(obj)[:8]) + ")"
-                  if "text" not in obj else f"'text' is {type(text).__name__}, not a string")
+          what = (
+            "no 'text' field (fields: " + ", ".join(sorted(obj)[:8]) + ")"
+            if "text" not in obj
+            else f"'text' is {type(text).__name__}, not a string"
+          )
           bad("missing_text", f.path, where, what)
           continue
         if not _text_ok(text, bad, f.path, where):
           continue
         meta = _parse_meta(obj)
-        yield Document(text, meta, _doc_set_name(obj, meta, path_set), f.path, where,
-                       _tell(raw))
+        yield Document(text, meta, _doc_set_name(obj, meta, path_set), f.path, where, _tell(raw))
   except BadInputError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (zstd/gzip corruption, I/O errors)
-    bad("unreadable_file", f.path, f"after line {lineno}",
-        f"cannot read the rest of the file ({type(e).__name__}: {e})")
+    bad(
+      "unreadable_file",
+      f.path,
+      f"after line {lineno}",
+      f"cannot read the rest of the file ({type(e).__name__}: {e})",
+    )
     return
   if lineno == 0:
     bad("empty_file", f.path, "", "empty file (no lines after decompression)")
@@ -381,6 +424,7 @@ def _read_jsonl(f: InputFile, bad: BadInput) -> Iterator[Document]:
 def _read_parquet(f: InputFile, bad: BadInput) -> Iterator[Document]:
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
   path_set = f.set_name or _set_name_from_path(f.path)
   row = 0
   try:
@@ -404,14 +448,21 @@ def _read_parquet(f: InputFile, bad: BadInput) -> Iterator[Document]:
           texts = texts.cast(pa.large_binary())
         texts = texts.to_pylist()
         metas = batch.column("meta").to_pylist() if "meta" in cols else [None] * len(texts)
-        subsets = (batch.column("red_pajama_subset").to_pylist() if "red_pajama_subset" in cols
-                   else [None] * len(texts))
+        subsets = (
+          batch.column("red_pajama_subset").to_pylist()
+          if "red_pajama_subset" in cols
+          else [None] * len(texts)
+        )
         for t, m, sub in zip(texts, metas, subsets):
           where = f"row {row}"
           row += 1
           if not isinstance(t, bytes):
-            bad("missing_text", f.path, where,
-                "text is null" if t is None else f"text is {type(t).__name__}")
+            bad(
+              "missing_text",
+              f.path,
+              where,
+              "text is null" if t is None else f"text is {type(t).__name__}",
+            )
             continue
           try:
             text = t.decode("utf-8")
@@ -420,13 +471,16 @@ def _read_parquet(f: InputFile, bad: BadInput) -> Iterator[Document]:
             continue
           obj = {"meta": m, "red_pajama_subset": sub}
           meta = _parse_meta(obj) if m is not None else {}
-          yield Document(text, meta, _doc_set_name(obj, meta, path_set), f.path, where,
-                         _tell(raw))
+          yield Document(text, meta, _doc_set_name(obj, meta, path_set), f.path, where, _tell(raw))
   except BadInputError:
     raise
   except Exception as e:  # pylint: disable=broad-except  (arrow/IO errors mid-file)
-    bad("unreadable_file", f.path, f"row {row}",
-        f"cannot read the rest of the parquet file ({type(e).__name__}: {e})")
+    bad(
+      "unreadable_file",
+      f.path,
+      f"row {row}",
+      f"cannot read the rest of the parquet file ({type(e).__name__}: {e})",
+    )
 
 
 def _read_txt(f: InputFile, bad: BadInput) -> Iterator[Document]:
@@ -443,8 +497,13 @@ def _read_txt(f: InputFile, bad: BadInput) -> Iterator[Document]:
     text = data.decode("utf-8")
   except UnicodeDecodeError as e:
     line = data.count(b"\n", 0, e.start) + 1
-    bad("invalid_utf8", f.path, f"line {line}", f"invalid UTF-8 at byte {e.start} of the file "
-        f"(near {data[max(0, e.start - 12):e.start + 12]!r})")
+    bad(
+      "invalid_utf8",
+      f.path,
+      f"line {line}",
+      f"invalid UTF-8 at byte {e.start} of the file "
+      f"(near {data[max(0, e.start - 12) : e.start + 12]!r})",
+    )
     return
   name = os.path.basename(f.path)
   yield Document(text, {"file": name}, f.set_name, f.path, "", len(data))

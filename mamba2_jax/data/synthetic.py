@@ -23,8 +23,19 @@ import numpy as np
 PREFIX = "synthetic:"
 PAD_ID, BOS_ID = 0, 1
 
-__all__ = ["CopyTask", "SyntheticTokenizer", "is_synthetic", "parse", "documents", "load",
-           "identity", "tokenizer_for", "copy_stream", "copy_prompt", "pairs_for"]
+__all__ = [
+  "CopyTask",
+  "SyntheticTokenizer",
+  "is_synthetic",
+  "parse",
+  "documents",
+  "load",
+  "identity",
+  "tokenizer_for",
+  "copy_stream",
+  "copy_prompt",
+  "pairs_for",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +51,9 @@ class CopyTask:
       if getattr(self, f) < 1:
         raise ValueError(f"synthetic:copy: {f} must be >= 1, got {getattr(self, f)}")
     if self.vocab < 3:
-      raise ValueError(f"synthetic:copy: vocab must be >= 3 (ids 0, 1 are PAD, BOS), got {self.vocab}")
+      raise ValueError(
+        f"synthetic:copy: vocab must be >= 3 (ids 0, 1 are PAD, BOS), got {self.vocab}"
+      )
 
   @property
   def doc_len(self) -> int:
@@ -53,7 +66,7 @@ def is_synthetic(source) -> bool:
 
 def parse(source: str) -> CopyTask:
   """`synthetic:copy[:k=v,...]` -> CopyTask (ValueError naming the allowed keys otherwise)."""
-  rest = source[len(PREFIX):]
+  rest = source[len(PREFIX) :]
   kind, _, args = rest.partition(":")
   if kind != "copy":
     raise ValueError(f"{source}: unknown synthetic source {kind!r}; allowed: 'copy'")
@@ -93,6 +106,7 @@ class SyntheticTokenizer:
   identity is checked like a real tokenizer's. `get_tokenizer("synthetic:copy:vocab=64")` or
   `get_tokenizer("synthetic-copy-v64")` returns one.
   """
+
   bos_id, eos_id, pad_id = BOS_ID, None, PAD_ID
 
   def __init__(self, vocab: int):
@@ -100,17 +114,25 @@ class SyntheticTokenizer:
     self.name = self.spec = f"synthetic-copy-v{self.vocab_size}"
 
   def identity(self) -> dict:
-    return {"name": self.name, "vocab_size": self.vocab_size, "bos_id": self.bos_id,
-            "eos_id": self.eos_id, "pad_id": self.pad_id,
-            "sha256": hashlib.sha256(self.name.encode()).hexdigest()}
+    return {
+      "name": self.name,
+      "vocab_size": self.vocab_size,
+      "bos_id": self.bos_id,
+      "eos_id": self.eos_id,
+      "pad_id": self.pad_id,
+      "sha256": hashlib.sha256(self.name.encode()).hexdigest(),
+    }
 
   def check_compatible(self, identity: dict, what: str = "the data") -> None:
     from mamba2_jax.data.tokenizers import TokenizerMismatchError  # pylint: disable=g-import-not-at-top
+
     mine = self.identity()
-    if not isinstance(identity, dict) or any(identity.get(k) != mine[k]
-                                             for k in ("name", "vocab_size", "sha256")):
-      raise TokenizerMismatchError(f"{what} was made with {identity!r}, this run uses "
-                                   f"{mine['name']!r}")
+    if not isinstance(identity, dict) or any(
+      identity.get(k) != mine[k] for k in ("name", "vocab_size", "sha256")
+    ):
+      raise TokenizerMismatchError(
+        f"{what} was made with {identity!r}, this run uses {mine['name']!r}"
+      )
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray([int(t) for t in text.split()], np.int32)
@@ -127,8 +149,8 @@ class SyntheticTokenizer:
 
 def tokenizer_for(spec: str) -> SyntheticTokenizer | None:
   """SyntheticTokenizer for "synthetic:copy:..." or "synthetic-copy-v<V>", else None."""
-  if spec.startswith("synthetic-copy-v") and spec[len("synthetic-copy-v"):].isdigit():
-    return SyntheticTokenizer(int(spec[len("synthetic-copy-v"):]))
+  if spec.startswith("synthetic-copy-v") and spec[len("synthetic-copy-v") :].isdigit():
+    return SyntheticTokenizer(int(spec[len("synthetic-copy-v") :]))
   if is_synthetic(spec):
     return SyntheticTokenizer(parse(spec).vocab)
   return None
@@ -146,7 +168,7 @@ def copy_stream(vocab: int, span: int, n_pairs: int, seed: int) -> tuple[np.ndar
   copied = np.zeros(tokens.size, bool)
   starts = 1 + np.arange(n_pairs) * 2 * span + span  # first token of each second half
   for s in starts:
-    copied[s:s + span] = True
+    copied[s : s + span] = True
   mask = np.zeros(tokens.size, bool)
   mask[:-1] = copied[1:]  # predicting tokens[i + 1] from tokens[: i + 1]
   return tokens, mask

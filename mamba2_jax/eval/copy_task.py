@@ -27,9 +27,18 @@ from mamba2_jax.eval.task_configs import resolve_train_len
 log = logging.getLogger(__name__)
 
 
-def copied_half_scores(model, vocab: int, span: int, length: int, num_prompts: int,
-                       batch_size: int, chunk_len: int, seed: int, bucket_size: int,
-                       progress: bool = True):
+def copied_half_scores(
+  model,
+  vocab: int,
+  span: int,
+  length: int,
+  num_prompts: int,
+  batch_size: int,
+  chunk_len: int,
+  seed: int,
+  bucket_size: int,
+  progress: bool = True,
+):
   """Per-bucket sums over prompts of (loss, correct, count) on copied positions.
 
   Returns three (ceil((length-1)/bucket_size),) float64 arrays. Positions index the predicting
@@ -40,18 +49,20 @@ def copied_half_scores(model, vocab: int, span: int, length: int, num_prompts: i
   loss_s, corr_s, cnt_s = (np.zeros((1, K)) for _ in range(3))
   with tqdm(total=num_prompts, desc="copy_task", unit="prompt", disable=not progress) as bar:
     for lo in range(0, num_prompts, batch_size):
-      rows = [copy_stream(vocab, span, n_pairs, seed + i)
-              for i in range(lo, min(num_prompts, lo + batch_size))]
+      rows = [
+        copy_stream(vocab, span, n_pairs, seed + i)
+        for i in range(lo, min(num_prompts, lo + batch_size))
+      ]
       tokens = np.stack([t for t, _ in rows])
       masks = np.stack([m for _, m in rows])[:, :-1]
       for piece in streaming.iter_token_scores(model, tokens, chunk_len):
         sl = slice(piece.start, piece.start + piece.loss.shape[1])
         m = masks[:, sl]
         right = piece.pred == tokens[:, 1:][:, sl]
-        for arr, vals in ((loss_s, np.where(m, piece.loss, 0.0)), (corr_s, m & right),
-                          (cnt_s, m)):
-          criteria.add_to_buckets(arr, piece.start, np.sum(vals, axis=0, keepdims=True,
-                                                           dtype=np.float64), bucket_size)
+        for arr, vals in ((loss_s, np.where(m, piece.loss, 0.0)), (corr_s, m & right), (cnt_s, m)):
+          criteria.add_to_buckets(
+            arr, piece.start, np.sum(vals, axis=0, keepdims=True, dtype=np.float64), bucket_size
+          )
       bar.update(len(rows))
   return loss_s[0], corr_s[0], cnt_s[0]
 
@@ -65,12 +76,21 @@ def run_copy_task(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict:
   vocab = int(cfg.vocab or tok.vocab_size)
   t0 = time.perf_counter()
   loss_s, corr_s, cnt_s = copied_half_scores(
-      model, vocab, int(cfg.span), int(cfg.max_len), int(cfg.num_prompts), int(cfg.batch_size),
-      int(cfg.chunk_len), int(cfg.seed), int(cfg.bucket_size), cfg.progress)
+    model,
+    vocab,
+    int(cfg.span),
+    int(cfg.max_len),
+    int(cfg.num_prompts),
+    int(cfg.batch_size),
+    int(cfg.chunk_len),
+    int(cfg.seed),
+    int(cfg.bucket_size),
+    cfg.progress,
+  )
   seconds = time.perf_counter() - t0
   n = loss_s.size * int(cfg.bucket_size)
   start, end = criteria.bucket_edges(n, int(cfg.bucket_size))
-  start, end = start[:loss_s.size], end[:loss_s.size]
+  start, end = start[: loss_s.size], end[: loss_s.size]
   has = cnt_s > 0
   loss = np.where(has, loss_s / np.maximum(cnt_s, 1), np.nan)
   acc = np.where(has, corr_s / np.maximum(cnt_s, 1), np.nan)
@@ -80,28 +100,41 @@ def run_copy_task(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict:
   a = acc[has]
   chance = math.log(vocab - 2)
   summary = {
-      "forget_test_passed": test["passed"], "first_fail_position": test["first_fail_position"],
-      "chance_loss": chance,
-      "copy_loss_within_train": float(np.mean(b.mean[within])) if within.any() else None,
-      "copy_loss_beyond_train": float(np.mean(b.mean[~within])) if (~within).any() else None,
-      "copy_acc_within_train": float(np.mean(a[within])) if within.any() else None,
-      "copy_acc_beyond_train": float(np.mean(a[~within])) if (~within).any() else None,
-      "copy_loss_last_bucket": float(b.mean[-1]), "tokens_per_s":
-          int(cfg.num_prompts) * (int(cfg.max_len) - 1) / seconds,
+    "forget_test_passed": test["passed"],
+    "first_fail_position": test["first_fail_position"],
+    "chance_loss": chance,
+    "copy_loss_within_train": float(np.mean(b.mean[within])) if within.any() else None,
+    "copy_loss_beyond_train": float(np.mean(b.mean[~within])) if (~within).any() else None,
+    "copy_acc_within_train": float(np.mean(a[within])) if within.any() else None,
+    "copy_acc_beyond_train": float(np.mean(a[~within])) if (~within).any() else None,
+    "copy_loss_last_bucket": float(b.mean[-1]),
+    "tokens_per_s": int(cfg.num_prompts) * (int(cfg.max_len) - 1) / seconds,
   }
-  results = {"task": "copy_task", "config": cfg, "train_len": train_len, "vocab": vocab,
-             "seconds": seconds, "summary": summary, "forgetting": test,
-             "buckets": {"start": b.start, "end": b.end, "loss": b.mean, "accuracy": a}}
+  results = {
+    "task": "copy_task",
+    "config": cfg,
+    "train_len": train_len,
+    "vocab": vocab,
+    "seconds": seconds,
+    "summary": summary,
+    "forgetting": test,
+    "buckets": {"start": b.start, "end": b.end, "loss": b.mean, "accuracy": a},
+  }
   results["plots"] = [plot(results, out)]
   io.write_json(out / "results.json", results)
-  log.info("copy_task: copied-half loss within T_train %s, beyond %s (chance %.2f); forget test %s",
-           summary["copy_loss_within_train"], summary["copy_loss_beyond_train"], chance,
-           {True: "PASS", False: "FAIL", None: "n/a"}[test["passed"]])
+  log.info(
+    "copy_task: copied-half loss within T_train %s, beyond %s (chance %.2f); forget test %s",
+    summary["copy_loss_within_train"],
+    summary["copy_loss_beyond_train"],
+    chance,
+    {True: "PASS", False: "FAIL", None: "n/a"}[test["passed"]],
+  )
   return results
 
 
 def plot(results: dict, out: Path) -> str:
   from mamba2_jax.eval.plotting import mark_train_len, plt, save
+
   b = results["buckets"]
   x = (np.asarray(b["start"]) + np.asarray(b["end"])) / 2.0
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))

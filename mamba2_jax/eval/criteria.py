@@ -13,9 +13,10 @@ RULES = ("prefix", "any")
 
 class Buckets(NamedTuple):
   """Bucket k covers positions [start[k], end[k]) of a per-position curve; `mean` its average."""
+
   start: np.ndarray  # (K,) int64
-  end: np.ndarray    # (K,) int64
-  mean: np.ndarray   # (..., K) float64
+  end: np.ndarray  # (K,) int64
+  mean: np.ndarray  # (..., K) float64
 
   @property
   def center(self) -> np.ndarray:
@@ -30,8 +31,9 @@ def bucket_edges(n: int, bucket_size: int) -> tuple[np.ndarray, np.ndarray]:
   return start, np.minimum(start + bucket_size, n)
 
 
-def buckets_from_sums(sums, n: int, bucket_size: int, *, drop_first: bool = True,
-                      drop_last: bool = True) -> Buckets:
+def buckets_from_sums(
+  sums, n: int, bucket_size: int, *, drop_first: bool = True, drop_last: bool = True
+) -> Buckets:
   """Buckets of per-bucket sums (..., ceil(n / bucket_size)) over n positions (see
   `bucket_means`)."""
   start, end = bucket_edges(n, bucket_size)
@@ -44,8 +46,9 @@ def buckets_from_sums(sums, n: int, bucket_size: int, *, drop_first: bool = True
   return Buckets(start[keep], end[keep], mean[..., keep])
 
 
-def bucket_means(values, bucket_size: int, *, drop_first: bool = True,
-                 drop_last: bool = True) -> Buckets:
+def bucket_means(
+  values, bucket_size: int, *, drop_first: bool = True, drop_last: bool = True
+) -> Buckets:
   """Means of values (..., n) over consecutive position buckets of `bucket_size`.
 
   The last bucket may be shorter than the others. `drop_first` / `drop_last` drop the first and
@@ -78,17 +81,26 @@ def forgetting_test(buckets: Buckets, train_len: int | None, factor: float = 2.0
   loss = np.asarray(buckets.mean, np.float64)
   if loss.ndim != 1:
     raise ValueError(f"forgetting_test needs a 1-D bucketed curve, got shape {loss.shape}")
-  out = {"factor": float(factor), "train_len": train_len, "passed": None, "reference_loss": None,
-         "threshold": None, "first_fail_position": None, "num_reference_buckets": 0,
-         "max_loss": float(np.nanmax(loss)) if loss.size and np.isfinite(loss).any() else None}
+  out = {
+    "factor": float(factor),
+    "train_len": train_len,
+    "passed": None,
+    "reference_loss": None,
+    "threshold": None,
+    "first_fail_position": None,
+    "num_reference_buckets": 0,
+    "max_loss": float(np.nanmax(loss)) if loss.size and np.isfinite(loss).any() else None,
+  }
   if train_len is None:
     out["reason"] = "no training length given"
     return out
   ref = buckets.end <= train_len
   out["num_reference_buckets"] = int(ref.sum())
   if not ref.any():
-    out["reason"] = (f"no bucket lies within the first {train_len} positions (bucket size or "
-                     "dropped first bucket too large)")
+    out["reason"] = (
+      f"no bucket lies within the first {train_len} positions (bucket size or "
+      "dropped first bucket too large)"
+    )
     return out
   reference = float(np.max(loss[ref]))
   threshold = factor * reference

@@ -80,18 +80,23 @@ class Sampler:
   def __init__(self, cfg, tok, max_len: int):
     self.rng = np.random.default_rng(cfg.seed)
     self.kind = cfg.data_type
-    self.filler = cfg.filler if cfg.filler != "auto" else (
-        "corpus" if cfg.data_type == "order" else "random")
+    self.filler = (
+      cfg.filler if cfg.filler != "auto" else ("corpus" if cfg.data_type == "order" else "random")
+    )
     self.low, self.high = random_range(tok, cfg.random_low, cfg.random_high)
     self.stream = None
     if self.kind == "order" or self.filler == "corpus":
       self.stream = prompts.corpus_stream(cfg.data, tok, 3 * max_len)
       if self.stream.size < 3 * max_len:
-        raise ValueError(f"{cfg.data}: {self.stream.size} tokens, the order protocol needs "
-                         f">= 3 * max_dep_len = {3 * max_len}")
+        raise ValueError(
+          f"{cfg.data}: {self.stream.size} tokens, the order protocol needs "
+          f">= 3 * max_dep_len = {3 * max_len}"
+        )
     if self.kind not in ("order", "random") or self.filler not in ("corpus", "random"):
-      raise ValueError(f"data_type must be order|random and filler auto|corpus|random, got "
-                       f"{self.kind!r}, {self.filler!r}")
+      raise ValueError(
+        f"data_type must be order|random and filler auto|corpus|random, got "
+        f"{self.kind!r}, {self.filler!r}"
+      )
 
   def _random(self, L):
     return self.rng.integers(self.low, self.high + 1, size=L, dtype=np.int64).astype(np.int32)
@@ -99,7 +104,7 @@ class Sampler:
   def draw(self, L: int) -> tuple[np.ndarray, np.ndarray]:
     if self.kind == "order":
       off = int(self.rng.integers(0, self.stream.size - 3 * L + 1))
-      S = self.stream[off:off + L]
+      S = self.stream[off : off + L]
     else:
       S = self._random(L)
     R = self.stream[-L:] if self.filler == "corpus" else self._random(L)
@@ -108,6 +113,7 @@ class Sampler:
 
 def paired_p_value(lm: np.ndarray, copy: np.ndarray) -> float:
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   if len(lm) < 2:
     return 1.0
   with np.errstate(all="ignore"):
@@ -115,17 +121,18 @@ def paired_p_value(lm: np.ndarray, copy: np.ndarray) -> float:
   return 1.0 if p is None or not np.isfinite(p) else float(p)
 
 
-def memory_lengths(rows: list[dict], fine_threshold: float, p_threshold: float,
-                   rule: str) -> dict:
+def memory_lengths(rows: list[dict], fine_threshold: float, p_threshold: float, rule: str) -> dict:
   """Fine/coarse-grained memory lengths from per-length rows {length, copy_mean, lm_mean, p}."""
   lengths = [r["length"] for r in rows]
   fine = [r["copy_mean"] >= fine_threshold for r in rows]
   coarse = [r["copy_mean"] > r["lm_mean"] and r["p_value"] < p_threshold for r in rows]
-  return {"fine_memory_length": criteria.largest_passing(lengths, fine, rule),
-          "coarse_memory_length": criteria.largest_passing(lengths, coarse, rule),
-          "fine_memory_length_any": criteria.largest_passing(lengths, fine, "any"),
-          "coarse_memory_length_any": criteria.largest_passing(lengths, coarse, "any"),
-          "rule": rule}
+  return {
+    "fine_memory_length": criteria.largest_passing(lengths, fine, rule),
+    "coarse_memory_length": criteria.largest_passing(lengths, coarse, rule),
+    "fine_memory_length_any": criteria.largest_passing(lengths, fine, "any"),
+    "coarse_memory_length_any": criteria.largest_passing(lengths, coarse, "any"),
+    "rule": rule,
+  }
 
 
 def run_forgetting_curve(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict:
@@ -143,45 +150,75 @@ def run_forgetting_curve(model, tokenizer, cfg, out_dir, *, train_len=None) -> d
   batch = cfg.batch_size or 2 * n
   rows, t0 = [], time.perf_counter()
   total = sum(2 * n * (2 * L + 2) for L in lengths)
-  with tqdm(total=total, desc="forgetting_curve", unit="tok", unit_scale=True,
-            disable=not cfg.progress, mininterval=1.0) as bar:
+  with tqdm(
+    total=total,
+    desc="forgetting_curve",
+    unit="tok",
+    unit_scale=True,
+    disable=not cfg.progress,
+    mininterval=1.0,
+  ) as bar:
     for L in lengths:
       pairs = [build_pair(*sampler.draw(L), bos, eos) for _ in range(n)]
       seqs = np.stack([p[0] for p in pairs] + [p[1] for p in pairs])  # copy rows, then LM rows
       acc = np.zeros(2 * n)
       for lo in range(0, 2 * n, batch):
-        part = seqs[lo:lo + batch]
+        part = seqs[lo : lo + batch]
         if part.shape[0] < batch:  # one batch shape per length
           part = np.concatenate([part, np.repeat(part[-1:], batch - part.shape[0], axis=0)])
         _, pred = streaming.token_scores(model, part, cfg.chunk_len)
         k = min(batch, 2 * n - lo)
-        acc[lo:lo + k] = accuracy(part[:k], pred[:k], L)
+        acc[lo : lo + k] = accuracy(part[:k], pred[:k], L)
         bar.update(k * (2 * L + 2))
       copy, lm = acc[:n], acc[n:]
-      rows.append({"length": L, "copy_mean": float(copy.mean()), "copy_std": float(copy.std()),
-                   "lm_mean": float(lm.mean()), "lm_std": float(lm.std()),
-                   "p_value": paired_p_value(lm, copy), "copy_accs": copy, "lm_accs": lm})
+      rows.append(
+        {
+          "length": L,
+          "copy_mean": float(copy.mean()),
+          "copy_std": float(copy.std()),
+          "lm_mean": float(lm.mean()),
+          "lm_std": float(lm.std()),
+          "p_value": paired_p_value(lm, copy),
+          "copy_accs": copy,
+          "lm_accs": lm,
+        }
+      )
   mem = memory_lengths(rows, cfg.fine_threshold, cfg.p_threshold, cfg.rule)
   summary = {k: mem[k] for k in ("fine_memory_length", "coarse_memory_length")}
   summary["mean_copy_minus_lm"] = float(np.mean([r["copy_mean"] - r["lm_mean"] for r in rows]))
-  results = {"task": "forgetting_curve", "config": cfg, "train_len": train_len,
-             "seconds": time.perf_counter() - t0, "bos_id": bos, "eos_id": eos,
-             "random_range": [sampler.low, sampler.high], "filler": sampler.filler,
-             "summary": summary, **mem, "rows": rows}
+  results = {
+    "task": "forgetting_curve",
+    "config": cfg,
+    "train_len": train_len,
+    "seconds": time.perf_counter() - t0,
+    "bos_id": bos,
+    "eos_id": eos,
+    "random_range": [sampler.low, sampler.high],
+    "filler": sampler.filler,
+    "summary": summary,
+    **mem,
+    "rows": rows,
+  }
   results["plots"] = [plot(results, out, log_x=cfg.spacing == "log")]
   io.write_json(out / "results.json", results)
-  log.info("forgetting_curve: fine-grained memory %s, coarse-grained %s tokens",
-           mem["fine_memory_length"], mem["coarse_memory_length"])
+  log.info(
+    "forgetting_curve: fine-grained memory %s, coarse-grained %s tokens",
+    mem["fine_memory_length"],
+    mem["coarse_memory_length"],
+  )
   return results
 
 
 def plot(results: dict, out: Path, log_x: bool = False) -> str:
   from mamba2_jax.eval.plotting import mark_train_len, plt, save
+
   rows = results["rows"]
   x = np.array([r["length"] for r in rows])
   fig, ax = plt.subplots(figsize=(7, 3.8))
-  for key, color, label in (("copy", "tab:orange", "copy accuracy"),
-                            ("lm", "tab:blue", "LM accuracy")):
+  for key, color, label in (
+    ("copy", "tab:orange", "copy accuracy"),
+    ("lm", "tab:blue", "LM accuracy"),
+  ):
     m = np.array([r[f"{key}_mean"] for r in rows])
     s = np.array([r[f"{key}_std"] for r in rows])
     ax.plot(x, m, color=color, label=label)
@@ -189,8 +226,13 @@ def plot(results: dict, out: Path, log_x: bool = False) -> str:
   mark_train_len(ax, results["train_len"], half=True)
   for key, style in (("fine_memory_length", ":"), ("coarse_memory_length", "-.")):
     if results[key]:
-      ax.axvline(results[key], color="0.3", linestyle=style, linewidth=1,
-                 label=f"{key.split('_')[0]}-grained memory {results[key]}")
+      ax.axvline(
+        results[key],
+        color="0.3",
+        linestyle=style,
+        linewidth=1,
+        label=f"{key.split('_')[0]}-grained memory {results[key]}",
+      )
   if log_x:
     ax.set_xscale("log")
   ax.set_ylim(-0.02, 1.02)

@@ -39,6 +39,7 @@ class Internals(NamedTuple):
   z:  (n_layer, b, c, d_inner) gate input
   log_decay: (n_layer, b, c, H) float32, log alpha_t = dt * A (+ log rri_decay_scale)
   """
+
   x: jax.Array
   B: jax.Array
   C: jax.Array
@@ -50,8 +51,9 @@ class Internals(NamedTuple):
 def _processed_dt(mixer, dt_raw):
   if hasattr(mixer, "_processed_dt"):
     return mixer._processed_dt(dt_raw)  # pylint: disable=protected-access
-  return prepare_dt(dt_raw, mixer.dt_bias[...], dt_softplus=True,
-                    dt_limit=mixer.config.dt_limit, dtype=jnp.float32)
+  return prepare_dt(
+    dt_raw, mixer.dt_bias[...], dt_softplus=True, dt_limit=mixer.config.dt_limit, dtype=jnp.float32
+  )
 
 
 def _scaled_B(mixer, B):
@@ -83,14 +85,19 @@ def block_internals(block, residual: jax.Array, layer_cache: Mamba2Cache):
   log_decay = dt * A if offset == 0.0 else dt * A + jnp.float32(offset)
   new_residual, new_cache = block(residual, cache=layer_cache)
   internals = Internals(
-      x=x.reshape(b, c, cfg.nheads, cfg.headdim),
-      B=B.reshape(b, c, cfg.ngroups, cfg.d_state), C=C.reshape(b, c, cfg.ngroups, cfg.d_state),
-      dt=dt, z=z, log_decay=log_decay)
+    x=x.reshape(b, c, cfg.nheads, cfg.headdim),
+    B=B.reshape(b, c, cfg.ngroups, cfg.d_state),
+    C=C.reshape(b, c, cfg.ngroups, cfg.d_state),
+    dt=dt,
+    z=z,
+    log_decay=log_decay,
+  )
   return new_residual, new_cache, internals
 
 
-def forward_with_internals(model, tokens: jax.Array, cache: Mamba2Cache | None = None, *,
-                           reduce=None):
+def forward_with_internals(
+  model, tokens: jax.Array, cache: Mamba2Cache | None = None, *, reduce=None
+):
   """tokens (b, c) from `cache` -> (logits (b, c, V), new cache, per-layer outputs).
 
   Equals `model.prefill(tokens, cache)` in logits and cache. Per-layer outputs are the stacked

@@ -68,7 +68,7 @@ def read_jsonl(path) -> list[dict]:
     try:
       rows.append(json.loads(line))
     except json.JSONDecodeError:
-      if any(rest.strip() for rest in lines[i + 1:]):
+      if any(rest.strip() for rest in lines[i + 1 :]):
         raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
       log.warning("%s: dropping a torn last line (%d bytes)", path, len(line))
       with open(path, "r+b") as f:

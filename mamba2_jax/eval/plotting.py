@@ -26,11 +26,21 @@ def mark_train_len(ax, train_len, *, half: bool = False, label: bool = True) -> 
   """Red dashed vertical line at the training length (and a green one at half of it)."""
   if not train_len:
     return
-  ax.axvline(train_len, color="red", linestyle="--", linewidth=1,
-             label=f"train len {fmt_tokens(train_len)}" if label else None)
+  ax.axvline(
+    train_len,
+    color="red",
+    linestyle="--",
+    linewidth=1,
+    label=f"train len {fmt_tokens(train_len)}" if label else None,
+  )
   if half:
-    ax.axvline(train_len / 2, color="green", linestyle="--", linewidth=1,
-               label=f"half train len {fmt_tokens(train_len / 2)}" if label else None)
+    ax.axvline(
+      train_len / 2,
+      color="green",
+      linestyle="--",
+      linewidth=1,
+      label=f"half train len {fmt_tokens(train_len / 2)}" if label else None,
+    )
 
 
 def save(fig, path, dpi: int = 150) -> str:

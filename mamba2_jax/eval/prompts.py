@@ -1,5 +1,4 @@
-"""Evaluation inputs as token ids: newline prompts, repeated texts, long documents (paper.md §2.2).
-"""
+"""Evaluation inputs as token ids: newline prompts, repeated texts, long documents (paper.md §2.2)."""
 
 from __future__ import annotations
 
@@ -20,8 +19,10 @@ def newline_id(tokenizer) -> int:
   """The id of "\\n" (it must be a single token)."""
   ids = get_tokenizer(tokenizer).encode("\n")
   if len(ids) != 1:
-    raise ValueError(f"'\\n' is {len(ids)} tokens {list(ids)} with this tokenizer; the newlines "
-                     "prompt needs a single newline token")
+    raise ValueError(
+      f"'\\n' is {len(ids)} tokens {list(ids)} with this tokenizer; the newlines "
+      "prompt needs a single newline token"
+    )
   return int(ids[0])
 
 
@@ -46,9 +47,16 @@ def text_prompt(tokenizer, text: str, length: int) -> np.ndarray:
   return repeat_to(get_tokenizer(tokenizer).encode(text), length)
 
 
-def iter_document_prompts(source, tokenizer, *, num_prompts: int, length: int,
-                          min_doc_len: int = 0, max_docs: int | None = None,
-                          separator: int | None = None) -> Iterator[np.ndarray]:
+def iter_document_prompts(
+  source,
+  tokenizer,
+  *,
+  num_prompts: int,
+  length: int,
+  min_doc_len: int = 0,
+  max_docs: int | None = None,
+  separator: int | None = None,
+) -> Iterator[np.ndarray]:
   """Yields num_prompts int32 prompts (length,) from the documents of `source` with >=
   min_doc_len tokens, one at a time (host memory O(length), not O(num_prompts * length)).
 
@@ -72,9 +80,15 @@ def iter_document_prompts(source, tokenizer, *, num_prompts: int, length: int,
         if n_docs == 0:
           raise ValueError(f"{source}: no document with >= {min_doc_len} tokens")
         if cycles == 0:
-          log.warning("%s: %d documents (>= %d tokens) are not enough for %d prompts of %d "
-                      "tokens; reusing the corpus", source, n_docs, min_doc_len, num_prompts,
-                      length)
+          log.warning(
+            "%s: %d documents (>= %d tokens) are not enough for %d prompts of %d "
+            "tokens; reusing the corpus",
+            source,
+            n_docs,
+            min_doc_len,
+            num_prompts,
+            length,
+          )
         cycles += 1
         stream = docs()
         continue
@@ -82,7 +96,7 @@ def iter_document_prompts(source, tokenizer, *, num_prompts: int, length: int,
         n_docs += 1
       piece = doc if separator is None or filled == 0 else np.concatenate([[separator], doc])
       take = min(piece.size, length - filled)
-      out[filled:filled + take] = piece[:take]
+      out[filled : filled + take] = piece[:take]
       filled += take
     yield out
 
@@ -92,10 +106,20 @@ def document_prompts(source, tokenizer, **kwargs) -> np.ndarray:
   return np.stack(list(iter_document_prompts(source, tokenizer, **kwargs)))
 
 
-def iter_prompts(kind: str, tokenizer, *, length: int, num_prompts: int = 1, text: str = "",
-                 source: str = "", min_doc_len: int = 0, max_docs: int | None = None,
-                 separator: int | None = None, span: int = 32, seed: int = 0
-                 ) -> tuple[int, Iterator[np.ndarray]]:
+def iter_prompts(
+  kind: str,
+  tokenizer,
+  *,
+  length: int,
+  num_prompts: int = 1,
+  text: str = "",
+  source: str = "",
+  min_doc_len: int = 0,
+  max_docs: int | None = None,
+  separator: int | None = None,
+  span: int = 32,
+  seed: int = 0,
+) -> tuple[int, Iterator[np.ndarray]]:
   """(number of prompts, iterator of int32 (length,) prompts) of one of PROMPT_KINDS.
   Deterministic kinds (all but "docs" and "copy") give a single prompt: identical prompts would
   give identical losses."""
@@ -111,12 +135,21 @@ def iter_prompts(kind: str, tokenizer, *, length: int, num_prompts: int = 1, tex
     if not source:
       raise ValueError("prompt 'docs' needs a data source (prepared dir, glob or builtin:...)")
     return num_prompts, iter_document_prompts(
-        source, tokenizer, num_prompts=num_prompts, length=length, min_doc_len=min_doc_len,
-        max_docs=max_docs, separator=separator)
+      source,
+      tokenizer,
+      num_prompts=num_prompts,
+      length=length,
+      min_doc_len=min_doc_len,
+      max_docs=max_docs,
+      separator=separator,
+    )
   if kind == "copy":  # synthetic copy-task streams: BOS + fresh pairs [S S] (vocab = tokenizer's)
     from mamba2_jax.data.synthetic import copy_prompt  # pylint: disable=g-import-not-at-top
-    return num_prompts, (repeat_to(copy_prompt(tokenizer.vocab_size, span, length, seed + i)[0],
-                                   length) for i in range(num_prompts))
+
+    return num_prompts, (
+      repeat_to(copy_prompt(tokenizer.vocab_size, span, length, seed + i)[0], length)
+      for i in range(num_prompts)
+    )
   raise ValueError(f"unknown prompt kind {kind!r}; kinds: {', '.join(PROMPT_KINDS)}")
 
 
@@ -131,13 +164,21 @@ def config_prompts(cfg, tokenizer) -> tuple[int, Iterator[np.ndarray]]:
   tok = get_tokenizer(tokenizer)
   sep = tok.eos_id if cfg.separator == "eos" else None
   return iter_prompts(
-      cfg.prompt, tok, length=cfg.max_len, num_prompts=cfg.get("num_prompts", 1), text=cfg.text,
-      source=cfg.data, min_doc_len=cfg.min_doc_len, max_docs=cfg.max_docs or None, separator=sep,
-      span=cfg.get("span", 32), seed=cfg.get("seed", 0))
+    cfg.prompt,
+    tok,
+    length=cfg.max_len,
+    num_prompts=cfg.get("num_prompts", 1),
+    text=cfg.text,
+    source=cfg.data,
+    min_doc_len=cfg.min_doc_len,
+    max_docs=cfg.max_docs or None,
+    separator=sep,
+    span=cfg.get("span", 32),
+    seed=cfg.get("seed", 0),
+  )
 
 
-def corpus_stream(source, tokenizer, min_tokens: int, *, max_docs: int | None = None
-                  ) -> np.ndarray:
+def corpus_stream(source, tokenizer, min_tokens: int, *, max_docs: int | None = None) -> np.ndarray:
   """One int32 token stream: documents of `source` concatenated until >= min_tokens (all of
   them if the corpus is shorter)."""
   parts, total = [], 0

@@ -35,8 +35,9 @@ METRICS = "metrics.jsonl"
 def evaluate_model(loaded: sources.LoadedModel, task: str, cfg, out_dir) -> dict:
   """Applies cfg.mitigation and runs the task; T_train = cfg.train_len or the checkpoint's."""
   train_len = cfg.train_len or loaded.meta.get("train_len") or None
-  model = sources.apply_mitigation(loaded.model, cfg.mitigation, tokenizer=loaded.tokenizer,
-                                   train_len=train_len)
+  model = sources.apply_mitigation(
+    loaded.model, cfg.mitigation, tokenizer=loaded.tokenizer, train_len=train_len
+  )
   results = get_task_runner(task)(model, loaded.tokenizer, cfg, out_dir, train_len=train_len)
   results["checkpoint"] = loaded.meta
   io.write_json(Path(out_dir) / "results.json", results)
@@ -44,9 +45,13 @@ def evaluate_model(loaded: sources.LoadedModel, task: str, cfg, out_dir) -> dict
 
 
 def log_metrics(out: Path, task: str, meta: dict, results: dict) -> dict:
-  line = {"step": meta.get("step"), "task": task, "tokens_seen": meta.get("tokens_seen"),
-          "mitigation": results.get("config", {}).get("mitigation", "") or None,
-          **results.get("summary", {})}
+  line = {
+    "step": meta.get("step"),
+    "task": task,
+    "tokens_seen": meta.get("tokens_seen"),
+    "mitigation": results.get("config", {}).get("mitigation", "") or None,
+    **results.get("summary", {}),
+  }
   io.append_jsonl(out / METRICS, [line])
   return line
 
@@ -58,8 +63,10 @@ class Ledger:
     self.path = out / LEDGER
     data = io.read_json(self.path, {"task": task, "evaluated": {}, "failed": {}})
     if data.get("task") != task:
-      raise ValueError(f"{self.path} belongs to task {data.get('task')!r}, not {task!r}; use "
-                       "one output directory per task")
+      raise ValueError(
+        f"{self.path} belongs to task {data.get('task')!r}, not {task!r}; use "
+        "one output directory per task"
+      )
     self.data = data
 
   def done(self, step: int) -> bool:
@@ -75,18 +82,21 @@ class Ledger:
 
   def record_failure(self, step: int, error: BaseException) -> None:
     entry = self.data["failed"].setdefault(str(step), {"attempts": 0})
-    entry.update(attempts=entry["attempts"] + 1, error=f"{type(error).__name__}: {error}",
-                 time=time.time())
+    entry.update(
+      attempts=entry["attempts"] + 1, error=f"{type(error).__name__}: {error}", time=time.time()
+    )
     io.write_json(self.path, self.data)
 
 
 def _retryable():
   from mamba2_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+
   return (CheckpointError, FileNotFoundError, OSError)
 
 
-def evaluate_step(workdir: str, step: int, task: str, cfg, out: Path, ledger: Ledger, *,
-                  tokenizer: str = "") -> dict | None:
+def evaluate_step(
+  workdir: str, step: int, task: str, cfg, out: Path, ledger: Ledger, *, tokenizer: str = ""
+) -> dict | None:
   """Evaluates one step into OUT/step_<N>; returns the metrics line, None on a load failure."""
   try:
     loaded = sources.load_step(workdir, step, tokenizer=tokenizer, model_dtype=cfg.model_dtype)
@@ -101,18 +111,28 @@ def evaluate_step(workdir: str, step: int, task: str, cfg, out: Path, ledger: Le
   return line
 
 
-def evaluate_source(spec: str, task: str, cfg, out_dir, *, mode: str = "latest",
-                    tokenizer: str = "", poll_interval_s: float = 60.0, max_attempts: int = 3,
-                    timeout_s: float = 0.0, sleep: Callable[[float], None] = time.sleep
-                    ) -> list[dict]:
+def evaluate_source(
+  spec: str,
+  task: str,
+  cfg,
+  out_dir,
+  *,
+  mode: str = "latest",
+  tokenizer: str = "",
+  poll_interval_s: float = 60.0,
+  max_attempts: int = 3,
+  timeout_s: float = 0.0,
+  sleep: Callable[[float], None] = time.sleep,
+) -> list[dict]:
   """Evaluates `spec` (see sources) with `task`; returns the metrics lines written."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   # watch may start before the trainer has created its workdir
-  pending_workdir = mode == "watch" and not spec.startswith(sources.RANDOM_PREFIX) and \
-      not os.path.exists(spec)
+  pending_workdir = (
+    mode == "watch" and not spec.startswith(sources.RANDOM_PREFIX) and not os.path.exists(spec)
+  )
   if not (sources.is_workdir(spec) or pending_workdir):
     if mode != "latest":
       log.info("--mode=%s applies to training workdirs; %s is evaluated once", mode, spec)
@@ -121,6 +141,7 @@ def evaluate_source(spec: str, task: str, cfg, out_dir, *, mode: str = "latest",
     return [log_metrics(out, task, loaded.meta, results)]
 
   from mamba2_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+
   ledger = Ledger(out, task)
   lines: list[dict] = []
   if mode == "latest":
@@ -154,8 +175,9 @@ def evaluate_source(spec: str, task: str, cfg, out_dir, *, mode: str = "latest",
     given_up = [s for s in left if ledger.attempts(s) >= max_attempts]
     if complete and len(given_up) == len(left):
       if given_up:
-        log.error("training is complete; gave up on steps %s after %d attempts", given_up,
-                  max_attempts)
+        log.error(
+          "training is complete; gave up on steps %s after %d attempts", given_up, max_attempts
+        )
       log.info("watch: training complete, %d step(s) evaluated", len(steps) - len(given_up))
       return lines
     if timeout_s and time.monotonic() - start > timeout_s:

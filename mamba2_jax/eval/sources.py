@@ -40,9 +40,9 @@ RANDOM_PREFIX = "random:"
 
 @dataclasses.dataclass
 class LoadedModel:
-  model: Any                 # Mamba2LM
+  model: Any  # Mamba2LM
   tokenizer: Any
-  meta: dict                 # at least {"source", "step", "train_len"}
+  meta: dict  # at least {"source", "step", "train_len"}
 
 
 def is_pretrained_dir(path: str) -> bool:
@@ -52,14 +52,14 @@ def is_pretrained_dir(path: str) -> bool:
   if os.path.exists(os.path.join(path, OUR_CONFIG)):
     return True
   return os.path.exists(os.path.join(path, "config.json")) and any(
-      os.path.exists(os.path.join(path, w)) for w in WEIGHT_FILES)
+    os.path.exists(os.path.join(path, w)) for w in WEIGHT_FILES
+  )
 
 
 def is_workdir(spec: str) -> bool:
   """A directory that is not a pretrained checkpoint: a training workdir (possibly still
   without checkpoints, for --mode=watch started before the trainer)."""
-  return (not spec.startswith(RANDOM_PREFIX) and os.path.isdir(spec)
-          and not is_pretrained_dir(spec))
+  return not spec.startswith(RANDOM_PREFIX) and os.path.isdir(spec) and not is_pretrained_dir(spec)
 
 
 def _overrides(model_dtype: str) -> dict:
@@ -69,7 +69,7 @@ def _overrides(model_dtype: str) -> dict:
 def load_model(spec: str, *, tokenizer: str = "", model_dtype: str = "") -> LoadedModel:
   """A model from `random:<preset>[:seed]` or a pretrained directory (workdirs: `load_step`)."""
   if spec.startswith(RANDOM_PREFIX):
-    parts = spec[len(RANDOM_PREFIX):].split(":")
+    parts = spec[len(RANDOM_PREFIX) :].split(":")
     if not parts[0] or len(parts) > 2:
       raise ValueError(f"--checkpoint {spec!r}: expected random:<preset>[:seed]")
     seed = int(parts[1]) if len(parts) == 2 else 0
@@ -82,18 +82,22 @@ def load_model(spec: str, *, tokenizer: str = "", model_dtype: str = "") -> Load
     tok = get_tokenizer(tokenizer or "neox")
     meta = {"source": os.path.abspath(spec), "step": None, "train_len": None}
   else:
-    raise FileNotFoundError(f"--checkpoint {spec!r}: not random:<preset>[:seed], nor a "
-                            "checkpoint directory (mamba2_jax_config.json, or config.json and "
-                            "weights), nor a training workdir")
+    raise FileNotFoundError(
+      f"--checkpoint {spec!r}: not random:<preset>[:seed], nor a "
+      "checkpoint directory (mamba2_jax_config.json, or config.json and "
+      "weights), nor a training workdir"
+    )
   check_vocab(model, tok)
   return LoadedModel(model, tok, meta)
 
 
-def load_step(workdir: str, step: int, *, tokenizer: str = "", model_dtype: str = ""
-              ) -> LoadedModel:
+def load_step(
+  workdir: str, step: int, *, tokenizer: str = "", model_dtype: str = ""
+) -> LoadedModel:
   """One step of a training workdir via mamba2_jax.train.checkpoint.load_eval_model. Raises
   its CheckpointError for a damaged step."""
   from mamba2_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
+
   model, meta = ckpt.load_eval_model(workdir, step)
   if model_dtype and model.config.dtype != model_dtype:
     model = _with_config(model, dtype=model_dtype)
@@ -107,13 +111,18 @@ def load_step(workdir: str, step: int, *, tokenizer: str = "", model_dtype: str 
   elif isinstance(tok_identity, dict) and str(tok_identity.get("name")).startswith("synthetic-"):
     tok = get_tokenizer(tok_identity["name"])
   else:
-    raise ValueError(f"{workdir} step {step}: cannot pick a tokenizer for identity "
-                     f"{tok_identity!r}; pass --tokenizer")
+    raise ValueError(
+      f"{workdir} step {step}: cannot pick a tokenizer for identity "
+      f"{tok_identity!r}; pass --tokenizer"
+    )
   tok.check_compatible(tok_identity, f"{workdir} step {step}")
   check_vocab(model, tok)
   meta = {k: v for k, v in meta.items() if k != "checksums"}
-  meta.update(source=os.path.abspath(workdir), step=int(meta.get("step", step)),
-              train_len=train_len_of(meta.get("config") or {}))
+  meta.update(
+    source=os.path.abspath(workdir),
+    step=int(meta.get("step", step)),
+    train_len=train_len_of(meta.get("config") or {}),
+  )
   return LoadedModel(model, tok, meta)
 
 
@@ -128,8 +137,10 @@ def train_len_of(train_config: dict) -> int | None:
 
 def check_vocab(model, tok) -> None:
   if tok.vocab_size > model.config.vocab_size:
-    raise ValueError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model only "
-                     f"{model.config.vocab_size}; pass the right --tokenizer")
+    raise ValueError(
+      f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model only "
+      f"{model.config.vocab_size}; pass the right --tokenizer"
+    )
 
 
 def _with_config(model, **changes):
@@ -141,7 +152,7 @@ def _with_config(model, **changes):
 
 
 def parse_mitigation(spec: str) -> tuple[str | None, dict[str, Any]]:
-  """"" -> (None, {}); "rri" -> ("rri", {}); "rri,dt_scale=0.5" -> ("rri", {"dt_scale": 0.5});
+  """ "" -> (None, {}); "rri" -> ("rri", {}); "rri,dt_scale=0.5" -> ("rri", {"dt_scale": 0.5});
   "a=1,b=true,c=0.5" -> (None, {a: 1, b: True, c: 0.5})."""
   preset, fields = None, {}
   for item in (spec or "").split(","):
@@ -178,6 +189,7 @@ def apply_mitigation(model, spec: str, *, tokenizer=None, train_len: int | None 
   """`model` with the mitigation `spec` applied (see the module docstring); returns it unchanged
   for an empty spec."""
   from mamba2_jax import mitigations  # pylint: disable=g-import-not-at-top
+
   preset, fields = parse_mitigation(spec)
   if preset is None and not fields:
     return model
@@ -191,6 +203,7 @@ def apply_mitigation(model, spec: str, *, tokenizer=None, train_len: int | None 
   if state_norm_on and "state_norm_threshold" not in fields:
     from mamba2_jax.data.synthetic import SyntheticTokenizer, copy_prompt  # pylint: disable=g-import-not-at-top
     from mamba2_jax.eval.prompts import newline_prompt  # pylint: disable=g-import-not-at-top
+
     tok = get_tokenizer(tokenizer or "byte")
     if isinstance(tok, SyntheticTokenizer):  # no text: a copy stream of fresh pairs
       ref = copy_prompt(tok.vocab_size, calibrate_span, calibrate_len, 54321)[0][None]
@@ -199,7 +212,11 @@ def apply_mitigation(model, spec: str, *, tokenizer=None, train_len: int | None 
       ref, kind = newline_prompt(tok, calibrate_len)[None], "newline"
     multiplier = 1.0 if multiplier is None else float(multiplier)
     model = mitigations.calibrate_state_norm(model, ref, multiplier=multiplier)
-    log.info("state-norm thresholds calibrated on %d %s tokens, multiplier %g", ref.shape[1],
-             kind, multiplier)
+    log.info(
+      "state-norm thresholds calibrated on %d %s tokens, multiplier %g",
+      ref.shape[1],
+      kind,
+      multiplier,
+    )
   log.info("mitigation %r: preset %s, fields %s", spec, preset, fields)
   return model

@@ -9,8 +9,19 @@ import numpy as np
 from mamba2_jax.eval.plotting import fmt_tokens, mark_train_len, plt, save
 
 
-def _per_head(stats_key, ylabel, stats, positions, results, out: Path, name, *, transform=None,
-              ylim=None, logy=False) -> str:
+def _per_head(
+  stats_key,
+  ylabel,
+  stats,
+  positions,
+  results,
+  out: Path,
+  name,
+  *,
+  transform=None,
+  ylim=None,
+  logy=False,
+) -> str:
   layers, heads = results["plot_layers"], results["plot_heads"]
   fig, axes = plt.subplots(1, len(layers), figsize=(4.5 * len(layers), 3.2), squeeze=False)
   for ax, layer in zip(axes[0], layers):
@@ -32,31 +43,48 @@ def _per_head(stats_key, ylabel, stats, positions, results, out: Path, name, *, 
 
 def plot_all(stats: dict, positions: np.ndarray, snaps: dict, results: dict, out: Path):
   paths = [
-      _per_head("norm", "state norm ||h||_F", stats, positions, results, out, "state_norm.png"),
-      _per_head("log_retention", "retention alpha_{1:t}", stats, positions, results, out,
-                "retention.png", transform=np.exp, ylim=(0, 1.02)),
+    _per_head("norm", "state norm ||h||_F", stats, positions, results, out, "state_norm.png"),
+    _per_head(
+      "log_retention",
+      "retention alpha_{1:t}",
+      stats,
+      positions,
+      results,
+      out,
+      "retention.png",
+      transform=np.exp,
+      ylim=(0, 1.02),
+    ),
   ]
   ratio = np.asarray(results["explosion_ratio"], float)
   if np.isfinite(ratio).any():
-    fig, ax = plt.subplots(figsize=(max(4, 0.18 * ratio.shape[1] + 2),
-                                    max(3, 0.12 * ratio.shape[0] + 1.5)))
-    im = ax.imshow(np.log10(np.clip(ratio, 1e-3, 1e6)), aspect="auto", cmap="magma",
-                   interpolation="nearest")
+    fig, ax = plt.subplots(
+      figsize=(max(4, 0.18 * ratio.shape[1] + 2), max(3, 0.12 * ratio.shape[0] + 1.5))
+    )
+    im = ax.imshow(
+      np.log10(np.clip(ratio, 1e-3, 1e6)), aspect="auto", cmap="magma", interpolation="nearest"
+    )
     fig.colorbar(im, ax=ax, label="log10(max norm beyond / within T_train)")
     for d in results["exploding_heads"]:
       ax.plot(d["head"], d["layer"], "c.", markersize=4)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(f"state norm explosion ratio (dots: > {results['config'].explode_factor:g}x)",
-                 fontsize=9)
+    ax.set_title(
+      f"state norm explosion ratio (dots: > {results['config'].explode_factor:g}x)", fontsize=9
+    )
     paths.append(save(fig, out / "explosion_ratio.png"))
 
   layer = results["plot_layers"][0]
   heads = results["plot_heads"]
   fig, axes = plt.subplots(2, 3, figsize=(13, 6))
-  panels = [("dt_mean", "dt (per head)", True), ("x_mean", "x mean over P (per head)", True),
-            ("x_var", "x var over P (per head)", True), ("B_mean", "B mean / var over N", False),
-            ("C_mean", "C mean / var over N", False), ("conv_mean", "conv state mean / var", False)]
+  panels = [
+    ("dt_mean", "dt (per head)", True),
+    ("x_mean", "x mean over P (per head)", True),
+    ("x_var", "x var over P (per head)", True),
+    ("B_mean", "B mean / var over N", False),
+    ("C_mean", "C mean / var over N", False),
+    ("conv_mean", "conv state mean / var", False),
+  ]
   for ax, (key, title, per_head) in zip(axes.flat, panels):
     if per_head:
       for h in heads:

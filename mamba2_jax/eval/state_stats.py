@@ -39,8 +39,17 @@ from mamba2_jax.eval.task_configs import resolve_train_len
 log = logging.getLogger(__name__)
 
 STATE_STATS = ("rms", "norm", "mean", "var")
-INPUT_STATS = ("dt_mean", "B_mean", "B_var", "C_mean", "C_var", "x_mean", "x_var", "conv_mean",
-               "conv_var")
+INPUT_STATS = (
+  "dt_mean",
+  "B_mean",
+  "B_var",
+  "C_mean",
+  "C_var",
+  "x_mean",
+  "x_var",
+  "conv_mean",
+  "conv_var",
+)
 
 
 def _unbiased_var(a, axes):
@@ -58,16 +67,20 @@ def _layer_stats(it: introspect.Internals, lc) -> dict:
   xf = it.x.astype(f32)
   conv = jnp.concatenate([lc.conv_x, lc.conv_B, lc.conv_C], -1).astype(f32)  # (b, K-1, conv)
   return {
-      "rms": jnp.sqrt(jnp.mean(h * h, axis=(-2, -1))).mean(0),
-      "norm": jnp.sqrt(jnp.sum(h * h, axis=(-2, -1))).mean(0),
-      "mean": jnp.mean(h, axis=(-2, -1)).mean(0),
-      "var": _unbiased_var(h, (-2, -1)).mean(0),
-      "log_decay_sum": it.log_decay.sum(1).mean(0),  # (H,)
-      "dt_mean": it.dt.mean((0, 1)),
-      "B_mean": Bf.mean(-1).mean(), "B_var": _unbiased_var(Bf, (-1,)).mean(),
-      "C_mean": Cf.mean(-1).mean(), "C_var": _unbiased_var(Cf, (-1,)).mean(),
-      "x_mean": xf.mean(-1).mean((0, 1)), "x_var": _unbiased_var(xf, (-1,)).mean((0, 1)),
-      "conv_mean": conv.mean(), "conv_var": _unbiased_var(conv, (0, 1, 2)),
+    "rms": jnp.sqrt(jnp.mean(h * h, axis=(-2, -1))).mean(0),
+    "norm": jnp.sqrt(jnp.sum(h * h, axis=(-2, -1))).mean(0),
+    "mean": jnp.mean(h, axis=(-2, -1)).mean(0),
+    "var": _unbiased_var(h, (-2, -1)).mean(0),
+    "log_decay_sum": it.log_decay.sum(1).mean(0),  # (H,)
+    "dt_mean": it.dt.mean((0, 1)),
+    "B_mean": Bf.mean(-1).mean(),
+    "B_var": _unbiased_var(Bf, (-1,)).mean(),
+    "C_mean": Cf.mean(-1).mean(),
+    "C_var": _unbiased_var(Cf, (-1,)).mean(),
+    "x_mean": xf.mean(-1).mean((0, 1)),
+    "x_var": _unbiased_var(xf, (-1,)).mean((0, 1)),
+    "conv_mean": conv.mean(),
+    "conv_var": _unbiased_var(conv, (0, 1, 2)),
   }
 
 
@@ -84,8 +97,16 @@ def _stats_piece(graphdef, state, tokens, cache):
   return stats, cache
 
 
-def collect(model, tokens: np.ndarray, stat_chunk: int, chunk_len: int, *,
-            snapshot_at=(), snapshot=(0, 0), progress=True) -> tuple[dict, dict]:
+def collect(
+  model,
+  tokens: np.ndarray,
+  stat_chunk: int,
+  chunk_len: int,
+  *,
+  snapshot_at=(),
+  snapshot=(0, 0),
+  progress=True,
+) -> tuple[dict, dict]:
   """Streams tokens (b, L) -> (stats dict of float64 arrays (points, n_layer[, H]), snapshots
   {position: (b, P, N) state of layer/head `snapshot` after `position` tokens}).
 
@@ -100,11 +121,17 @@ def collect(model, tokens: np.ndarray, stat_chunk: int, chunk_len: int, *,
   cache = model.init_cache(b)
   parts, snaps, pending = [], {}, None
   want = set(int(p) for p in snapshot_at)
-  with tqdm(total=b * L, desc="state_stats", unit="tok", unit_scale=True, disable=not progress,
-            mininterval=1.0) as bar:
+  with tqdm(
+    total=b * L,
+    desc="state_stats",
+    unit="tok",
+    unit_scale=True,
+    disable=not progress,
+    mininterval=1.0,
+  ) as bar:
     for start in range(0, L, piece):
       n = min(piece, L - start)
-      toks = jnp.asarray(tokens[:, start:start + n].reshape(b, n // stat_chunk, stat_chunk))
+      toks = jnp.asarray(tokens[:, start : start + n].reshape(b, n // stat_chunk, stat_chunk))
       stats, cache = _stats_piece(graphdef, state, toks, cache)
       if start + n in want:
         layer, head = snapshot
@@ -118,8 +145,9 @@ def collect(model, tokens: np.ndarray, stat_chunk: int, chunk_len: int, *,
   return stats, snaps
 
 
-def exploding_heads(norm: np.ndarray, positions: np.ndarray, train_len: int | None,
-                    factor: float) -> tuple[np.ndarray, list[dict]]:
+def exploding_heads(
+  norm: np.ndarray, positions: np.ndarray, train_len: int | None, factor: float
+) -> tuple[np.ndarray, list[dict]]:
   """norm (points, n_layer, H) -> (ratio (n_layer, H): max beyond / max within T_train, NaN
   without points on both sides; flagged heads [{layer, head, ratio}] with ratio > factor)."""
   shape = norm.shape[1:]
@@ -129,8 +157,10 @@ def exploding_heads(norm: np.ndarray, positions: np.ndarray, train_len: int | No
   beyond = norm[positions > train_len].max(axis=0)
   with np.errstate(divide="ignore", invalid="ignore"):
     ratio = np.where(within > 0, beyond / within, np.inf)
-  flagged = [{"layer": int(l), "head": int(h), "ratio": float(ratio[l, h])}
-             for l, h in zip(*np.nonzero(~(ratio <= factor)))]
+  flagged = [
+    {"layer": int(l), "head": int(h), "ratio": float(ratio[l, h])}
+    for l, h in zip(*np.nonzero(~(ratio <= factor)))
+  ]
   return ratio, sorted(flagged, key=lambda d: -d["ratio"] if np.isfinite(d["ratio"]) else -1e300)
 
 
@@ -147,41 +177,69 @@ def run_state_stats(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict:
   L = tokens.shape[1] - tokens.shape[1] % cfg.stat_chunk
   plot_layers = [int(l) for l in cfg.plot_layers] or [int(0.8 * mc.n_layer)]
   plot_heads = [int(h) for h in cfg.plot_heads] or list(range(min(8, mc.nheads)))
-  hist = (plot_layers[0] if cfg.hist_layer < 0 else int(cfg.hist_layer),
-          min(int(cfg.hist_head), mc.nheads - 1))
+  hist = (
+    plot_layers[0] if cfg.hist_layer < 0 else int(cfg.hist_layer),
+    min(int(cfg.hist_head), mc.nheads - 1),
+  )
   snap_at = [int(p) for p in cfg.hist_positions] or [p for p in (train_len, L) if p]
   t0 = time.perf_counter()
-  stats, snaps = collect(model, tokens, cfg.stat_chunk, cfg.chunk_len, snapshot_at=snap_at,
-                         snapshot=hist, progress=cfg.progress)
+  stats, snaps = collect(
+    model,
+    tokens,
+    cfg.stat_chunk,
+    cfg.chunk_len,
+    snapshot_at=snap_at,
+    snapshot=hist,
+    progress=cfg.progress,
+  )
   seconds = time.perf_counter() - t0
   positions = (np.arange(stats["rms"].shape[0]) + 1) * cfg.stat_chunk
   stats["log_retention"] = np.cumsum(stats.pop("log_decay_sum"), axis=0)  # (points, n_layer, H)
   ratio, flagged = exploding_heads(stats["norm"], positions, train_len, cfg.explode_factor)
-  np.savez_compressed(out / "stats.npz", positions=positions, explosion_ratio=ratio,
-                      **{k: v.astype(np.float32) if k != "log_retention" else v
-                         for k, v in stats.items()},
-                      **{f"state_snapshot_{p}": v for p, v in snaps.items()})
+  np.savez_compressed(
+    out / "stats.npz",
+    positions=positions,
+    explosion_ratio=ratio,
+    **{k: v.astype(np.float32) if k != "log_retention" else v for k, v in stats.items()},
+    **{f"state_snapshot_{p}": v for p, v in snaps.items()},
+  )
   at = lambda t: int(np.argmin(np.abs(positions - t)))
   summary = {
-      "num_exploding_heads": len(flagged) if train_len else None,
-      "max_explosion_ratio": float(np.nanmax(ratio)) if np.isfinite(ratio).any() else None,
-      "max_state_norm": float(stats["norm"].max()),
-      "max_state_norm_within_train": (float(stats["norm"][positions <= train_len].max())
-                                      if train_len and (positions <= train_len).any() else None),
-      "tokens_per_s": tokens.shape[0] * L / seconds,
+    "num_exploding_heads": len(flagged) if train_len else None,
+    "max_explosion_ratio": float(np.nanmax(ratio)) if np.isfinite(ratio).any() else None,
+    "max_state_norm": float(stats["norm"].max()),
+    "max_state_norm_within_train": (
+      float(stats["norm"][positions <= train_len].max())
+      if train_len and (positions <= train_len).any()
+      else None
+    ),
+    "tokens_per_s": tokens.shape[0] * L / seconds,
   }
   results = {
-      "task": "state_stats", "config": cfg, "train_len": train_len, "seconds": seconds,
-      "summary": summary, "positions": positions, "exploding_heads": flagged,
-      "explosion_ratio": ratio, "plot_layers": plot_layers, "plot_heads": plot_heads,
-      "retention_at_train_len": (np.exp(stats["log_retention"][at(train_len)])
-                                 if train_len else None),
-      "retention_at_end": np.exp(stats["log_retention"][-1]),
-      "histogram": {"layer": hist[0], "head": hist[1], "positions": sorted(snaps)},
+    "task": "state_stats",
+    "config": cfg,
+    "train_len": train_len,
+    "seconds": seconds,
+    "summary": summary,
+    "positions": positions,
+    "exploding_heads": flagged,
+    "explosion_ratio": ratio,
+    "plot_layers": plot_layers,
+    "plot_heads": plot_heads,
+    "retention_at_train_len": (
+      np.exp(stats["log_retention"][at(train_len)]) if train_len else None
+    ),
+    "retention_at_end": np.exp(stats["log_retention"][-1]),
+    "histogram": {"layer": hist[0], "head": hist[1], "positions": sorted(snaps)},
   }
   from mamba2_jax.eval import state_plots  # pylint: disable=g-import-not-at-top
+
   results["plots"] = state_plots.plot_all(stats, positions, snaps, results, out)
   io.write_json(out / "results.json", results)
-  log.info("state_stats: %s exploding heads (factor %g), max ratio %s", len(flagged),
-           cfg.explode_factor, summary["max_explosion_ratio"])
+  log.info(
+    "state_stats: %s exploding heads (factor %g), max ratio %s",
+    len(flagged),
+    cfg.explode_factor,
+    summary["max_explosion_ratio"],
+  )
   return results

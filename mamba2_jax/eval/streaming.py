@@ -97,8 +97,15 @@ def as_batch(tokens) -> np.ndarray:
 def _progress(progress, total, desc):
   if isinstance(progress, tqdm):
     return progress
-  return tqdm(total=total, desc=desc, unit="tok", unit_scale=True, disable=not progress,
-              leave=False, mininterval=1.0)
+  return tqdm(
+    total=total,
+    desc=desc,
+    unit="tok",
+    unit_scale=True,
+    disable=not progress,
+    leave=False,
+    mininterval=1.0,
+  )
 
 
 def _own_cache(model, batch, cache):
@@ -110,13 +117,21 @@ def _own_cache(model, batch, cache):
 
 class ScoredPiece(NamedTuple):
   """Scores of positions [start, start + loss.shape[1]) of a `iter_token_scores` stream."""
+
   start: int
   loss: np.ndarray  # (b, n) float32, nats
   pred: np.ndarray  # (b, n) int32, argmax next-token ids
 
 
-def iter_token_scores(model, tokens, chunk_len: int, *, cache: Mamba2Cache | None = None,
-                      progress=False, desc: str = "score") -> Iterator[ScoredPiece]:
+def iter_token_scores(
+  model,
+  tokens,
+  chunk_len: int,
+  *,
+  cache: Mamba2Cache | None = None,
+  progress=False,
+  desc: str = "score",
+) -> Iterator[ScoredPiece]:
   """Yields the next-token scores of tokens (b, L) piece by piece (L-1 positions in all).
 
   Position i scores token i+1 given tokens 0..i (see the module docstring). Piece k+1 is
@@ -138,13 +153,14 @@ def iter_token_scores(model, tokens, chunk_len: int, *, cache: Mamba2Cache | Non
   pending = None
   try:
     for start, end in bounds:
-      inputs, targets = toks[:, start:end], toks[:, start + 1:end + 1]
+      inputs, targets = toks[:, start:end], toks[:, start + 1 : end + 1]
       n = end - start
       width = min(chunk_len, 1 << (n - 1).bit_length())
       if width > n:  # the last piece: pad to a power of two (causal: real scores unchanged)
         inputs, targets = (np.pad(a, ((0, 0), (0, width - n))) for a in (inputs, targets))
-      loss, pred, cache = _score_piece(graphdef, state, jnp.asarray(inputs),
-                                       jnp.asarray(targets), cache)
+      loss, pred, cache = _score_piece(
+        graphdef, state, jnp.asarray(inputs), jnp.asarray(targets), cache
+      )
       if pending is not None:
         yield _fetch(*pending, bar)
       pending = (start, n, loss, pred)
@@ -168,13 +184,20 @@ def token_scores(model, tokens, chunk_len: int, **kwargs) -> tuple[np.ndarray, n
   pred = np.zeros((b, max(L - 1, 0)), np.int32)
   for piece in iter_token_scores(model, toks, chunk_len, **kwargs):
     n = piece.loss.shape[1]
-    loss[:, piece.start:piece.start + n] = piece.loss
-    pred[:, piece.start:piece.start + n] = piece.pred
+    loss[:, piece.start : piece.start + n] = piece.loss
+    pred[:, piece.start : piece.start + n] = piece.pred
   return loss, pred
 
 
-def prefill_stream(model, tokens, chunk_len: int, *, cache: Mamba2Cache | None = None,
-                   progress=False, desc: str = "prefill") -> tuple[jax.Array, Mamba2Cache]:
+def prefill_stream(
+  model,
+  tokens,
+  chunk_len: int,
+  *,
+  cache: Mamba2Cache | None = None,
+  progress=False,
+  desc: str = "prefill",
+) -> tuple[jax.Array, Mamba2Cache]:
   """Feeds tokens (b, L) through the model in pieces -> (logits of the last position (b, V),
   cache after the last token). Exact: equals `model.prefill(tokens)`."""
   toks = as_batch(tokens)

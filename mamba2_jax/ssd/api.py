@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels.platform import target_platform
@@ -30,34 +29,40 @@ from .chunked import chunked_core
 from .reference import reference_core
 
 __all__ = [
-    "ssd",
-    "ssd_reference",
-    "ssd_chunked",
-    "register_impl",
-    "set_auto_impl",
-    "available_impls",
-    "resolve_impl",
-    "PALLAS_IMPLS",
-    "WINDOW_IMPLS",
+  "ssd",
+  "ssd_reference",
+  "ssd_chunked",
+  "register_impl",
+  "set_auto_impl",
+  "available_impls",
+  "resolve_impl",
+  "PALLAS_IMPLS",
+  "WINDOW_IMPLS",
 ]
 
 _IMPLS: dict[str, Callable] = {
-    "reference": reference_core,
-    "xla": chunked_core,
+  "reference": reference_core,
+  "xla": chunked_core,
 }
 
 # Pallas kernels live in the top-level `pallas_kernels` package and are imported on first use.
 # Their cores take an extra ``interpret`` argument (None = interpret on CPU, compile elsewhere).
 _LAZY: dict[str, tuple[str, str]] = {
-    "pallas_gpu": ("pallas_kernels.ssd_gpu.ops", "ssd_gpu_core"),
-    "pallas_tpu": ("pallas_kernels.ssd_tpu.ops", "ssd_tpu_core"),
+  "pallas_gpu": ("pallas_kernels.ssd_gpu.ops", "ssd_gpu_core"),
+  "pallas_tpu": ("pallas_kernels.ssd_tpu.ops", "ssd_tpu_core"),
 }
 _TAKES_INTERPRET = set(_LAZY)
 
 # backend platform -> impl used by impl="auto"; "*" is the fallback. ROCm stays on XLA: the
 # Triton kernels are compile-checked for CUDA (sm_90) only.
-_AUTO: dict[str, str] = {"cpu": "xla", "gpu": "pallas_gpu", "cuda": "pallas_gpu", "rocm": "xla",
-                         "tpu": "pallas_tpu", "*": "xla"}
+_AUTO: dict[str, str] = {
+  "cpu": "xla",
+  "gpu": "pallas_gpu",
+  "cuda": "pallas_gpu",
+  "rocm": "xla",
+  "tpu": "pallas_tpu",
+  "*": "xla",
+}
 PALLAS_IMPLS = frozenset(_LAZY)
 # impls whose core takes ``window=r`` (the sliding window by state difference)
 WINDOW_IMPLS = {"reference", "xla"}
@@ -66,157 +71,171 @@ WINDOW_IMPLS = {"reference", "xla"}
 SKIP_IMPLS = {"pallas_gpu", "pallas_tpu"}
 
 
-def register_impl(name: str, core: Callable, *, overwrite: bool = False,
-                  supports_window: bool = False, fuses_skip: bool = False) -> None:
-    """Register an implementation core under ``name`` (see module docstring).
+def register_impl(
+  name: str,
+  core: Callable,
+  *,
+  overwrite: bool = False,
+  supports_window: bool = False,
+  fuses_skip: bool = False,
+) -> None:
+  """Register an implementation core under ``name`` (see module docstring).
 
-    ``supports_window``: the core accepts ``window=r`` (int >= 1) as a keyword argument.
-    ``fuses_skip``: the core accepts ``D=`` ((H, P) in the accumulation dtype, or None) and
-    returns y + D x (e.g. a variant of the Pallas cores).
-    Cores must take the per-token log-decay from ``Prepared.dA`` (dt * A + log_decay_offset),
-    not recompute dt * A, or ``log_decay_offset`` is silently lost.
-    """
-    if name == "auto":
-        raise ValueError("ssd: 'auto' is reserved")
-    if name in _IMPLS and not overwrite:
-        raise ValueError(f"ssd: impl {name!r} is already registered")
-    _IMPLS[name] = core
-    for impls, on in ((WINDOW_IMPLS, supports_window), (SKIP_IMPLS, fuses_skip)):
-        if on:
-            impls.add(name)
-        else:
-            impls.discard(name)
+  ``supports_window``: the core accepts ``window=r`` (int >= 1) as a keyword argument.
+  ``fuses_skip``: the core accepts ``D=`` ((H, P) in the accumulation dtype, or None) and
+  returns y + D x (e.g. a variant of the Pallas cores).
+  Cores must take the per-token log-decay from ``Prepared.dA`` (dt * A + log_decay_offset),
+  not recompute dt * A, or ``log_decay_offset`` is silently lost.
+  """
+  if name == "auto":
+    raise ValueError("ssd: 'auto' is reserved")
+  if name in _IMPLS and not overwrite:
+    raise ValueError(f"ssd: impl {name!r} is already registered")
+  _IMPLS[name] = core
+  for impls, on in ((WINDOW_IMPLS, supports_window), (SKIP_IMPLS, fuses_skip)):
+    if on:
+      impls.add(name)
+    else:
+      impls.discard(name)
 
 
 def set_auto_impl(platform: str, name: str) -> None:
-    """Make ``impl='auto'`` choose ``name`` on backend ``platform`` ('cpu', 'gpu', 'tpu', '*')."""
-    if name not in _IMPLS and name not in _LAZY:
-        raise ValueError(f"ssd: unknown impl {name!r}; registered: {sorted(set(_IMPLS) | set(_LAZY))}")
-    _AUTO[platform] = name
+  """Make ``impl='auto'`` choose ``name`` on backend ``platform`` ('cpu', 'gpu', 'tpu', '*')."""
+  if name not in _IMPLS and name not in _LAZY:
+    raise ValueError(f"ssd: unknown impl {name!r}; registered: {sorted(set(_IMPLS) | set(_LAZY))}")
+  _AUTO[platform] = name
 
 
 def available_impls() -> tuple[str, ...]:
-    return ("auto", *sorted(set(_IMPLS) | set(_LAZY)))
+  return ("auto", *sorted(set(_IMPLS) | set(_LAZY)))
 
 
 def _load(name: str) -> Callable:
-    if name not in _IMPLS and name in _LAZY:
-        import importlib
+  if name not in _IMPLS and name in _LAZY:
+    import importlib
 
-        module, attr = _LAZY[name]
-        _IMPLS[name] = getattr(importlib.import_module(module), attr)
-    return _IMPLS[name]
+    module, attr = _LAZY[name]
+    _IMPLS[name] = getattr(importlib.import_module(module), attr)
+  return _IMPLS[name]
 
 
 def resolve_impl(impl: str, *, window: int | None = None) -> str:
-    """Map ``impl`` (possibly 'auto') to a registered implementation name.
+  """Map ``impl`` (possibly 'auto') to a registered implementation name.
 
-    With ``window`` set, 'auto' falls back to 'xla' where the backend's choice has no
-    sliding-window support (the Pallas impls).
-    """
-    if impl == "auto":
-        platform = target_platform()
-        name = _AUTO.get(platform, _AUTO["*"])
-        if window is not None and name not in WINDOW_IMPLS:
-            name = "xla"
-        return name
-    if not isinstance(impl, str) or (impl not in _IMPLS and impl not in _LAZY):
-        raise ValueError(f"ssd: unknown impl={impl!r}; allowed values: {list(available_impls())}")
-    return impl
+  With ``window`` set, 'auto' falls back to 'xla' where the backend's choice has no
+  sliding-window support (the Pallas impls).
+  """
+  if impl == "auto":
+    platform = target_platform()
+    name = _AUTO.get(platform, _AUTO["*"])
+    if window is not None and name not in WINDOW_IMPLS:
+      name = "xla"
+    return name
+  if not isinstance(impl, str) or (impl not in _IMPLS and impl not in _LAZY):
+    raise ValueError(f"ssd: unknown impl={impl!r}; allowed values: {list(available_impls())}")
+  return impl
 
 
 def ssd(
+  x,
+  dt,
+  A,
+  B,
+  C,
+  *,
+  D=None,
+  dt_bias=None,
+  dt_softplus=True,
+  dt_limit=(0.0, float("inf")),
+  chunk_size=256,
+  initial_state=None,
+  segment_ids=None,
+  return_final_state=False,
+  impl="auto",
+  interpret=None,
+  dt_scale=1.0,
+  log_decay_offset=0.0,
+  window=None,
+):
+  """Mamba-2 structured state-space duality (SSD) scan.
+
+  Args:
+    x: (b, L, H, P) inputs. dt: (b, L, H) raw step sizes. A: (H,) negative decay
+      rates (computed in fp32). B, C: (b, L, G, N); head h uses group h // (H // G).
+    D: (H,) or (H, P) skip, or None. dt_bias: (H,) or None.
+    dt_softplus: apply softplus to dt + dt_bias. dt_limit: clip range for dt.
+    chunk_size: chunk length Q of the chunked implementations.
+    initial_state: (b, H, P, N) state before position 0 (first segment only).
+    segment_ids: (b, L) int; the state resets wherever the id changes.
+    return_final_state: also return the state after the last token.
+    impl: 'auto', 'reference' (per-token scan oracle), 'xla' (chunked),
+      'pallas_gpu', 'pallas_tpu' (Pallas kernels), plus any registered later.
+    interpret: Pallas impls only: run the kernel in interpret mode (None = on CPU).
+    dt_scale: s > 0, multiplies the processed dt (LongMamba-style; scales decay and
+      insertion). All impls.
+    log_decay_offset: o <= 0 added to dt_t * A at every real position (RRI: o = log c_a,
+      i.e. alpha_t *= c_a; padded positions stay identity steps). All impls.
+    window: sliding window r >= 1 by state difference (paper eq. 8), or None: y_t reads
+      h_t - alpha_{t-r+1:t} h_{t-r}, i.e. only positions t-r+1..t contribute; the D skip
+      and the returned final state are unchanged. ``initial_state`` is the contribution
+      of position -1 (h_{-1}; h_s = 0 for s < -1): it reaches y_t only for t <= r - 2.
+      No subtraction across a segment start. Impls 'reference' and 'xla' (both
+      differentiable); 'auto' then resolves to one of them; the Pallas impls raise.
+
+  Per head (fp32 math): dt_t = s * clip(softplus(dt_raw + dt_bias), *dt_limit);
+  h_t = exp(dt_t A + o) h_{t-1} + dt_t x_t (outer) B_t; y_t = h_t C_t + D x_t.
+  (RRI's insertion scale c_b is no op argument: scale B by c_b before the call, as the
+  mixer does.)
+
+  Returns:
+    y (b, L, H, P) in x.dtype, and with ``return_final_state`` the final state
+    (b, H, P, N) in float32 (float64 when the inputs are float64).
+  """
+  common.validate_mitigations(dt_scale, log_decay_offset, window)
+  name = resolve_impl(impl, window=window)
+  if window is not None and name not in WINDOW_IMPLS:
+    raise ValueError(
+      f"ssd: window= is supported by impl {sorted(WINDOW_IMPLS)} (and 'auto', which then "
+      f"uses 'xla'), not by impl={name!r}"
+    )
+  common.validate(x, dt, A, B, C, D, dt_bias, initial_state, segment_ids, chunk_size, dt_limit)
+  x = jnp.asarray(x)
+  prep = common.prepare_inputs(
     x,
     dt,
     A,
     B,
     C,
-    *,
-    D=None,
-    dt_bias=None,
-    dt_softplus=True,
-    dt_limit=(0.0, float("inf")),
-    chunk_size=256,
-    initial_state=None,
-    segment_ids=None,
-    return_final_state=False,
-    impl="auto",
-    interpret=None,
-    dt_scale=1.0,
-    log_decay_offset=0.0,
-    window=None,
-):
-    """Mamba-2 structured state-space duality (SSD) scan.
-
-    Args:
-      x: (b, L, H, P) inputs. dt: (b, L, H) raw step sizes. A: (H,) negative decay
-        rates (computed in fp32). B, C: (b, L, G, N); head h uses group h // (H // G).
-      D: (H,) or (H, P) skip, or None. dt_bias: (H,) or None.
-      dt_softplus: apply softplus to dt + dt_bias. dt_limit: clip range for dt.
-      chunk_size: chunk length Q of the chunked implementations.
-      initial_state: (b, H, P, N) state before position 0 (first segment only).
-      segment_ids: (b, L) int; the state resets wherever the id changes.
-      return_final_state: also return the state after the last token.
-      impl: 'auto', 'reference' (per-token scan oracle), 'xla' (chunked),
-        'pallas_gpu', 'pallas_tpu' (Pallas kernels), plus any registered later.
-      interpret: Pallas impls only: run the kernel in interpret mode (None = on CPU).
-      dt_scale: s > 0, multiplies the processed dt (LongMamba-style; scales decay and
-        insertion). All impls.
-      log_decay_offset: o <= 0 added to dt_t * A at every real position (RRI: o = log c_a,
-        i.e. alpha_t *= c_a; padded positions stay identity steps). All impls.
-      window: sliding window r >= 1 by state difference (paper eq. 8), or None: y_t reads
-        h_t - alpha_{t-r+1:t} h_{t-r}, i.e. only positions t-r+1..t contribute; the D skip
-        and the returned final state are unchanged. ``initial_state`` is the contribution
-        of position -1 (h_{-1}; h_s = 0 for s < -1): it reaches y_t only for t <= r - 2.
-        No subtraction across a segment start. Impls 'reference' and 'xla' (both
-        differentiable); 'auto' then resolves to one of them; the Pallas impls raise.
-
-    Per head (fp32 math): dt_t = s * clip(softplus(dt_raw + dt_bias), *dt_limit);
-    h_t = exp(dt_t A + o) h_{t-1} + dt_t x_t (outer) B_t; y_t = h_t C_t + D x_t.
-    (RRI's insertion scale c_b is no op argument: scale B by c_b before the call, as the
-    mixer does.)
-
-    Returns:
-      y (b, L, H, P) in x.dtype, and with ``return_final_state`` the final state
-      (b, H, P, N) in float32 (float64 when the inputs are float64).
-    """
-    common.validate_mitigations(dt_scale, log_decay_offset, window)
-    name = resolve_impl(impl, window=window)
-    if window is not None and name not in WINDOW_IMPLS:
-        raise ValueError(
-            f"ssd: window= is supported by impl {sorted(WINDOW_IMPLS)} (and 'auto', which then "
-            f"uses 'xla'), not by impl={name!r}"
-        )
-    common.validate(x, dt, A, B, C, D, dt_bias, initial_state, segment_ids, chunk_size, dt_limit)
-    x = jnp.asarray(x)
-    prep = common.prepare_inputs(
-        x, dt, A, B, C,
-        dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
-        initial_state=initial_state, segment_ids=segment_ids,
-        dt_scale=dt_scale, log_decay_offset=log_decay_offset,
-    )
-    core = _load(name)
-    extra = {"interpret": interpret} if name in _TAKES_INTERPRET else {}
-    if window is not None:
-        extra["window"] = window
-    fuse_skip = name in SKIP_IMPLS and D is not None
-    if fuse_skip:
-        D_ = jnp.asarray(D).astype(prep.acc)
-        extra["D"] = jnp.broadcast_to(D_.reshape(D_.shape[0], -1), x.shape[2:])
-    y, final = core(prep, chunk_size=chunk_size, **extra)
-    if not fuse_skip:
-        y = common.apply_skip(y, prep.x, D, prep.acc)
-    y = y.astype(x.dtype)
-    if return_final_state:
-        return y, final.astype(prep.acc)
-    return y
+    dt_bias=dt_bias,
+    dt_softplus=dt_softplus,
+    dt_limit=dt_limit,
+    initial_state=initial_state,
+    segment_ids=segment_ids,
+    dt_scale=dt_scale,
+    log_decay_offset=log_decay_offset,
+  )
+  core = _load(name)
+  extra = {"interpret": interpret} if name in _TAKES_INTERPRET else {}
+  if window is not None:
+    extra["window"] = window
+  fuse_skip = name in SKIP_IMPLS and D is not None
+  if fuse_skip:
+    D_ = jnp.asarray(D).astype(prep.acc)
+    extra["D"] = jnp.broadcast_to(D_.reshape(D_.shape[0], -1), x.shape[2:])
+  y, final = core(prep, chunk_size=chunk_size, **extra)
+  if not fuse_skip:
+    y = common.apply_skip(y, prep.x, D, prep.acc)
+  y = y.astype(x.dtype)
+  if return_final_state:
+    return y, final.astype(prep.acc)
+  return y
 
 
 def ssd_reference(x, dt, A, B, C, **kwargs):
-    """:func:`ssd` with ``impl='reference'`` (per-token scan; the oracle)."""
-    return ssd(x, dt, A, B, C, impl="reference", **kwargs)
+  """:func:`ssd` with ``impl='reference'`` (per-token scan; the oracle)."""
+  return ssd(x, dt, A, B, C, impl="reference", **kwargs)
 
 
 def ssd_chunked(x, dt, A, B, C, **kwargs):
-    """:func:`ssd` with ``impl='xla'`` (chunked XLA path)."""
-    return ssd(x, dt, A, B, C, impl="xla", **kwargs)
+  """:func:`ssd` with ``impl='xla'`` (chunked XLA path)."""
+  return ssd(x, dt, A, B, C, impl="xla", **kwargs)

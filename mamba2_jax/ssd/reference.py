@@ -20,7 +20,6 @@ sum of dA over the window (never a running product) and a running count of reset
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -32,70 +31,69 @@ _HI = lax.Precision.HIGHEST
 
 
 def _delay(t, r):
-    """t (L, ...) time-major -> t delayed by r steps (zeros in front)."""
-    L = t.shape[0]
-    if r >= L:
-        return jnp.zeros_like(t)
-    return jnp.concatenate([jnp.zeros((r,) + t.shape[1:], t.dtype), t[: L - r]], axis=0)
+  """t (L, ...) time-major -> t delayed by r steps (zeros in front)."""
+  L = t.shape[0]
+  if r >= L:
+    return jnp.zeros_like(t)
+  return jnp.concatenate([jnp.zeros((r,) + t.shape[1:], t.dtype), t[: L - r]], axis=0)
 
 
 def reference_core(p: Prepared, *, chunk_size: int | None = None, window: int | None = None):
-    """Returns (y without the D term, final_state); both in ``p.acc``.
+  """Returns (y without the D term, final_state); both in ``p.acc``.
 
-    ``chunk_size`` is accepted for signature compatibility and ignored.
-    """
-    del chunk_size
-    acc = p.acc
-    b, L, H, P = p.x.shape
-    N = p.B.shape[-1]
-    x = p.x.astype(acc)
-    Bh = expand_groups(p.B.astype(acc), H)  # (b, L, H, N)
-    Ch = expand_groups(p.C.astype(acc), H)
-    dA = p.dt * p.A if p.dA is None else p.dA
-    decay = jnp.exp(dA)  # (b, L, H); dA <= 0 so no overflow
-    start = jnp.zeros((b, L), bool)
-    if p.seg is not None:
-        start = jnp.concatenate(
-            [jnp.zeros((b, 1), bool), p.seg[:, 1:] != p.seg[:, :-1]], axis=1
-        )
-        decay = jnp.where(start[..., None], jnp.zeros((), acc), decay)
-    h0 = jnp.zeros((b, H, P, N), acc) if p.initial_state is None else p.initial_state
+  ``chunk_size`` is accepted for signature compatibility and ignored.
+  """
+  del chunk_size
+  acc = p.acc
+  b, L, H, P = p.x.shape
+  N = p.B.shape[-1]
+  x = p.x.astype(acc)
+  Bh = expand_groups(p.B.astype(acc), H)  # (b, L, H, N)
+  Ch = expand_groups(p.C.astype(acc), H)
+  dA = p.dt * p.A if p.dA is None else p.dA
+  decay = jnp.exp(dA)  # (b, L, H); dA <= 0 so no overflow
+  start = jnp.zeros((b, L), bool)
+  if p.seg is not None:
+    start = jnp.concatenate([jnp.zeros((b, 1), bool), p.seg[:, 1:] != p.seg[:, :-1]], axis=1)
+    decay = jnp.where(start[..., None], jnp.zeros((), acc), decay)
+  h0 = jnp.zeros((b, H, P, N), acc) if p.initial_state is None else p.initial_state
 
-    def insert(a, h, dt, x_, B_):
-        return a[:, :, None, None] * h + (dt[:, :, None] * x_)[..., None] * B_[:, :, None, :]
+  def insert(a, h, dt, x_, B_):
+    return a[:, :, None, None] * h + (dt[:, :, None] * x_)[..., None] * B_[:, :, None, :]
 
-    def read(h, C_):
-        return jnp.einsum("bhpn,bhn->bhp", h, C_, precision=_HI)
+  def read(h, C_):
+    return jnp.einsum("bhpn,bhn->bhp", h, C_, precision=_HI)
 
-    tm = lambda t: jnp.moveaxis(t, 1, 0)  # time-major
-    seq = (tm(decay), tm(p.dt), tm(x), tm(Bh), tm(Ch))
+  tm = lambda t: jnp.moveaxis(t, 1, 0)  # time-major
+  seq = (tm(decay), tm(p.dt), tm(x), tm(Bh), tm(Ch))
 
-    if window is None:
-        def step(h, inp):
-            a_t, dt_t, x_t, B_t, C_t = inp
-            h = insert(a_t, h, dt_t, x_t, B_t)
-            return h, read(h, C_t)
+  if window is None:
 
-        h_last, ys = lax.scan(step, h0, seq)
-        return jnp.moveaxis(ys, 0, 1), h_last
+    def step(h, inp):
+      a_t, dt_t, x_t, B_t, C_t = inp
+      h = insert(a_t, h, dt_t, x_t, B_t)
+      return h, read(h, C_t)
 
-    r = window
-    # delayed stream (inputs at t - r) and the window bookkeeping
-    nres = tm(start.astype(jnp.int32))[..., None]  # (L, b, 1)
-    delayed = tuple(_delay(t, r) for t in (tm(decay), tm(p.dt), tm(x), tm(Bh)))
-    inject = (jnp.arange(L) == r - 1).astype(acc)  # h_{t-r} = h0 exactly at t = r - 1
-    logs = (tm(dA), _delay(tm(dA), r), nres, _delay(nres, r), inject)
-
-    def wstep(carry, inp):
-        h, hd, s, n = carry
-        (a_t, dt_t, x_t, B_t, C_t), (ad, dtd, xd, Bd), (la, lad, st, std, inj) = inp
-        h = insert(a_t, h, dt_t, x_t, B_t)
-        hd = insert(ad, hd, dtd, xd, Bd) + inj * h0  # hd = h_{t-r}
-        s = s + la - lad  # sum of dA over (t-r, t]
-        n = n + st - std  # resets in (t-r, t]
-        w = jnp.where(n == 0, jnp.exp(jnp.minimum(s, 0.0)), 0.0)  # alpha_{t-r+1:t}
-        return (h, hd, s, n), read(h - w[:, :, None, None] * hd, C_t)
-
-    carry0 = (h0, jnp.zeros_like(h0), jnp.zeros((b, H), acc), jnp.zeros((b, 1), jnp.int32))
-    (h_last, _, _, _), ys = lax.scan(wstep, carry0, (seq, delayed, logs))
+    h_last, ys = lax.scan(step, h0, seq)
     return jnp.moveaxis(ys, 0, 1), h_last
+
+  r = window
+  # delayed stream (inputs at t - r) and the window bookkeeping
+  nres = tm(start.astype(jnp.int32))[..., None]  # (L, b, 1)
+  delayed = tuple(_delay(t, r) for t in (tm(decay), tm(p.dt), tm(x), tm(Bh)))
+  inject = (jnp.arange(L) == r - 1).astype(acc)  # h_{t-r} = h0 exactly at t = r - 1
+  logs = (tm(dA), _delay(tm(dA), r), nres, _delay(nres, r), inject)
+
+  def wstep(carry, inp):
+    h, hd, s, n = carry
+    (a_t, dt_t, x_t, B_t, C_t), (ad, dtd, xd, Bd), (la, lad, st, std, inj) = inp
+    h = insert(a_t, h, dt_t, x_t, B_t)
+    hd = insert(ad, hd, dtd, xd, Bd) + inj * h0  # hd = h_{t-r}
+    s = s + la - lad  # sum of dA over (t-r, t]
+    n = n + st - std  # resets in (t-r, t]
+    w = jnp.where(n == 0, jnp.exp(jnp.minimum(s, 0.0)), 0.0)  # alpha_{t-r+1:t}
+    return (h, hd, s, n), read(h - w[:, :, None, None] * hd, C_t)
+
+  carry0 = (h0, jnp.zeros_like(h0), jnp.zeros((b, H), acc), jnp.zeros((b, 1), jnp.int32))
+  (h_last, _, _, _), ys = lax.scan(wstep, carry0, (seq, delayed, logs))
+  return jnp.moveaxis(ys, 0, 1), h_last

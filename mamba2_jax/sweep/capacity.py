@@ -24,8 +24,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["t_forget", "t_forget_bounds", "t_recall", "Fit", "fit_linear", "fit_exponential",
-           "r_squared"]
+__all__ = [
+  "t_forget",
+  "t_forget_bounds",
+  "t_recall",
+  "Fit",
+  "fit_linear",
+  "fit_exponential",
+  "r_squared",
+]
 
 
 def t_forget(points: Iterable[tuple[float, int, bool]]) -> dict[float, int | None]:
@@ -45,8 +52,9 @@ def t_forget(points: Iterable[tuple[float, int, bool]]) -> dict[float, int | Non
   return out
 
 
-def t_forget_bounds(points: Iterable[tuple[float, int, bool]]
-                    ) -> dict[float, tuple[int | None, int | None]]:
+def t_forget_bounds(
+  points: Iterable[tuple[float, int, bool]],
+) -> dict[float, tuple[int | None, int | None]]:
   """points as for `t_forget` -> {state_size: (lower, T_forget)}: lower is the longest training
   length below T_forget (a run that collapsed), None if T_forget is the shortest length run (an
   upper bound only) or if there is no T_forget."""
@@ -151,5 +159,10 @@ def fit_exponential(x: Sequence[float], y: Sequence[float]) -> Fit | None:
   a, lb, c = best[1]
   base = math.exp(lb / s)
   note = "" if x.size > 3 else "3 points and 3 parameters: exact, R² is not informative"
-  return Fit("exponential", {"a": float(a), "base": base, "c": float(c)},
-             r_squared(y, law(xs, a, lb, c)), int(x.size), note)
+  return Fit(
+    "exponential",
+    {"a": float(a), "base": base, "c": float(c)},
+    r_squared(y, law(xs, a, lb, c)),
+    int(x.size),
+    note,
+  )

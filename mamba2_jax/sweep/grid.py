@@ -34,15 +34,15 @@ class EvalSpec:
   name: str
   task: str
   mitigation: str = ""
-  overrides: tuple = ()         # ((key, value), ...) for configs/evaluate.py:<task>
-  max_len_factor: int = 0       # if > 0: the task's max_len / lengths scale with seq_len
+  overrides: tuple = ()  # ((key, value), ...) for configs/evaluate.py:<task>
+  max_len_factor: int = 0  # if > 0: the task's max_len / lengths scale with seq_len
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
   name: str
-  values: tuple                 # ((key, value), ...) the grid values of this run
-  overrides: tuple              # ((key, value), ...) every training override, in order
+  values: tuple  # ((key, value), ...) the grid values of this run
+  overrides: tuple  # ((key, value), ...) every training override, in order
 
   def value(self, key, default=None):
     return dict(self.overrides).get(key, default)
@@ -78,8 +78,10 @@ def _axes(grid):
   axes = []
   for axis in grid:
     if len(axis) not in (2, 3):
-      raise ValueError(f"sweep grid: each axis must be (key, values), (keys, value tuples) or "
-                       f"(keys, value tuples, labels); got {axis!r}")
+      raise ValueError(
+        f"sweep grid: each axis must be (key, values), (keys, value tuples) or "
+        f"(keys, value tuples, labels); got {axis!r}"
+      )
     keys, values = axis[0], axis[1]
     if isinstance(keys, str):
       keys, vals = (keys,), [(v,) for v in values]
@@ -88,15 +90,17 @@ def _axes(grid):
       vals = [tuple(v) for v in values]
       bad = [v for v in vals if len(v) != len(keys)]
       if bad:
-        raise ValueError(f"sweep grid: zipped axis {keys} needs {len(keys)} values per entry; "
-                         f"got {bad[0]!r}")
+        raise ValueError(
+          f"sweep grid: zipped axis {keys} needs {len(keys)} values per entry; got {bad[0]!r}"
+        )
     if not vals:
       raise ValueError(f"sweep grid: axis {keys!r} has no values")
     if len(axis) == 3:
       labels = [str(x) for x in axis[2]]
       if len(labels) != len(vals):
-        raise ValueError(f"sweep grid: axis {keys!r} has {len(vals)} values but "
-                         f"{len(labels)} labels")
+        raise ValueError(
+          f"sweep grid: axis {keys!r} has {len(vals)} values but {len(labels)} labels"
+        )
     else:
       cols = list(zip(*vals))
       distinct = [i for i, c in enumerate(cols) if len(set(map(str, c))) == len(c)]
@@ -112,8 +116,7 @@ def expand(sweep) -> list[Run]:
   axes = _axes(sweep.grid)
   runs, names = [], set()
   for combo in itertools.product(*(range(len(vals)) for _, vals, _ in axes)):
-    values = tuple((k, v) for (keys, vals, _), i in zip(axes, combo)
-                   for k, v in zip(keys, vals[i]))
+    values = tuple((k, v) for (keys, vals, _), i in zip(axes, combo) for k, v in zip(keys, vals[i]))
     over = dict(base)
     over.update(values)
     tps = int(sweep.get("tokens_per_step", 0) or 0)
@@ -124,8 +127,10 @@ def expand(sweep) -> list[Run]:
       over["global_batch_size"] = max(1, tps // rows)
     name = "_".join(labels[i] for (_, _, labels), i in zip(axes, combo)) or "base"
     if name in names:
-      raise ValueError(f"sweep: two runs would be named {name!r}; give the axes labels "
-                       "((keys, values, labels)) that distinguish their values")
+      raise ValueError(
+        f"sweep: two runs would be named {name!r}; give the axes labels "
+        "((keys, values, labels)) that distinguish their values"
+      )
     names.add(name)
     runs.append(Run(name=name, values=values, overrides=tuple(over.items())))
   return runs
@@ -138,24 +143,35 @@ def eval_specs(sweep) -> list[EvalSpec]:
   grid = _axes(sweep.get("eval_grid") or ())
   out = []
   for name, e in (sweep.get("evals") or {}).items():
-    for combo in (itertools.product(*(range(len(v)) for _, v, _ in grid)) if grid else [()]):
-      fields = {"mitigation": e.get("mitigation", "") or "",
-                "max_len_factor": int(e.get("max_len_factor", 0) or 0)}
+    for combo in itertools.product(*(range(len(v)) for _, v, _ in grid)) if grid else [()]:
+      fields = {
+        "mitigation": e.get("mitigation", "") or "",
+        "max_len_factor": int(e.get("max_len_factor", 0) or 0),
+      }
       over = dict(tuple(o) for o in e.get("overrides", ()))
       suffix = []
       for (keys, vals, labels), i in zip(grid, combo):
         for k, v in zip(keys, vals[i]):
           (fields if k in fields else over)[k] = v
         suffix.append(labels[i] if vals[i][0] != "" else f"{keys[0]}-none")
-      out.append(EvalSpec(name="_".join([name, *suffix]), task=e["task"],
-                          mitigation=fields["mitigation"], overrides=tuple(over.items()),
-                          max_len_factor=int(fields["max_len_factor"])))
+      out.append(
+        EvalSpec(
+          name="_".join([name, *suffix]),
+          task=e["task"],
+          mitigation=fields["mitigation"],
+          overrides=tuple(over.items()),
+          max_len_factor=int(fields["max_len_factor"]),
+        )
+      )
   return out
 
 
 def to_json(runs: list[Run]) -> str:
-  return json.dumps([{"name": r.name, "values": dict(r.values), "overrides": dict(r.overrides)}
-                     for r in runs], indent=2, default=str)
+  return json.dumps(
+    [{"name": r.name, "values": dict(r.values), "overrides": dict(r.overrides)} for r in runs],
+    indent=2,
+    default=str,
+  )
 
 
 def cli_value(v: Any) -> str:

@@ -27,7 +27,6 @@ from mamba2_jax.sweep.grid import CURVE_TASKS
 __all__ = ["collect", "write_report"]
 
 
-
 def _read(path: Path, default=None):
   try:
     return json.loads(path.read_text())
@@ -36,8 +35,11 @@ def _read(path: Path, default=None):
 
 
 def _latest_results(eval_dir: Path) -> dict | None:
-  steps = sorted((int(p.name.split("_", 1)[1]), p) for p in eval_dir.glob("step_*")
-                 if p.name.split("_", 1)[1].isdigit())
+  steps = sorted(
+    (int(p.name.split("_", 1)[1]), p)
+    for p in eval_dir.glob("step_*")
+    if p.name.split("_", 1)[1].isdigit()
+  )
   for _, p in reversed(steps):
     r = _read(p / "results.json")
     if r is not None:
@@ -54,19 +56,26 @@ def collect(workdir) -> dict[str, Any]:
   workdir = Path(workdir)
   meta = _read(workdir / "sweep.json")
   if meta is None:
-    raise FileNotFoundError(f"{workdir}/sweep.json not found: not a sweep directory "
-                            "(run python -m experiments.sweep first)")
+    raise FileNotFoundError(
+      f"{workdir}/sweep.json not found: not a sweep directory "
+      "(run python -m experiments.sweep first)"
+    )
   runs = []
   for r in meta["runs"]:
     d = workdir / "runs" / r["name"]
     cfg = _read(d / "train" / "config.json", {})
     model = cfg.get("model")
-    entry = {"name": r["name"], "values": r["values"], "status": _read(d / "status.json", {}),
-             "train_len": (int(cfg["seq_len"]) * int(cfg.get("tbptt_segments") or 1)
-                           if cfg.get("seq_len") else None),
-             "state_size": Mamba2Config.from_dict(model).state_size if model else None,
-             "params": Mamba2Config.from_dict(model).num_params() if model else None,
-             "evals": {}}
+    entry = {
+      "name": r["name"],
+      "values": r["values"],
+      "status": _read(d / "status.json", {}),
+      "train_len": (
+        int(cfg["seq_len"]) * int(cfg.get("tbptt_segments") or 1) if cfg.get("seq_len") else None
+      ),
+      "state_size": Mamba2Config.from_dict(model).state_size if model else None,
+      "params": Mamba2Config.from_dict(model).num_params() if model else None,
+      "evals": {},
+    }
     for ed in sorted((d / "eval").glob("*")) if (d / "eval").is_dir() else []:
       res = _latest_results(ed)
       if res is not None:
@@ -100,6 +109,7 @@ def _fmt(v, digits=3):
 def _curve_plot(names, out: Path, title: str, key="loss") -> str | None:
   """One figure: (label, results, train_len) curves of bucketed `key` vs position."""
   from mamba2_jax.eval.plotting import plt, save  # pylint: disable=g-import-not-at-top
+
   fig, ax = plt.subplots(figsize=(7, 4))
   any_line = False
   for i, (label, res, train_len) in enumerate(names):
@@ -128,6 +138,7 @@ def _curve_plot(names, out: Path, title: str, key="loss") -> str | None:
 
 def _fit_plot(points: dict, fit, out: Path, ylabel: str) -> str | None:
   from mamba2_jax.eval.plotting import plt, save  # pylint: disable=g-import-not-at-top
+
   xs = [k for k, v in points.items() if v is not None]
   if not xs:
     return None
@@ -143,15 +154,20 @@ def _fit_plot(points: dict, fit, out: Path, ylabel: str) -> str | None:
 
 
 def _within_beyond(summary: dict):
-  return (summary.get("copy_loss_within_train", summary.get("mean_loss_within_train")),
-          summary.get("copy_loss_beyond_train", summary.get("mean_loss_beyond_train")))
+  return (
+    summary.get("copy_loss_within_train", summary.get("mean_loss_within_train")),
+    summary.get("copy_loss_beyond_train", summary.get("mean_loss_beyond_train")),
+  )
 
 
 def _mitigation_evals(run, sweep, collapse) -> list[str]:
   """The run's collapse eval and its task's evals under a mitigation (not other prompts)."""
   task = (sweep.get("evals") or {}).get(collapse or "", {}).get("task")
-  return [n for n, res in run["evals"].items() if n == collapse or (
-      res.get("task") == task and res.get("config", {}).get("mitigation"))]
+  return [
+    n
+    for n, res in run["evals"].items()
+    if n == collapse or (res.get("task") == task and res.get("config", {}).get("mitigation"))
+  ]
 
 
 def _mitigation_table(runs, sweep, collapse) -> list[str]:
@@ -162,14 +178,23 @@ def _mitigation_table(runs, sweep, collapse) -> list[str]:
       res = r["evals"][n]
       s = res.get("summary", {})
       within, beyond = _within_beyond(s)
-      rows.append(f"| {r['name']} | {n} | {res.get('config', {}).get('mitigation') or 'none'} "
-                  f"| {_fmt(within)} | {_fmt(beyond)} | {_fmt(s.get('forget_test_passed'))} |")
-  if len({row.split(' | ')[2] for row in rows}) <= 1:
+      rows.append(
+        f"| {r['name']} | {n} | {res.get('config', {}).get('mitigation') or 'none'} "
+        f"| {_fmt(within)} | {_fmt(beyond)} | {_fmt(s.get('forget_test_passed'))} |"
+      )
+  if len({row.split(" | ")[2] for row in rows}) <= 1:
     return []
-  return ["", "## Mitigations", "", "Loss inside / beyond the training length with each "
-          "training-free mitigation (config.mitigation of the evaluation):", "",
-          "| run | eval | mitigation | loss ≤ T | loss > T | forgetting test passed |",
-          "|---|---|---|---|---|---|", *rows]
+  return [
+    "",
+    "## Mitigations",
+    "",
+    "Loss inside / beyond the training length with each "
+    "training-free mitigation (config.mitigation of the evaluation):",
+    "",
+    "| run | eval | mitigation | loss ≤ T | loss > T | forgetting test passed |",
+    "|---|---|---|---|---|---|",
+    *rows,
+  ]
 
 
 def _state_table(runs) -> list[str]:
@@ -182,19 +207,28 @@ def _state_table(runs) -> list[str]:
       s = res.get("summary", {})
       ret = res.get("retention_at_train_len")
       half = _half_lives(ret, res.get("train_len"))
-      rows.append(f"| {r['name']} | {_fmt(s.get('num_exploding_heads'))} | "
-                  f"{_fmt(s.get('max_explosion_ratio'))} | "
-                  f"{_fmt(s.get('max_state_norm_within_train'))} | {_fmt(s.get('max_state_norm'))}"
-                  f" | {_fmt(half[0])} / {_fmt(half[1])} |")
+      rows.append(
+        f"| {r['name']} | {_fmt(s.get('num_exploding_heads'))} | "
+        f"{_fmt(s.get('max_explosion_ratio'))} | "
+        f"{_fmt(s.get('max_state_norm_within_train'))} | {_fmt(s.get('max_state_norm'))}"
+        f" | {_fmt(half[0])} / {_fmt(half[1])} |"
+      )
   if not rows:
     return []
-  return ["", "## State statistics", "", "Per-head SSM state norms over the evaluation stream "
-          "(exploding: max norm beyond T_train > explode_factor x max within). Memory half-life "
-          "of a head: T·ln 2 / −ln α_{1:T}, with the retention α_{1:T} the product of its decays "
-          "over the first T_train tokens (how far back half of an input's weight survives):", "",
-          "| run | exploding heads | max norm ratio beyond/within T | max norm ≤ T | max norm "
-          "| memory half-life, median / max over heads (tokens) |", "|---|---|---|---|---|---|",
-          *rows]
+  return [
+    "",
+    "## State statistics",
+    "",
+    "Per-head SSM state norms over the evaluation stream "
+    "(exploding: max norm beyond T_train > explode_factor x max within). Memory half-life "
+    "of a head: T·ln 2 / −ln α_{1:T}, with the retention α_{1:T} the product of its decays "
+    "over the first T_train tokens (how far back half of an input's weight survives):",
+    "",
+    "| run | exploding heads | max norm ratio beyond/within T | max norm ≤ T | max norm "
+    "| memory half-life, median / max over heads (tokens) |",
+    "|---|---|---|---|---|---|",
+    *rows,
+  ]
 
 
 def _half_lives(retention, train_len):
@@ -211,6 +245,7 @@ def write_report(workdir, out_dir=None) -> Path:
   """Builds report.md / report.json / plots (replacing the PNGs of an earlier report in
   `out_dir`, default WORKDIR/report); returns the report.md path."""
   from mamba2_jax.eval.plotting import plt  # noqa: F401  pylint: disable=g-import-not-at-top
+
   data = collect(workdir)
   sweep, runs = data["sweep"], data["runs"]
   out = Path(out_dir or Path(workdir) / "report")
@@ -245,47 +280,94 @@ def write_report(workdir, out_dir=None) -> Path:
   fit_f = capacity.fit_linear([k for k, _ in f_items], [v for _, v in f_items])
   fit_r = capacity.fit_exponential([k for k, _ in r_items], [v for _, v in r_items])
 
-  lines = [f"# Sweep report: {sweep.get('name', Path(workdir).name)}", "",
-           f"Sweep directory `{Path(workdir).resolve()}`, {len(runs)} runs. Collapse judged by "
-           f"`{collapse}` (the forgetting test: FAIL if the loss anywhere exceeds "
-           f"{_fmt(2.0)}x its maximum within the training length)"
-           + (f"; recall by `{recall}` (T_recall: the largest length with passkey accuracy > 95%)"
-              if recall else "") + "." + (
-                  f" A run counts as having learned the task when its loss within T is at most "
-                  f"{learned_max:g}; runs that did not are left out of T_forget."
-                  if learned_max is not None else ""), "", "## Runs", ""]
-  header = ["run", "N_S", "params", "T_train", "state", "no collapse", "first fail",
-            "loss ≤ T", "loss > T"] + (["learned"] if learned_max is not None else []) + (
-                ["T_recall"] if recall else [])
+  lines = [
+    f"# Sweep report: {sweep.get('name', Path(workdir).name)}",
+    "",
+    f"Sweep directory `{Path(workdir).resolve()}`, {len(runs)} runs. Collapse judged by "
+    f"`{collapse}` (the forgetting test: FAIL if the loss anywhere exceeds "
+    f"{_fmt(2.0)}x its maximum within the training length)"
+    + (
+      f"; recall by `{recall}` (T_recall: the largest length with passkey accuracy > 95%)"
+      if recall
+      else ""
+    )
+    + "."
+    + (
+      f" A run counts as having learned the task when its loss within T is at most "
+      f"{learned_max:g}; runs that did not are left out of T_forget."
+      if learned_max is not None
+      else ""
+    ),
+    "",
+    "## Runs",
+    "",
+  ]
+  header = (
+    [
+      "run",
+      "N_S",
+      "params",
+      "T_train",
+      "state",
+      "no collapse",
+      "first fail",
+      "loss ≤ T",
+      "loss > T",
+    ]
+    + (["learned"] if learned_max is not None else [])
+    + (["T_recall"] if recall else [])
+  )
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r, cres, passed, tr in rows:
     s = (cres or {}).get("summary", {})
     within, beyond = _within_beyond(s)
-    cells = [r["name"], _fmt(r["state_size"]), _fmt(r["params"]), _fmt(r["train_len"]),
-             r["status"].get("state", "not run"), _fmt(passed), _fmt(s.get("first_fail_position")),
-             _fmt(within), _fmt(beyond)] + (
-                 [_fmt(r["learned"])] if learned_max is not None else []) + (
-                     [_fmt(tr)] if recall else [])
+    cells = (
+      [
+        r["name"],
+        _fmt(r["state_size"]),
+        _fmt(r["params"]),
+        _fmt(r["train_len"]),
+        r["status"].get("state", "not run"),
+        _fmt(passed),
+        _fmt(s.get("first_fail_position")),
+        _fmt(within),
+        _fmt(beyond),
+      ]
+      + ([_fmt(r["learned"])] if learned_max is not None else [])
+      + ([_fmt(tr)] if recall else [])
+    )
     lines.append("| " + " | ".join(cells) + " |")
 
   lines += _mitigation_table(runs, sweep, collapse) + _state_table(runs)
-  lines += ["", "## State capacity", "",
-            "T_forget is bracketed, (T', T], when the next shorter run T' collapsed; "
-            "\"≤ T\" when T is the shortest length that counts (an upper bound, not fitted).", "",
-            "| N_S | T_forget | T_recall |", "|---|---|---|"]
+  lines += [
+    "",
+    "## State capacity",
+    "",
+    "T_forget is bracketed, (T', T], when the next shorter run T' collapsed; "
+    '"≤ T" when T is the shortest length that counts (an upper bound, not fitted).',
+    "",
+    "| N_S | T_forget | T_recall |",
+    "|---|---|---|",
+  ]
   for ns in sorted(set(t_forget) | set(t_recall)):
     lo, hi = bounds.get(ns, (None, None))
     tf = _fmt(hi) if hi is None else (f"{hi} ({lo}, {hi}]" if lo is not None else f"≤ {hi}")
     lines.append(f"| {_fmt(ns)} | {tf} | {_fmt(t_recall.get(ns))} |")
   lines.append("")
-  for label, fit, pts, what in (("T_forget = a·N_S + b", fit_f, f_items, "a bracketed value"),
-                                ("T_recall = a·(base^N_S − 1) + c", fit_r, r_items, "a value")):
+  for label, fit, pts, what in (
+    ("T_forget = a·N_S + b", fit_f, f_items, "a bracketed value"),
+    ("T_recall = a·(base^N_S − 1) + c", fit_r, r_items, "a value"),
+  ):
     if fit is None:
-      lines.append(f"- {label}: not fitted ({len(pts)} state size(s) with {what}; the linear "
-                   "fit needs 2, the exponential 3).")
+      lines.append(
+        f"- {label}: not fitted ({len(pts)} state size(s) with {what}; the linear "
+        "fit needs 2, the exponential 3)."
+      )
     else:
-      lines.append(f"- {label}: **{fit.formula()}**, R² = {fit.r2:.4f} over {fit.n} state "
-                   f"sizes{'; ' + fit.note if fit.note else ''}.")
+      lines.append(
+        f"- {label}: **{fit.formula()}**, R² = {fit.r2:.4f} over {fit.n} state "
+        f"sizes{'; ' + fit.note if fit.note else ''}."
+      )
   plots = []
   p = _fit_plot(dict(f_items), fit_f, out / "t_forget_fit.png", "T_forget (tokens)")
   if p:
@@ -296,17 +378,25 @@ def write_report(workdir, out_dir=None) -> Path:
 
   # loss curves: every run of the collapse eval in one figure, then each run's mitigations
   if collapse:
-    curves = [(r["name"], r["evals"][collapse], r["train_len"]) for r in runs
-              if collapse in r["evals"]]
-    p = _curve_plot(curves, out / "loss_by_position.png",
-                    f"{collapse}: loss by position, every run")
+    curves = [
+      (r["name"], r["evals"][collapse], r["train_len"]) for r in runs if collapse in r["evals"]
+    ]
+    p = _curve_plot(
+      curves, out / "loss_by_position.png", f"{collapse}: loss by position, every run"
+    )
     if p:
       plots.append(("Loss by position, every run (dashed: training length)", p))
     for r in runs:  # the collapse eval and the same task under mitigations: one figure per run
       same = _mitigation_evals(r, sweep, collapse)
       if len(same) > 1:
-        curves = [(f"{n} ({r['evals'][n].get('config', {}).get('mitigation') or 'none'})",
-                   r["evals"][n], r["train_len"]) for n in same]
+        curves = [
+          (
+            f"{n} ({r['evals'][n].get('config', {}).get('mitigation') or 'none'})",
+            r["evals"][n],
+            r["train_len"],
+          )
+          for n in same
+        ]
         p = _curve_plot(curves, out / f"mitigations_{r['name']}.png", f"{r['name']}: mitigations")
         if p:
           plots.append((f"{r['name']}: with and without mitigations", p))
@@ -315,25 +405,39 @@ def write_report(workdir, out_dir=None) -> Path:
     for n, res in r["evals"].items():
       for src in res.get("plots") or []:
         src = Path(src)
-        if src.exists() and src.name in ("heatmap.png", "state_norm.png", "retention.png",
-                                         "explosion_ratio.png"):
+        if src.exists() and src.name in (
+          "heatmap.png",
+          "state_norm.png",
+          "retention.png",
+          "explosion_ratio.png",
+        ):
           dst = out / f"{r['name']}__{n}__{src.name}"
           shutil.copyfile(src, dst)
           plots.append((f"{r['name']} / {n}: {src.stem.replace('_', ' ')}", str(dst)))
   lines += ["", "## Plots", ""]
   for title, path in plots:
     lines += [f"### {title}", "", f"![{title}]({Path(path).name})", ""]
-  report = {"collapse_eval": collapse, "recall_eval": recall,
-            "t_forget": {str(k): v for k, v in t_forget.items()},
-            "t_forget_lower": {str(k): lo for k, (lo, _) in bounds.items()},
-            "t_recall": {str(k): v for k, v in t_recall.items()},
-            "fit_t_forget": fit_f.to_dict() if fit_f else None,
-            "fit_t_recall": fit_r.to_dict() if fit_r else None,
-            "runs": [{"name": r["name"], "values": r["values"], "state_size": r["state_size"],
-                      "train_len": r["train_len"], "status": r["status"].get("state"),
-                      "learned": r["learned"],
-                      "summaries": {n: e.get("summary") for n, e in r["evals"].items()}}
-                     for r in runs]}
+  report = {
+    "collapse_eval": collapse,
+    "recall_eval": recall,
+    "t_forget": {str(k): v for k, v in t_forget.items()},
+    "t_forget_lower": {str(k): lo for k, (lo, _) in bounds.items()},
+    "t_recall": {str(k): v for k, v in t_recall.items()},
+    "fit_t_forget": fit_f.to_dict() if fit_f else None,
+    "fit_t_recall": fit_r.to_dict() if fit_r else None,
+    "runs": [
+      {
+        "name": r["name"],
+        "values": r["values"],
+        "state_size": r["state_size"],
+        "train_len": r["train_len"],
+        "status": r["status"].get("state"),
+        "learned": r["learned"],
+        "summaries": {n: e.get("summary") for n, e in r["evals"].items()},
+      }
+      for r in runs
+    ],
+  }
   (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
   path = out / "report.md"
   path.write_text("\n".join(lines) + "\n")

@@ -24,8 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from mamba2_jax.sweep.grid import (CURVE_TASKS, EvalSpec, Run, cli_value, eval_specs, expand,
-                                   to_json)
+from mamba2_jax.sweep.grid import CURVE_TASKS, EvalSpec, Run, cli_value, eval_specs, expand, to_json
 
 __all__ = ["train_command", "eval_command", "run_sweep", "LAUNCHERS", "run_dir"]
 
@@ -39,22 +38,37 @@ def run_dir(workdir, run: Run) -> Path:
 
 
 def train_command(sweep, run: Run, workdir, python=sys.executable) -> list[str]:
-  cmd = [python, "-m", "experiments.train", f"--config={sweep.train_config}",
-         f"--workdir={run_dir(workdir, run) / 'train'}"]
+  cmd = [
+    python,
+    "-m",
+    "experiments.train",
+    f"--config={sweep.train_config}",
+    f"--workdir={run_dir(workdir, run) / 'train'}",
+  ]
   return cmd + [f"--config.{k}={cli_value(v)}" for k, v in run.overrides]
 
 
-def eval_command(spec: EvalSpec, run: Run, workdir, python=sys.executable,
-                 checkpoint: str = "") -> list[str]:
+def eval_command(
+  spec: EvalSpec, run: Run, workdir, python=sys.executable, checkpoint: str = ""
+) -> list[str]:
   d = run_dir(workdir, run)
-  cmd = [python, "-m", "experiments.evaluate", f"--checkpoint={checkpoint or d / 'train'}",
-         f"--out={d / 'eval' / spec.name}", f"--config=configs/evaluate.py:{spec.task}",
-         "--mode=latest", "--poll_interval_s=1"]
+  cmd = [
+    python,
+    "-m",
+    "experiments.evaluate",
+    f"--checkpoint={checkpoint or d / 'train'}",
+    f"--out={d / 'eval' / spec.name}",
+    f"--config=configs/evaluate.py:{spec.task}",
+    "--mode=latest",
+    "--poll_interval_s=1",
+  ]
   over = dict(spec.overrides)
   if spec.max_len_factor:
     if run.train_len() is None:
-      raise ValueError(f"sweep eval {spec.name!r}: max_len_factor needs seq_len in the sweep's "
-                       "grid or train_overrides")
+      raise ValueError(
+        f"sweep eval {spec.name!r}: max_len_factor needs seq_len in the sweep's "
+        "grid or train_overrides"
+      )
     over.setdefault("max_len", spec.max_len_factor * run.train_len())
   cmd += [f"--config.{k}={cli_value(v)}" for k, v in over.items()]
   if spec.mitigation:
@@ -91,8 +105,9 @@ def _run_logged(cmd: list[str], log_path: Path, echo_prefix: str) -> None:
   tail: list[str] = []
   with open(log_path, "a") as log:
     log.write(f"$ {_shell(cmd)}\n")
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, bufsize=1)
+    p = subprocess.Popen(
+      cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     for line in p.stdout:
       log.write(line)
       tail = (tail + [line])[-40:]
@@ -107,10 +122,12 @@ def check_collapse_buckets(sweep, runs: list[Run], evals: list[EvalSpec]) -> Non
   """Fails before any work if a run's collapse evaluation would have no loss bucket inside its
   training length (the forgetting test's reference; the test would be undetermined)."""
   from mamba2_jax.eval.task_configs import get_config as task_config  # pylint: disable=g-import-not-at-top
+
   name = sweep.get("collapse_eval") or ""
   for spec in evals:
-    if spec.task not in CURVE_TASKS or (name and spec.name != name
-                                         and not spec.name.startswith(name + "_")):
+    if spec.task not in CURVE_TASKS or (
+      name and spec.name != name and not spec.name.startswith(name + "_")
+    ):
       continue
     cfg, over = task_config(spec.task), dict(spec.overrides)
     bucket = int(over.get("bucket_size", cfg.bucket_size))
@@ -119,14 +136,22 @@ def check_collapse_buckets(sweep, runs: list[Run], evals: list[EvalSpec]) -> Non
       T = over.get("train_len") or run.train_len()
       if T and bucket * (2 if drop else 1) > int(T):
         raise ValueError(
-            f"sweep eval {spec.name!r}: bucket_size {bucket}"
-            + (" with drop_first_bucket" if drop else "") + f" leaves no bucket within the "
-            f"training length {T} of run {run.name!r}, so its forgetting test is undetermined; "
-            f"set bucket_size <= {int(T) // (2 if drop else 1)}")
+          f"sweep eval {spec.name!r}: bucket_size {bucket}"
+          + (" with drop_first_bucket" if drop else "")
+          + f" leaves no bucket within the "
+          f"training length {T} of run {run.name!r}, so its forgetting test is undetermined; "
+          f"set bucket_size <= {int(T) // (2 if drop else 1)}"
+        )
 
 
-def run_sweep(sweep, workdir, *, launcher: str = "local", python: str = sys.executable,
-              only: tuple[str, ...] = ()) -> dict:
+def run_sweep(
+  sweep,
+  workdir,
+  *,
+  launcher: str = "local",
+  python: str = sys.executable,
+  only: tuple[str, ...] = (),
+) -> dict:
   """Runs (or prints / scripts) every run of `sweep`; returns {"done", "failed", "skipped"}."""
   if launcher not in LAUNCHERS:
     raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {launcher!r}")
@@ -135,9 +160,12 @@ def run_sweep(sweep, workdir, *, launcher: str = "local", python: str = sys.exec
   evals = eval_specs(sweep)
   check_collapse_buckets(sweep, runs, evals)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "sweep.json").write_text(json.dumps(
+  (workdir / "sweep.json").write_text(
+    json.dumps(
       {"sweep": json.loads(sweep.to_json_best_effort()), "runs": json.loads(to_json(runs))},
-      indent=2))
+      indent=2,
+    )
+  )
   summary = {"done": [], "failed": [], "skipped": []}
   lines = []
   for i, run in enumerate(runs, 1):
@@ -151,8 +179,13 @@ def run_sweep(sweep, workdir, *, launcher: str = "local", python: str = sys.exec
     if launcher == "script":
       d.mkdir(parents=True, exist_ok=True)
       script = d / "run.sh"
-      script.write_text("#!/usr/bin/env bash\nset -euo pipefail\ncd " + shlex.quote(str(ROOT))
-                        + "\n" + "\n".join(_shell(c) for _, c in cmds) + "\n")
+      script.write_text(
+        "#!/usr/bin/env bash\nset -euo pipefail\ncd "
+        + shlex.quote(str(ROOT))
+        + "\n"
+        + "\n".join(_shell(c) for _, c in cmds)
+        + "\n"
+      )
       script.chmod(0o755)
       lines.append(_shell(["bash", str(script)]))
       continue
@@ -161,25 +194,26 @@ def run_sweep(sweep, workdir, *, launcher: str = "local", python: str = sys.exec
       summary["skipped"].append(run.name)
       continue
     t0 = time.time()
-    print(f"[{i}/{len(runs)}] {run.name}: " + ", ".join(f"{k}={v}" for k, v in run.values),
-          flush=True)
+    print(
+      f"[{i}/{len(runs)}] {run.name}: " + ", ".join(f"{k}={v}" for k, v in run.values), flush=True
+    )
     try:
       for kind, cmd in cmds:
         _run_logged(cmd, d / "logs" / f"{kind}.log", f"  {run.name} {kind}: ")
     except CommandFailed as e:
-      print(f"[{i}/{len(runs)}] {run.name}: FAILED in {kind}: {str(e).splitlines()[0]}",
-            flush=True)
-      _write_status(d, state="failed", failed_command=kind, error=str(e),
-                    commands=[_shell(c) for _, c in cmds])
+      print(f"[{i}/{len(runs)}] {run.name}: FAILED in {kind}: {str(e).splitlines()[0]}", flush=True)
+      _write_status(
+        d, state="failed", failed_command=kind, error=str(e), commands=[_shell(c) for _, c in cmds]
+      )
       summary["failed"].append(run.name)
       continue
-    _write_status(d, state="done", seconds=time.time() - t0,
-                  commands=[_shell(c) for _, c in cmds])
+    _write_status(d, state="done", seconds=time.time() - t0, commands=[_shell(c) for _, c in cmds])
     summary["done"].append(run.name)
     print(f"[{i}/{len(runs)}] {run.name}: done in {time.time() - t0:.0f} s", flush=True)
   if launcher == "script":
-    (workdir / "launch_all.sh").write_text("#!/usr/bin/env bash\n# one line per run; submit "
-                                           "each to your scheduler, or run this file\n"
-                                           + "\n".join(lines) + "\n")
+    (workdir / "launch_all.sh").write_text(
+      "#!/usr/bin/env bash\n# one line per run; submit "
+      "each to your scheduler, or run this file\n" + "\n".join(lines) + "\n"
+    )
     print(f"wrote {len(lines)} run scripts and {workdir / 'launch_all.sh'}")
   return summary

@@ -59,7 +59,7 @@ def _as_u32(x):
     return x.astype(jnp.uint32)
   bits = x.dtype.itemsize * 8
   if bits == 64:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)   # (..., 2)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
   u = jax.lax.bitcast_convert_type(x, {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits])
   return u.astype(jnp.uint32)
 
@@ -77,7 +77,7 @@ def _flat_index(shape):
 def _leaf_fingerprint(x):
   u = _as_u32(x)
   i = _flat_index(u.shape)
-  w1 = (i * _MUL1) | np.uint32(1)          # odd weights: any change of one word changes h1
+  w1 = (i * _MUL1) | np.uint32(1)  # odd weights: any change of one word changes h1
   w2 = ((i + np.uint32(7)) * _MUL2) | np.uint32(1)
   rot = (u << np.uint32(13)) | (u >> np.uint32(19))
   return jnp.stack([jnp.sum(u * w1, dtype=jnp.uint32), jnp.sum(rot * w2, dtype=jnp.uint32)])
@@ -101,8 +101,10 @@ def fingerprint(tree) -> dict[str, str]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   arrays = {_path_str(p): v for p, v in leaves if hasattr(v, "shape")}
   hashes = jax.device_get(_fingerprint_jit(arrays))
-  return {k: f"{tuple(v.shape)} {jnp.dtype(v.dtype).name} {int(h[0]):08x}{int(h[1]):08x}"
-          for (k, v), h in zip(arrays.items(), (hashes[k] for k in arrays))}
+  return {
+    k: f"{tuple(v.shape)} {jnp.dtype(v.dtype).name} {int(h[0]):08x}{int(h[1]):08x}"
+    for (k, v), h in zip(arrays.items(), (hashes[k] for k in arrays))
+  }
 
 
 def verify(tree, expected: dict[str, str], what: str, step: int) -> None:
@@ -111,8 +113,9 @@ def verify(tree, expected: dict[str, str], what: str, step: int) -> None:
   bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
   if bad:
     detail = "; ".join(f"{k}: saved {expected.get(k)}, restored {got.get(k)}" for k in bad[:3])
-    raise CheckpointError(f"checkpoint step {step}: {what} checksum mismatch in {len(bad)} "
-                          f"array(s) ({detail})")
+    raise CheckpointError(
+      f"checkpoint step {step}: {what} checksum mismatch in {len(bad)} array(s) ({detail})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,19 +182,28 @@ class Checkpointer:
   the processes inside them).
   """
 
-  def __init__(self, workdir: str, *, save_every: int, keep: int = 3,
-               keep_every: int | None = None, async_save: bool = True):
-    save_policies = [ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
-                     ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    save_every: int,
+    keep: int = 3,
+    keep_every: int | None = None,
+    async_save: bool = True,
+  ):
+    save_policies = [
+      ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+      ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+    ]
     keep_policies = [ocp.checkpoint_managers.LatestN(keep)]
     if keep_every:
       keep_policies.append(ocp.checkpoint_managers.EveryNSteps(keep_every))
     options = ocp.CheckpointManagerOptions(
-        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(save_policies),
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep_policies),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True,
+      save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(save_policies),
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(keep_policies),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
     )
     self.directory = checkpoint_dir(workdir)
     self.mngr = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
@@ -203,18 +215,27 @@ class Checkpointer:
   def reached_preemption(self, step: int) -> bool:
     return self.mngr.reached_preemption(step)
 
-  def save(self, step: int, params, opt_state, data_iter, meta: dict[str, Any], *,
-           force: bool = False) -> bool:
+  def save(
+    self, step: int, params, opt_state, data_iter, meta: dict[str, Any], *, force: bool = False
+  ) -> bool:
     """Saves one step (asynchronously); returns whether a save was started."""
     if not force and not self.mngr.should_save(step):
       return False
     train = {"opt_state": opt_state}
-    meta = {**meta, "step": int(step), "time": time.time(),
-            "checksums": {"params": fingerprint(params), "opt_state": fingerprint(train)}}
-    args = {"params": ocp.args.StandardSave(params), "opt_state": ocp.args.StandardSave(train),
-            "meta": ocp.args.JsonSave(meta)}
+    meta = {
+      **meta,
+      "step": int(step),
+      "time": time.time(),
+      "checksums": {"params": fingerprint(params), "opt_state": fingerprint(train)},
+    }
+    args = {
+      "params": ocp.args.StandardSave(params),
+      "opt_state": ocp.args.StandardSave(train),
+      "meta": ocp.args.JsonSave(meta),
+    }
     if data_iter is not None:
       import grain  # pylint: disable=g-import-not-at-top
+
       args["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
     return self.mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
@@ -238,8 +259,10 @@ class Checkpointer:
     try:
       out = self.mngr.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - orbax raises many types for damaged steps
-      raise CheckpointError(f"checkpoint step {step}: restore failed "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+      raise CheckpointError(
+        f"checkpoint step {step}: restore failed "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+      ) from e
     sums = meta.get("checksums", {})
     verify(out["params"], sums.get("params", {}), "params", step)
     opt_state = None
@@ -253,9 +276,13 @@ class Checkpointer:
         raise CheckpointError(f"checkpoint step {step}: data iterator state unusable ({e})") from e
     return out["params"], opt_state, meta
 
-  def restore_latest(self, abstract_params, abstract_opt_state=None,
-                     make_data_iter: Callable[[], Any] | None = None,
-                     check_meta: Callable[[dict], None] | None = None):
+  def restore_latest(
+    self,
+    abstract_params,
+    abstract_opt_state=None,
+    make_data_iter: Callable[[], Any] | None = None,
+    check_meta: Callable[[dict], None] | None = None,
+  ):
     """Restores the newest good step, falling back past damaged ones.
 
     Returns (step, params, opt_state, data_iter, meta), or None when there is no checkpoint.
@@ -277,19 +304,20 @@ class Checkpointer:
         errors.append(str(e))
         continue
       if errors:
-        log.warning("resumed from step %d after skipping %d damaged newer step(s)", step,
-                    len(errors))
+        log.warning(
+          "resumed from step %d after skipping %d damaged newer step(s)", step, len(errors)
+        )
         self._quarantine([s for s in steps if s > step])
       return step, params, opt_state, it, meta
     if steps:
-      raise CheckpointError("no usable checkpoint in " + self.directory + ": "
-                            + " | ".join(errors))
+      raise CheckpointError("no usable checkpoint in " + self.directory + ": " + " | ".join(errors))
     return None
 
   def _quarantine(self, steps: list[int]) -> None:
     """Moves damaged steps to WORKDIR/checkpoints_damaged/ (kept for inspection) so the run can
     save those step numbers again."""
     from etils import epath  # pylint: disable=g-import-not-at-top
+
     if jax.process_index() == 0:
       dest = epath.Path(self.directory + "_damaged")
       dest.mkdir(parents=True, exist_ok=True)
@@ -299,6 +327,7 @@ class Checkpointer:
         log.error("moved damaged checkpoint step %d to %s", s, target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       multihost_utils.sync_global_devices("mamba2_jax_quarantine_damaged_steps")
     self.mngr.reload()
 
@@ -320,13 +349,15 @@ def _abstract_params(config: Mamba2Config, shardings=None):
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), target)
   else:
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          target, shardings)
+    target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings
+    )
   return graphdef, state, target
 
 
-def load_eval_model(workdir: str, step: int | None = None, *,
-                    shardings=None) -> tuple[Mamba2LM, dict[str, Any]]:
+def load_eval_model(
+  workdir: str, step: int | None = None, *, shardings=None
+) -> tuple[Mamba2LM, dict[str, Any]]:
   """The model of a training workdir at `step` (default: newest), parameters verified.
 
   Returns (Mamba2LM, meta); meta has "step", "tokens_seen", "tokenizer" (identity dict),
@@ -348,9 +379,9 @@ def load_eval_model(workdir: str, step: int | None = None, *,
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(path, target)
   except Exception as e:  # noqa: BLE001
-    raise CheckpointError(f"checkpoint step {step}: params unreadable "
-                          f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+    raise CheckpointError(
+      f"checkpoint step {step}: params unreadable "
+      f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+    ) from e
   verify(params, meta.get("checksums", {}).get("params", {}), "params", step)
   return nnx.merge(graphdef, params), meta
-
-

@@ -19,11 +19,27 @@ SCHEDULES = ("wsd", "cosine", "constant")
 
 # Fields that may change between a run and its resumption (everything else must match).
 RESUME_SAFE = (
-    "name", "total_steps", "checkpoint_every", "keep_checkpoints", "keep_every",
-    "async_checkpointing", "eval_every", "eval_batches", "log_every", "profile_start",
-    "profile_steps", "allow_config_change", "max_consecutive_nonfinite", "mesh_shape",
-    "logical_axis_rules", "data.num_workers", "data.eval_source", "model.remat_policy",
-    "model.scan_unroll", "model.ssd_impl", "model.fused_in_proj",
+  "name",
+  "total_steps",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "keep_every",
+  "async_checkpointing",
+  "eval_every",
+  "eval_batches",
+  "log_every",
+  "profile_start",
+  "profile_steps",
+  "allow_config_change",
+  "max_consecutive_nonfinite",
+  "mesh_shape",
+  "logical_axis_rules",
+  "data.num_workers",
+  "data.eval_source",
+  "model.remat_policy",
+  "model.scan_unroll",
+  "model.ssd_impl",
+  "model.fused_in_proj",
 )
 
 
@@ -67,16 +83,20 @@ def _get(c, field):
 def resolve_mesh_shape(mesh_shape, num_devices: int) -> tuple[int, int, int]:
   """mesh_shape with -1 replaced by the remaining devices; ConfigError if it does not fit."""
   shape = tuple(mesh_shape)
-  if len(shape) != 3 or any(not isinstance(s, int) or isinstance(s, bool) or (s < 1 and s != -1)
-                            for s in shape):
+  if len(shape) != 3 or any(
+    not isinstance(s, int) or isinstance(s, bool) or (s < 1 and s != -1) for s in shape
+  ):
     _fail("mesh_shape", f"must be 3 sizes for the axes {MESH_AXES}, each >= 1 or -1", shape)
   if shape.count(-1) > 1:
     _fail("mesh_shape", "may contain -1 at most once", shape)
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
-      _fail("mesh_shape", f"the fixed sizes (product {known}) must divide the {num_devices} "
-            "devices", shape)
+      _fail(
+        "mesh_shape",
+        f"the fixed sizes (product {known}) must divide the {num_devices} devices",
+        shape,
+      )
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
     _fail("mesh_shape", f"the product of the sizes must equal the {num_devices} devices", shape)
@@ -115,11 +135,16 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
     _fail("global_batch_size", f"must be divisible by grad_accum_steps={accum}", gbs)
   shards = c.data.num_shards if c.data.num_shards is not None else num_processes
   if not isinstance(shards, int) or shards < 1 or shards % num_processes:
-    _fail("data.num_shards", f"must be a positive multiple of the {num_processes} processes",
-          shards)
+    _fail(
+      "data.num_shards", f"must be a positive multiple of the {num_processes} processes", shards
+    )
   if (gbs // accum) % shards:
-    _fail("global_batch_size", f"each micro-batch (global_batch_size / grad_accum_steps = "
-          f"{gbs // accum}) must be divisible by data.num_shards={shards}", gbs)
+    _fail(
+      "global_batch_size",
+      f"each micro-batch (global_batch_size / grad_accum_steps = "
+      f"{gbs // accum}) must be divisible by data.num_shards={shards}",
+      gbs,
+    )
   for rule in c.logical_axis_rules:
     if len(rule) != 2:
       _fail("logical_axis_rules", "must be (logical_name, mesh_axes) pairs", rule)
@@ -131,8 +156,12 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
     shape = resolve_mesh_shape(c.mesh_shape, num_devices)
     dp = shape[0] * shape[1]
     if (gbs // accum) % dp:
-      _fail("global_batch_size", f"each micro-batch ({gbs // accum} sequences) must be "
-            f"divisible by the data-parallel size data*fsdp = {dp}", gbs)
+      _fail(
+        "global_batch_size",
+        f"each micro-batch ({gbs // accum} sequences) must be "
+        f"divisible by the data-parallel size data*fsdp = {dp}",
+        gbs,
+      )
   else:
     resolve_mesh_shape(c.mesh_shape, math.prod(abs(s) for s in c.mesh_shape))
 
@@ -157,9 +186,12 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   del seq_len
   mc = model_config(c)
   if mc.state_norm != "off" and not math.isfinite(mc.state_norm_threshold):
-    _fail("model.state_norm_threshold", f"must be finite when training with model.state_norm="
-          f"{mc.state_norm!r} (every head's threshold tau, held fixed; inf normalizes nothing)",
-          mc.state_norm_threshold)
+    _fail(
+      "model.state_norm_threshold",
+      f"must be finite when training with model.state_norm="
+      f"{mc.state_norm!r} (every head's threshold tau, held fixed; inf normalizes nothing)",
+      mc.state_norm_threshold,
+    )
   return mc
 
 
@@ -167,12 +199,16 @@ def check_vocab(model: Mamba2Config, tokenizer_identity: dict) -> None:
   """The model's vocabulary must cover every id the tokenizer produces."""
   need = tokenizer_identity.get("vocab_size")
   if need is not None and model.vocab_size < need:
-    _fail("model.vocab_size", f"must be >= {need}, the vocabulary of tokenizer "
-          f"{tokenizer_identity.get('name')!r}", model.vocab_size)
+    _fail(
+      "model.vocab_size",
+      f"must be >= {need}, the vocabulary of tokenizer {tokenizer_identity.get('name')!r}",
+      model.vocab_size,
+    )
 
 
 def to_json_dict(config) -> dict[str, Any]:
   """The config as plain JSON data (tuples become lists, inf becomes "inf")."""
+
   def clean(v):
     if isinstance(v, dict):
       return {k: clean(x) for k, x in v.items()}
@@ -181,8 +217,10 @@ def to_json_dict(config) -> dict[str, Any]:
     if isinstance(v, float) and not math.isfinite(v):
       return str(v)
     return v
-  return clean(json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
-               else config)
+
+  return clean(
+    json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else config
+  )
 
 
 def _flatten(d, prefix=""):
@@ -199,5 +237,8 @@ def _flatten(d, prefix=""):
 def resume_diff(saved: dict, current: dict) -> list[str]:
   """Fields (other than RESUME_SAFE ones) whose values differ: "field: saved -> current"."""
   a, b = _flatten(saved), _flatten(current)
-  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-          if k not in RESUME_SAFE and a.get(k) != b.get(k)]
+  return [
+    f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+    for k in sorted(set(a) | set(b))
+    if k not in RESUME_SAFE and a.get(k) != b.get(k)
+  ]

@@ -13,8 +13,12 @@ import json
 
 import numpy as np
 
-from mamba2_jax.data.pipeline import (StreamConfig, make_train_iterator, open_documents,
-                                      stream_fingerprint)
+from mamba2_jax.data.pipeline import (
+  StreamConfig,
+  make_train_iterator,
+  open_documents,
+  stream_fingerprint,
+)
 
 __all__ = ["ShardedStream", "stream_config", "open_stream"]
 
@@ -28,8 +32,10 @@ class ShardedStream:
 
   def __init__(self, config: StreamConfig, shards, num_shards: int, documents):
     self.shards = tuple(shards)
-    self.iters = [make_train_iterator(config, process_index=s, process_count=num_shards,
-                                      documents=documents) for s in self.shards]
+    self.iters = [
+      make_train_iterator(config, process_index=s, process_count=num_shards, documents=documents)
+      for s in self.shards
+    ]
 
   def __iter__(self):
     return self
@@ -48,8 +54,10 @@ class ShardedStream:
     saved = json.loads(state) if isinstance(state, (bytes, str)) else state
     missing = [s for s in self.shards if str(s) not in saved]
     if missing:
-      raise ValueError(f"data iterator state has no entry for logical shard(s) {missing} "
-                       f"(it holds {sorted(saved, key=int)})")
+      raise ValueError(
+        f"data iterator state has no entry for logical shard(s) {missing} "
+        f"(it holds {sorted(saved, key=int)})"
+      )
     for s, it in zip(self.shards, self.iters):
       it.set_state(saved[str(s)])
 
@@ -64,20 +72,43 @@ class ShardedStream:
         it.close()
 
 
-def stream_config(config, *, source=None, batch_size: int, seed_offset: int = 0,
-                  num_epochs=None, shuffle: bool = True) -> StreamConfig:
+def stream_config(
+  config,
+  *,
+  source=None,
+  batch_size: int,
+  seed_offset: int = 0,
+  num_epochs=None,
+  shuffle: bool = True,
+) -> StreamConfig:
   """StreamConfig of one logical shard; rows are tbptt_segments * seq_len + 1 tokens."""
   d = config.data
   return StreamConfig(
-      source=source or d.source, tokenizer=d.tokenizer,
-      seq_len=config.tbptt_segments * config.seq_len + 1, batch_size=batch_size,
-      seed=config.seed + seed_offset, packing=d.packing, num_workers=d.num_workers,
-      num_epochs=num_epochs, shuffle=shuffle, min_doc_tokens=d.min_doc_tokens,
-      add_bos=d.add_bos, add_eos=d.add_eos)
+    source=source or d.source,
+    tokenizer=d.tokenizer,
+    seq_len=config.tbptt_segments * config.seq_len + 1,
+    batch_size=batch_size,
+    seed=config.seed + seed_offset,
+    packing=d.packing,
+    num_workers=d.num_workers,
+    num_epochs=num_epochs,
+    shuffle=shuffle,
+    min_doc_tokens=d.min_doc_tokens,
+    add_bos=d.add_bos,
+    add_eos=d.add_eos,
+  )
 
 
-def open_stream(config, *, process_index: int, process_count: int, source=None,
-                seed_offset: int = 0, num_epochs=None, shuffle: bool = True):
+def open_stream(
+  config,
+  *,
+  process_index: int,
+  process_count: int,
+  source=None,
+  seed_offset: int = 0,
+  num_epochs=None,
+  shuffle: bool = True,
+):
   """-> (make_iterator() -> ShardedStream, tokenizer identity, stream fingerprint).
 
   Documents are opened once; `make_iterator` builds fresh iterators over them (e.g. one to
@@ -87,8 +118,14 @@ def open_stream(config, *, process_index: int, process_count: int, source=None,
   per_shard = config.global_batch_size // num_shards
   per_proc = num_shards // process_count
   shards = range(process_index * per_proc, (process_index + 1) * per_proc)
-  cfg = stream_config(config, source=source, batch_size=per_shard, seed_offset=seed_offset,
-                      num_epochs=num_epochs, shuffle=shuffle)
+  cfg = stream_config(
+    config,
+    source=source,
+    batch_size=per_shard,
+    seed_offset=seed_offset,
+    num_epochs=num_epochs,
+    shuffle=shuffle,
+  )
   documents = open_documents(cfg.source, cfg.tokenizer, cfg.min_doc_tokens)
   fp = stream_fingerprint(cfg, process_count=num_shards, documents=documents)
   fp["shards_per_process"] = per_proc

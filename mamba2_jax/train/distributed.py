@@ -21,12 +21,14 @@ _FLAGS = {}
 
 
 def define_flags() -> None:
-  _FLAGS["addr"] = flags.DEFINE_string("coordinator_address", None,
-                                       "host:port of process 0 (multi-host)")
+  _FLAGS["addr"] = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (multi-host)"
+  )
   _FLAGS["n"] = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
   _FLAGS["id"] = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
-  _FLAGS["local"] = flags.DEFINE_string("local_device_ids", None,
-                                        "comma-separated local device ids of this process")
+  _FLAGS["local"] = flags.DEFINE_string(
+    "local_device_ids", None, "comma-separated local device ids of this process"
+  )
 
 
 def _flag(name):
@@ -39,6 +41,7 @@ def initialize() -> None:
   # memory is then reused instead of mapped and page-faulted in afresh on every step. Only on
   # CPU hosts: the tuned heap never returns freed memory to the OS.
   from mamba2_jax.runtime import cpu_only_host, tune_cpu_malloc  # pylint: disable=g-import-not-at-top
+
   if cpu_only_host():
     tune_cpu_malloc()
   import jax  # pylint: disable=g-import-not-at-top
@@ -51,8 +54,10 @@ def initialize() -> None:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if addr:
     if n is None or pid is None:
-      raise ValueError("multi-host: --coordinator_address needs --num_processes and --process_id "
-                       "(or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
+      raise ValueError(
+        "multi-host: --coordinator_address needs --num_processes and --process_id "
+        "(or JAX_NUM_PROCESSES / JAX_PROCESS_ID)"
+      )
     kw = {}
     if local:
       kw["local_device_ids"] = [int(i) for i in local.split(",")]

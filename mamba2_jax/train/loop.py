@@ -62,6 +62,7 @@ class _Preemption:
     if not sync:
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     flags = multihost_utils.process_allgather(np.int32(self.requested))
     return bool(np.any(flags))
 
@@ -78,9 +79,12 @@ def _check_workdir_config(workdir: str, cfg_json: dict, allow_change: bool) -> N
     diffs = resume_diff(saved, cfg_json)
     if diffs and not allow_change:
       raise ConfigError(
-          f"workdir {workdir} holds a run with a different config: " + "; ".join(diffs[:12])
-          + ("; ..." if len(diffs) > 12 else "") + ". Use a new --workdir, or pass "
-          "--config.allow_config_change=True to resume it with the new config.")
+        f"workdir {workdir} holds a run with a different config: "
+        + "; ".join(diffs[:12])
+        + ("; ..." if len(diffs) > 12 else "")
+        + ". Use a new --workdir, or pass "
+        "--config.allow_config_change=True to resume it with the new config."
+      )
     if diffs:
       log.warning("resuming %s with a changed config: %s", workdir, "; ".join(diffs))
   if jax.process_index() == 0:
@@ -103,14 +107,16 @@ def _require_finite(vals: dict, step: int, ckpt: ckpt_lib.Checkpointer) -> None:
     ckpt.wait()
     good = [s for s in ckpt.all_steps() if s < step]
     raise TrainingDiverged(
-        f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; stopping "
-        f"without saving. Last good checkpoint: "
-        + (f"step {good[-1]} in {ckpt.directory}" if good else "none (no step was saved)"))
+      f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; stopping "
+      f"without saving. Last good checkpoint: "
+      + (f"step {good[-1]} in {ckpt.directory}" if good else "none (no step was saved)")
+    )
 
 
 @dataclasses.dataclass
 class Setup:
   """Everything that depends on (config, model config, mesh): shardings, optimizer, steps."""
+
   mesh: jax.sharding.Mesh
   model_cfg: Any
   graphdef: Any
@@ -120,35 +126,55 @@ class Setup:
   data_shard: NamedSharding
   tx: optax.GradientTransformation
   train_step: Any  # jitted (state, batch) -> (state, metrics); the state is donated
-  eval_step: Any   # jitted (params, batch) -> {"loss_sum", "count"}
+  eval_step: Any  # jitted (params, batch) -> {"loss_sum", "count"}
 
   def init_state(self, seed: int) -> dict:
     """Fresh parameters and optimizer state, created already sharded (under jit)."""
+
     def init():
       model = Mamba2LM(self.model_cfg, rngs=nnx.Rngs(seed))
       params = nnx.to_pure_dict(nnx.state(model))
-      return {"params": params, "opt_state": self.tx.init(params),
-              "step": jnp.zeros((), jnp.int32)}
+      return {"params": params, "opt_state": self.tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
     return jax.jit(init, out_shardings=self.state_shard)()
 
   def state_from_pretrained(self, path: str) -> dict:
     """Parameters from an official / HF / converted checkpoint (its shape-defining fields must
     equal the model config), a fresh optimizer state; every process builds its own shards."""
     from mamba2_jax.pretrained import from_pretrained, load_config  # pylint: disable=g-import-not-at-top
+
     ckpt_cfg, _ = load_config(path)
-    shape_fields = ("d_model", "n_layer", "d_state", "headdim", "expand", "ngroups", "d_conv",
-                    "vocab_size", "pad_vocab_size_multiple", "tie_embeddings", "D_has_hdim",
-                    "conv_bias", "proj_bias")
-    diffs = [f"{f}: checkpoint {getattr(ckpt_cfg, f)!r} vs config {getattr(self.model_cfg, f)!r}"
-             for f in shape_fields if getattr(ckpt_cfg, f) != getattr(self.model_cfg, f)]
+    shape_fields = (
+      "d_model",
+      "n_layer",
+      "d_state",
+      "headdim",
+      "expand",
+      "ngroups",
+      "d_conv",
+      "vocab_size",
+      "pad_vocab_size_multiple",
+      "tie_embeddings",
+      "D_has_hdim",
+      "conv_bias",
+      "proj_bias",
+    )
+    diffs = [
+      f"{f}: checkpoint {getattr(ckpt_cfg, f)!r} vs config {getattr(self.model_cfg, f)!r}"
+      for f in shape_fields
+      if getattr(ckpt_cfg, f) != getattr(self.model_cfg, f)
+    ]
     if diffs:
-      raise ConfigError(f"config.init_checkpoint {path}: the model shapes differ ("
-                        + "; ".join(diffs) + ")")
+      raise ConfigError(
+        f"config.init_checkpoint {path}: the model shapes differ (" + "; ".join(diffs) + ")"
+      )
     model = from_pretrained(path, param_dtype=self.model_cfg.param_dtype)
     host = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     params = jax.tree.map(
-        lambda a, s: jax.make_array_from_callback(a.shape, s.sharding, lambda idx, a=a: a[idx]),
-        host, self.abstract_params)
+      lambda a, s: jax.make_array_from_callback(a.shape, s.sharding, lambda idx, a=a: a[idx]),
+      host,
+      self.abstract_params,
+    )
     opt_state = jax.jit(self.tx.init, out_shardings=self.state_shard["opt_state"])(params)
     return self.state_from(params, opt_state, 0)
 
@@ -162,26 +188,46 @@ def build(config, model_cfg, mesh) -> Setup:
   abstract = nnx.eval_shape(lambda: Mamba2LM(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   p_shard = shardings_of(param_specs(abstract_state, config.logical_axis_rules, mesh), mesh)
-  abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 nnx.to_pure_dict(abstract_state), p_shard)
+  abstract_params = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    nnx.to_pure_dict(abstract_state),
+    p_shard,
+  )
   tx = make_optimizer(config.optimizer, config.total_steps, abstract_params)
   replicated = NamedSharding(mesh, P())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  o_shard = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, p_shard,
-                                  transform_non_params=lambda _: replicated)
-  abstract_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract_opt, o_shard)
+  o_shard = optax.tree_map_params(
+    tx, lambda _, s: s, abstract_opt, p_shard, transform_non_params=lambda _: replicated
+  )
+  abstract_opt = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, o_shard
+  )
   state_shard = {"params": p_shard, "opt_state": o_shard, "step": replicated}
   data_shard = NamedSharding(mesh, batch_spec(mesh, config.logical_axis_rules))
-  step_cfg = StepConfig(seq_len=config.seq_len, tbptt_segments=config.tbptt_segments,
-                        grad_accum_steps=config.grad_accum_steps)
+  step_cfg = StepConfig(
+    seq_len=config.seq_len,
+    tbptt_segments=config.tbptt_segments,
+    grad_accum_steps=config.grad_accum_steps,
+  )
   train_step = jax.jit(
-      make_train_step(graphdef, tx, step_cfg, lambda b: Mamba2Cache.zeros(model_cfg, b)),
-      in_shardings=(state_shard, data_shard), out_shardings=(state_shard, None),
-      donate_argnums=0)
+    make_train_step(graphdef, tx, step_cfg, lambda b: Mamba2Cache.zeros(model_cfg, b)),
+    in_shardings=(state_shard, data_shard),
+    out_shardings=(state_shard, None),
+    donate_argnums=0,
+  )
   eval_step = jax.jit(make_eval_step(graphdef, step_cfg), in_shardings=(p_shard, data_shard))
-  return Setup(mesh, model_cfg, graphdef, abstract_params, abstract_opt, state_shard,
-               data_shard, tx, train_step, eval_step)
+  return Setup(
+    mesh,
+    model_cfg,
+    graphdef,
+    abstract_params,
+    abstract_opt,
+    state_shard,
+    data_shard,
+    tx,
+    train_step,
+    eval_step,
+  )
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -202,23 +248,37 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if mesh.shape["tensor"] > 1 and model_cfg.fused_in_proj:
     model_cfg = model_cfg.replace(fused_in_proj=False)  # keep in_proj pieces head-sharded
   setup = build(config, model_cfg, mesh)
-  log.info("process %d/%d, %d devices, mesh %s, model %s: %s parameters", pidx, nproc,
-           jax.device_count(), dict(mesh.shape), config.name, f"{model_cfg.num_params():,}")
+  log.info(
+    "process %d/%d, %d devices, mesh %s, model %s: %s parameters",
+    pidx,
+    nproc,
+    jax.device_count(),
+    dict(mesh.shape),
+    config.name,
+    f"{model_cfg.num_params():,}",
+  )
 
   # 4. Resume from the newest good checkpoint, or initialise (parameters created sharded).
-  ckpt = ckpt_lib.Checkpointer(workdir, save_every=config.checkpoint_every,
-                               keep=config.keep_checkpoints, keep_every=config.keep_every,
-                               async_save=config.async_checkpointing)
+  ckpt = ckpt_lib.Checkpointer(
+    workdir,
+    save_every=config.checkpoint_every,
+    keep=config.keep_checkpoints,
+    keep_every=config.keep_every,
+    async_save=config.async_checkpointing,
+  )
 
   def check_meta(meta):
     tok_ok = meta.get("tokenizer", {})
     if tok_ok.get("sha256") != tok_ident.get("sha256"):
-      raise ConfigError(f"checkpoints in {workdir} were trained with tokenizer "
-                        f"{tok_ok.get('name')!r}, this run uses {tok_ident.get('name')!r}")
+      raise ConfigError(
+        f"checkpoints in {workdir} were trained with tokenizer "
+        f"{tok_ok.get('name')!r}, this run uses {tok_ident.get('name')!r}"
+      )
     check_stream_fingerprint(meta["stream"], stream_fp)
 
-  restored = ckpt.restore_latest(setup.abstract_params, setup.abstract_opt,
-                                 make_data_iter=make_iter, check_meta=check_meta)
+  restored = ckpt.restore_latest(
+    setup.abstract_params, setup.abstract_opt, make_data_iter=make_iter, check_meta=check_meta
+  )
   if restored is not None:
     start, params, opt_state, it, _ = restored
     state = setup.state_from(params, opt_state, start)
@@ -235,20 +295,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_step, eval_step, data_shard = setup.train_step, setup.eval_step, setup.data_shard
   # the learning rate of every step, computed once: evaluating the schedule per step would
   # queue a device computation behind the train step and make reading it synchronous
-  lr_table = np.asarray(jax.jit(jax.vmap(schedule(config.optimizer, config.total_steps)))(
-      jnp.arange(config.total_steps)))
+  lr_table = np.asarray(
+    jax.jit(jax.vmap(schedule(config.optimizer, config.total_steps)))(
+      jnp.arange(config.total_steps)
+    )
+  )
   tokens_per_step = config.global_batch_size * config.seq_len * config.tbptt_segments
   flops = 3 * model_flops_per_token(model_cfg, config.seq_len) * tokens_per_step
-  logger = MetricsLogger(workdir, log_every=config.log_every, flops_per_step=flops,
-                         peak_flops=peak_flops(), tokens_per_step=tokens_per_step,
-                         total_steps=config.total_steps)
+  logger = MetricsLogger(
+    workdir,
+    log_every=config.log_every,
+    flops_per_step=flops,
+    peak_flops=peak_flops(),
+    tokens_per_step=tokens_per_step,
+    total_steps=config.total_steps,
+  )
   profiler = Profiler(workdir, config.profile_start, config.profile_steps)
   preempt = _Preemption()
 
   def meta(step):
-    return {"config": cfg_json, "model": json.loads(model_cfg.to_json()),
-            "tokenizer": tok_ident, "stream": stream_fp, "tokens_seen": step * tokens_per_step,
-            "process_count": nproc}
+    return {
+      "config": cfg_json,
+      "model": json.loads(model_cfg.to_json()),
+      "tokenizer": tok_ident,
+      "stream": stream_fp,
+      "tokens_seen": step * tokens_per_step,
+      "process_count": nproc,
+    }
 
   make_eval = None
 
@@ -257,8 +330,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     source with another shuffle seed), the same batches every time."""
     nonlocal make_eval
     if make_eval is None:
-      make_eval = open_stream(config, process_index=pidx, process_count=nproc,
-                              source=config.data.eval_source, seed_offset=1)[0]
+      make_eval = open_stream(
+        config,
+        process_index=pidx,
+        process_count=nproc,
+        source=config.data.eval_source,
+        seed_offset=1,
+      )[0]
     eval_it, total, count = make_eval(), 0.0, 0.0
     for _ in range(config.eval_batches):
       with jax.set_mesh(mesh):
@@ -284,8 +362,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if stop or step == config.total_steps or ckpt.should_save(step):
         last = logger.flush()  # the state about to be saved must come from a finite step
         _require_finite(last, step, ckpt)
-        ckpt.save(step, state["params"], state["opt_state"], it, meta(step),
-                  force=stop or step == config.total_steps)
+        ckpt.save(
+          step,
+          state["params"],
+          state["opt_state"],
+          it,
+          meta(step),
+          force=stop or step == config.total_steps,
+        )
       if config.eval_every and step % config.eval_every == 0:
         evaluate(step, state["params"])
       if stop:
@@ -296,8 +380,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       _require_finite(last, last["step"], ckpt)
     ckpt.wait()
     if not preempt.requested and int(state["step"]) >= config.total_steps:
-      ckpt_lib.mark_train_complete(workdir, {"step": config.total_steps,
-                                             "tokens_seen": config.total_steps * tokens_per_step})
+      ckpt_lib.mark_train_complete(
+        workdir, {"step": config.total_steps, "tokens_seen": config.total_steps * tokens_per_step}
+      )
   finally:
     preempt.restore()
     profiler.close()

@@ -21,9 +21,18 @@ log = logging.getLogger(__name__)
 __all__ = ["MetricsLogger", "Profiler", "peak_flops"]
 
 # Dense bf16 peak FLOP/s per chip (datasheets), by jax device_kind prefix.
-_PEAK = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-         "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
-         "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+_PEAK = {
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v5": 459e12,
+  "TPU v6 lite": 918e12,
+  "TPU v6e": 918e12,
+  "NVIDIA H100": 989e12,
+  "NVIDIA H200": 989e12,
+  "NVIDIA A100": 312e12,
+}
 
 
 def peak_flops() -> float:
@@ -36,6 +45,7 @@ def peak_flops() -> float:
   if dev.platform != "cpu":
     return float("nan")
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   a = jnp.ones((2048, 2048), jnp.float32)
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
@@ -45,14 +55,23 @@ def peak_flops() -> float:
     f(a).block_until_ready()
     ts.append(time.perf_counter() - t0)
   # simulated CPU devices share the same cores: the machine's peak, not per device
-  return 2 * 2048 ** 3 / min(ts)
+  return 2 * 2048**3 / min(ts)
 
 
 class MetricsLogger:
   """One-step-late metrics: progress line every `log_every` steps, JSONL + TensorBoard."""
 
-  def __init__(self, workdir: str, *, log_every: int, flops_per_step: float, peak_flops: float,
-               tokens_per_step: int, total_steps: int, enabled: bool | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    log_every: int,
+    flops_per_step: float,
+    peak_flops: float,
+    tokens_per_step: int,
+    total_steps: int,
+    enabled: bool | None = None,
+  ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.log_every = log_every
     self.flops_per_step, self.peak = flops_per_step, peak_flops
@@ -67,6 +86,7 @@ class MetricsLogger:
       self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:  # optional: JSONL still has everything
         log.warning("tensorboardX is not installed: no TensorBoard event files")
@@ -108,8 +128,15 @@ class MetricsLogger:
     self.window_start, self.data_wait = (step, now), 0.0
     if not self.enabled:
       return
-    self.jsonl.write(json.dumps({k: (v if math.isfinite(v) else str(v)) if isinstance(v, float)
-                                 else v for k, v in vals.items()}) + "\n")
+    self.jsonl.write(
+      json.dumps(
+        {
+          k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v
+          for k, v in vals.items()
+        }
+      )
+      + "\n"
+    )
     self.jsonl.flush()
     if self.tb is not None:
       for k, v in vals.items():
@@ -118,10 +145,17 @@ class MetricsLogger:
     eta = ""
     if "steps_per_s" in vals and vals["steps_per_s"] > 0:
       eta = f" eta {(self.total_steps - step) / vals['steps_per_s'] / 60:.1f}min"
-    rate = (f" {vals['tokens_per_s']:,.0f} tok/s mfu {vals['mfu']:.1%} "
-            f"data-wait {vals['data_wait_frac']:.0%}" if "tokens_per_s" in vals else "")
-    print(f"step {step}/{self.total_steps} loss {vals['loss']:.4f} lr {vals.get('lr', 0):.2e} "
-          f"gnorm {vals.get('grad_norm', float('nan')):.3f}{rate}{eta}", flush=True)
+    rate = (
+      f" {vals['tokens_per_s']:,.0f} tok/s mfu {vals['mfu']:.1%} "
+      f"data-wait {vals['data_wait_frac']:.0%}"
+      if "tokens_per_s" in vals
+      else ""
+    )
+    print(
+      f"step {step}/{self.total_steps} loss {vals['loss']:.4f} lr {vals.get('lr', 0):.2e} "
+      f"gnorm {vals.get('grad_norm', float('nan')):.3f}{rate}{eta}",
+      flush=True,
+    )
 
   def write_eval(self, step: int, vals: dict[str, float]) -> None:
     if not self.enabled:

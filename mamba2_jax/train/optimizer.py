@@ -33,10 +33,13 @@ def schedule(opt, total_steps: int):
     decay = max(int(round(total_steps * float(opt.decay_fraction))), 1)
     stable = max(rest - decay, 0)
     after = optax.join_schedules(
-        [optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)], [stable])
+      [optax.constant_schedule(lr), optax.linear_schedule(lr, end, decay)], [stable]
+    )
   else:
-    raise ValueError(f"config.optimizer.schedule: must be one of ('wsd', 'cosine', 'constant'), "
-                     f"got {opt.schedule!r}")
+    raise ValueError(
+      f"config.optimizer.schedule: must be one of ('wsd', 'cosine', 'constant'), "
+      f"got {opt.schedule!r}"
+    )
   if warm == 0:
     return after
   return optax.join_schedules([warmup, after], [warm])
@@ -54,9 +57,11 @@ FROZEN = ("state_norm_tau",)
 def decay_mask(params, no_decay):
   """True for the leaves that get weight decay (leaf name matched against `no_decay`; never
   the FROZEN constants)."""
+
   def leaf(path, _):
     name = str(getattr(path[-1], "key", path[-1]))
     return name not in FROZEN and not _no_decay(name, tuple(no_decay))
+
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
@@ -66,9 +71,16 @@ def make_optimizer(opt, total_steps: int, params_like) -> optax.GradientTransfor
   parts = []
   if float(opt.clip_norm) > 0:
     parts.append(optax.clip_by_global_norm(float(opt.clip_norm)))
-  parts.append(optax.adamw(lr, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
-                           weight_decay=float(opt.weight_decay),
-                           mask=decay_mask(params_like, opt.no_decay)))
+  parts.append(
+    optax.adamw(
+      lr,
+      b1=float(opt.b1),
+      b2=float(opt.b2),
+      eps=float(opt.eps),
+      weight_decay=float(opt.weight_decay),
+      mask=decay_mask(params_like, opt.no_decay),
+    )
+  )
   return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**30)
 
 

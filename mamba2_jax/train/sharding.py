@@ -48,13 +48,13 @@ def param_specs(abstract_state, rules, mesh) -> dict:
   with nnx.logical_axis_rules(rules_tuple(rules)):
     specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_state))
   shapes = nnx.to_pure_dict(abstract_state)
-  return jax.tree.map(lambda s, a: _fit(s, a.shape, mesh), specs, shapes,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda s, a: _fit(s, a.shape, mesh), specs, shapes, is_leaf=lambda x: isinstance(x, P)
+  )
 
 
 def shardings_of(specs, mesh):
-  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_spec(mesh, rules) -> P:

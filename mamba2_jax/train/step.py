@@ -51,8 +51,9 @@ def split_batch(batch: dict[str, jax.Array], cfg: StepConfig) -> dict[str, jax.A
   B, R = tok.shape
   A, P, T = cfg.grad_accum_steps, cfg.tbptt_segments, cfg.seq_len
   if R != P * T + 1:
-    raise ValueError(f"batch rows have {R} tokens; expected tbptt_segments * seq_len + 1 = "
-                     f"{P * T + 1}")
+    raise ValueError(
+      f"batch rows have {R} tokens; expected tbptt_segments * seq_len + 1 = {P * T + 1}"
+    )
 
   def shape(x):  # (B, P*T) -> (A, P, B/A, T)
     return jnp.transpose(x.reshape(A, B // A, P, T), (0, 2, 1, 3))
@@ -70,11 +71,19 @@ def split_batch(batch: dict[str, jax.Array], cfg: StepConfig) -> dict[str, jax.A
 
 def _loss_and_grad(graphdef, params, seg_batch, cache):
   """(loss sum, token count, final cache), gradient w.r.t. params, of one (B, T) segment."""
+
   def f(params):
     loss, (count, new_cache) = _segment_loss(
-        graphdef, params, seg_batch["inputs"], seg_batch["targets"], seg_batch["mask"],
-        seg_batch.get("seg"), cache)
+      graphdef,
+      params,
+      seg_batch["inputs"],
+      seg_batch["targets"],
+      seg_batch["mask"],
+      seg_batch.get("seg"),
+      cache,
+    )
     return loss, (count, new_cache)
+
   (loss, (count, new_cache)), grads = jax.value_and_grad(f, has_aux=True)(params)
   return loss, count, new_cache, grads
 
@@ -83,14 +92,16 @@ def _micro_batch(graphdef, params, micro, init_cache):
   """Gradient sum, loss sum and token count over the P segments of one micro-batch
   (micro: dict of (P, b, T) arrays); each segment starts from the previous one's final cache."""
   if micro["inputs"].shape[0] == 1:
-    loss, count, _, grads = _loss_and_grad(graphdef, params,
-                                           jax.tree.map(lambda x: x[0], micro), None)
+    loss, count, _, grads = _loss_and_grad(
+      graphdef, params, jax.tree.map(lambda x: x[0], micro), None
+    )
     return grads, loss, count
 
   def body(carry, seg_batch):
     g_acc, l_acc, n_acc, cache = carry
-    loss, count, cache, g = _loss_and_grad(graphdef, params, seg_batch,
-                                           jax.lax.stop_gradient(cache))
+    loss, count, cache, g = _loss_and_grad(
+      graphdef, params, seg_batch, jax.lax.stop_gradient(cache)
+    )
     return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss, n_acc + count, cache), None
 
   zero = jnp.zeros((), jnp.float32)
@@ -109,22 +120,33 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: StepConfig,
     mb = parts["inputs"].shape[2]
     init_cache = init_cache_fn(mb) if cfg.tbptt_segments > 1 else None
     if cfg.grad_accum_steps == 1:
-      grads, loss_sum, count = _micro_batch(graphdef, params, jax.tree.map(lambda x: x[0], parts),
-                                            init_cache)
+      grads, loss_sum, count = _micro_batch(
+        graphdef, params, jax.tree.map(lambda x: x[0], parts), init_cache
+      )
     else:
+
       def body(carry, micro):
         g, l, n = _micro_batch(graphdef, params, micro, init_cache)
         return jax.tree.map(jnp.add, carry, (g, l, n)), None
+
       zero = jnp.zeros((), jnp.float32)
       (grads, loss_sum, count), _ = jax.lax.scan(
-          body, (jax.tree.map(jnp.zeros_like, params), zero, zero), parts)
+        body, (jax.tree.map(jnp.zeros_like, params), zero, zero), parts
+      )
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    metrics = {"loss": loss_sum / denom, "grad_norm": global_norm(grads),
-               "param_norm": global_norm(params), "target_tokens": count}
-    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
-                 "step": state["step"] + 1}
+    metrics = {
+      "loss": loss_sum / denom,
+      "grad_norm": global_norm(grads),
+      "param_norm": global_norm(params),
+      "target_tokens": count,
+    }
+    new_state = {
+      "params": optax.apply_updates(params, updates),
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+    }
     return new_state, metrics
 
   return train_step
@@ -141,9 +163,15 @@ def make_eval_step(graphdef, cfg: StepConfig):
     total, count = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
     for k in range(cfg.tbptt_segments):
       seg_batch = jax.tree.map(lambda x: x[0, k], parts)
-      loss, (n, cache) = _segment_loss(graphdef, params, seg_batch["inputs"],
-                                       seg_batch["targets"], seg_batch["mask"],
-                                       seg_batch.get("seg"), cache)
+      loss, (n, cache) = _segment_loss(
+        graphdef,
+        params,
+        seg_batch["inputs"],
+        seg_batch["targets"],
+        seg_batch["mask"],
+        seg_batch.get("seg"),
+        cache,
+      )
       total, count = total + loss, count + n
     return {"loss_sum": total, "count": count}
 
