@@ -11,7 +11,7 @@ for a in "$@"; do
   case "$a" in tests*|./tests*|*.py|*::*) exec .venv/bin/python -m pytest "$@" ;; esac
 done
 failed=()
-for f in tests/test_*.py; do
+for f in $(find tests -name "test_*.py" | sort); do
   echo "== $f"
   rc=0
   .venv/bin/python -m pytest -q "$@" "$f" || rc=$?

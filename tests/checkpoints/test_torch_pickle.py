@@ -29,8 +29,9 @@ from mamba2_jax.torch_pickle import (
   load_torch_pickle,
   load_torch_state_dict,
 )
+from tests.paths import FIXTURES
 
-FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+FIX = str(FIXTURES)
 TP = os.path.join(FIX, "torch_pickles")
 MARKER = "mamba2_jax_pwned_marker"
 

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = [
   "--config=configs/train.py:tiny",
   "--config.seq_len=32",

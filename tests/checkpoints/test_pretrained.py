@@ -16,8 +16,9 @@ from flax import nnx
 from mamba2_jax import ConfigError, from_pretrained
 from mamba2_jax.generate import decode_step
 from mamba2_jax.pretrained import config_from_official, load_config
+from tests.paths import FIXTURES
 
-FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+FIX = str(FIXTURES)
 CASES = [
   ("hf_tiny_g2", "golden_hf_tiny_g2"),
   ("official_tiny_g2", "golden_hf_tiny_g2"),

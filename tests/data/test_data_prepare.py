@@ -19,8 +19,8 @@ from mamba2_jax.data import (
   testing,
 )
 from mamba2_jax.data.prepare import length_histogram, prepare
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MAMBA2_JAX_SHARED", ROOT.parent / "shared"))
 GUTENBERG = SHARED / "data" / "gutenberg"
 NEOX_FILE = SHARED / "data" / "tokenizers" / "gpt-neox-20b-olmo.json"

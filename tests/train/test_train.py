@@ -25,6 +25,7 @@ from mamba2_jax.train import checkpoint as ckpt_lib
 from mamba2_jax.train.config import validate
 from mamba2_jax.train.loop import TrainingDiverged, build, train_and_evaluate
 from mamba2_jax.train.sharding import make_mesh
+from tests.paths import FIXTURES
 
 
 def tiny_config(**overrides):
@@ -356,7 +357,7 @@ def test_init_from_pretrained_checkpoint(tmp_path):
   from configs import base
   from mamba2_jax.pretrained import from_pretrained, load_config
 
-  path = os.path.join(os.path.dirname(__file__), "fixtures", "hf_tiny_g2")
+  path = str(FIXTURES / "hf_tiny_g2")
   ref = nnx.to_pure_dict(nnx.state(from_pretrained(path)))
   mc, _ = load_config(path)
   config = tiny_config(

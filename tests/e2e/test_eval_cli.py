@@ -15,8 +15,8 @@ from flax import nnx
 from mamba2_jax import Mamba2Config, Mamba2LM
 from mamba2_jax.data import get_tokenizer
 from mamba2_jax.eval import get_task_config, runner, sources
+from tests.paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = {
   "ppl_by_position": dict(max_len=300, chunk_len=64, bucket_size=32),
   "passkey": dict(lengths=(256, 300), num_samples=3, batch_size=2, chunk_len=128),

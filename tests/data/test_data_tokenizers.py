@@ -17,10 +17,9 @@ from mamba2_jax.data import (
 )
 from mamba2_jax.data import testing
 from mamba2_jax.data import tokenizers as tok_lib
+from tests.paths import ROOT
 
-SHARED = Path(
-  os.environ.get("MAMBA2_JAX_SHARED", Path(__file__).resolve().parents[1].parent / "shared")
-)
+SHARED = Path(os.environ.get("MAMBA2_JAX_SHARED", ROOT.parent / "shared"))
 # the shared data dir beside the checkout, else the file scripts/get_neox_tokenizer.sh fetches
 # (.ci/run does) into the cache where get_tokenizer("neox") looks
 NEOX_FILE = SHARED / "data" / "tokenizers" / "gpt-neox-20b-olmo.json"

@@ -18,6 +18,7 @@ from mamba2_jax.data import (
 )
 from mamba2_jax.data.prepare import prepare
 from mamba2_jax.data.pipeline import InMemoryDocuments
+from tests.paths import ROOT
 
 TOK = ByteTokenizer()
 EOS, PAD = TOK.eos_id, TOK.pad_id
@@ -255,14 +256,13 @@ def test_global_batch_two_processes(tmp_path):
   import socket
   import subprocess
   import sys
-  from pathlib import Path
 
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   script = tmp_path / "host.py"
   script.write_text(_MULTIHOST)
-  root = Path(__file__).resolve().parents[1]
+  root = ROOT
   env = {**__import__("os").environ, "PYTHONPATH": str(root)}
   procs = [
     subprocess.Popen(
