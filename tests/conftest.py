@@ -13,3 +13,36 @@ if not flags.FLAGS.is_parsed():
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+AREAS = (
+  "ssd",
+  "kernels",
+  "compile",
+  "model",
+  "checkpoints",
+  "mitigations",
+  "data",
+  "train",
+  "eval",
+  "sweep",
+  "e2e",
+  "house",
+)
+
+
+# Not in the quick run (`-m quick`, under 5 minutes on a 2-core machine): end-to-end processes,
+# the ahead-of-time compile checks and tests marked slow.
+NOT_QUICK = ("slow", "e2e", "compile")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Every test carries the marker of its folder (its room: `-m kernels`, `-m "not e2e"`), and
+  `quick` unless it is slow, end-to-end or a compile check."""
+  import pytest
+
+  for item in items:
+    parts = item.path.relative_to(config.rootpath).parts
+    if len(parts) > 2 and parts[0] == "tests" and parts[1] in AREAS:
+      item.add_marker(getattr(pytest.mark, parts[1]))
+    if not any(item.get_closest_marker(m) for m in NOT_QUICK):
+      item.add_marker(pytest.mark.quick)
