@@ -1,6 +1,6 @@
 """Mamba-2 model configuration: every field of the block, validated, with published presets.
 
-Notation (as in `../docs`/the paper): D = d_model, d_inner = expand * D, P = headdim,
+Notation (docs/model_and_ssd.md, the paper): D = d_model, d_inner = expand * D, P = headdim,
 H = d_inner / P heads, G = ngroups, N = d_state, K = d_conv.
 """
 
@@ -279,7 +279,7 @@ class Mamba2Config:
     return cls(**{**PRESETS[name], **overrides})
 
 
-# Published shapes (ssd.md §10): vocab 50277 padded to 50288, tied, d_state 128, headdim 64.
+# Published shapes (docs/model_and_ssd.md): vocab 50277 padded to 50288, tied, N 128, headdim 64.
 PRESETS: dict[str, dict[str, Any]] = {
   "mamba2-130m": dict(d_model=768, n_layer=24),
   "mamba2-370m": dict(d_model=1024, n_layer=48),

@@ -57,7 +57,7 @@ _OFF = dict(
   state_norm_threshold=math.inf,
 )
 
-# Named settings (paper.md §3). Every preset sets all mitigation fields (others off), so
+# Named settings (docs/mitigations.md §3). Every preset sets all mitigation fields (others off), so
 # presets do not stack by accident; override single fields with keyword arguments.
 PRESETS: dict[str, dict[str, Any]] = {
   "off": {},

@@ -5,7 +5,7 @@ r"""The main demo: state collapse and its mitigations on a CPU in minutes.
   (README command 1, scripts/demo.sh, runs both.)
 
 Two small Mamba-2 models (2 layers x 128, d_state 128, 8 heads x 32; 0.4M parameters) trained
-on the synthetic copy task (mamba2_jax/data/synthetic.py; ../docs/probes.md): pairs [S S] of
+on the synthetic copy task (mamba2_jax/data/synthetic.py; docs/demo.md): pairs [S S] of
 32 random tokens, the second half predictable from the first.
   T=64   one pair per training sequence: nothing in training ever needs forgetting
   T=256  four pairs per training sequence: the model must drop old pairs

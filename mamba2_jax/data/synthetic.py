@@ -1,6 +1,6 @@
 """Synthetic token sources for collapse experiments: `synthetic:copy:<key=value,...>`.
 
-The copy task (../docs/probes.md): a document is BOS followed by `pairs` pairs [S S], each S a
+The copy task (docs/demo.md): a document is BOS followed by `pairs` pairs [S S], each S a
 span of `span` tokens drawn uniformly from ids 2..vocab-1 (0 = PAD, 1 = BOS), so the second half
 of every pair is predictable from the first and nothing else is. With `pairs * 2 * span + 1`
 tokens a document is exactly one training row of `seq_len = pairs * 2 * span` inputs, so

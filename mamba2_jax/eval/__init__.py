@@ -1,4 +1,4 @@
-"""Evaluation tasks of the Stuffed Mamba toolkit (paper.md §2, §4, §6; the copy task of probes.md).
+"""Evaluation tasks of the Stuffed Mamba toolkit (docs/evaluation.md; copy task: docs/demo.md).
 
 Every task is one library call that writes `results.json` and PNG plots into `out_dir` and
 returns the results dict:

@@ -1,4 +1,4 @@
-"""The synthetic copy task far beyond the training length (../docs/probes.md).
+"""The synthetic copy task far beyond the training length (docs/demo.md).
 
 Input: BOS then a long stream of fresh pairs [S S] of `span` random ids (2..vocab-1), built by
 `mamba2_jax.data.synthetic.copy_stream`; the model was trained on `synthetic:copy` data. Only

@@ -1,4 +1,4 @@
-"""Pure-numpy criteria shared by the tasks: position bucketing, the forgetting test (paper.md
+"""Pure-numpy criteria of the tasks: position bucketing, the forgetting test (docs/evaluation.md
 §2.4) and "largest length that passes" (T_recall, memory lengths) under non-monotone curves.
 """
 

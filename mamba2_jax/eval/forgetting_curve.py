@@ -1,4 +1,4 @@
-"""Forgetting curve (paper.md §6, arXiv 2410.04727): copy vs LM accuracy by dependency length L.
+"""Forgetting curve (docs/evaluation.md §6): copy vs LM accuracy by dependency length L.
 
 For each L and repeat, with S = L tokens and R = L irrelevant tokens:
   copy = [BOS] S [BOS] S [EOS]        LM = [BOS] R [BOS] S [EOS]        (2L + 3 tokens)

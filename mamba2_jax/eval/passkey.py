@@ -1,4 +1,4 @@
-"""Passkey retrieval (paper.md §4): needle in a repeated haystack, greedy 5-token answers.
+"""Passkey retrieval (docs/evaluation.md §4): needle in a repeated haystack, greedy 5-token answers.
 
 Prompt = prefix + num_blocks context blocks, one replaced by the needle, + suffix, as text, then
 tokenized as a whole (as the paper's code does):

@@ -1,4 +1,4 @@
-"""Loss / perplexity by position and the "has it learned to forget" test (paper.md §2.3-2.4).
+"""Loss / ppl by position and the "has it learned to forget" test (docs/evaluation.md §2.3-2.4).
 
 Per-token next-token losses of long prompts (streamed, constant memory) are averaged over the
 prompts, bucketed by position and plotted; the forgetting test FAILs if the bucketed mean loss

@@ -1,4 +1,5 @@
-"""Evaluation inputs as token ids: newline prompts, repeated texts, long documents (paper.md §2.2)."""
+"""Evaluation inputs as token ids: newline prompts, repeated texts, long documents
+(docs/evaluation.md §2.2)."""
 
 from __future__ import annotations
 

@@ -128,7 +128,7 @@ def load_step(
 
 def train_len_of(train_config: dict) -> int | None:
   """T_train of a training config: seq_len x tbptt_segments (the state is passed across the
-  TBPTT segments, so the model is trained on contexts of that many tokens; paper.md §5)."""
+  TBPTT segments, so the model is trained on contexts of that many tokens; docs/sweeps.md §5)."""
   seq_len = train_config.get("seq_len")
   if not seq_len:
     return None

@@ -1,5 +1,5 @@
-"""State statistics over positions (paper.md §2.5): SSM state norms, retention alpha_{1:t}, input
-statistics (dt, B, C, x) per layer and head, and "exploding heads".
+"""State statistics over positions (docs/evaluation.md §2.5): SSM state norms, retention
+alpha_{1:t}, input statistics (dt, B, C, x) per layer and head, and "exploding heads".
 
 The prompt is fed in jitted pieces of `chunk_len` tokens; inside a piece a `lax.scan` runs
 sub-chunks of `stat_chunk` tokens through `introspect.forward_with_internals` and reduces, per

@@ -1,7 +1,8 @@
 """Default configs of the evaluation tasks (ml_collections); `configs/evaluate.py` exposes them to
 the binary. Sentinels: 0 / -1 / "" / () mean "derive it" as documented per field.
 
-Paper constants are the defaults wherever paper.md states them (its section in brackets).
+Paper constants are the defaults wherever the paper states them (the section of docs/evaluation.md
+in brackets).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Chunked SSD in plain XLA (docs/ssd.md section 3): the CPU training path.
+"""Chunked SSD in plain XLA (algorithm: docs/model_and_ssd.md): the CPU training path.
 
 Shapes inside the kernel (Q = chunk, T = chunks, R = H // G heads per group,
 K = R * P); everything is grouped (b, T, G, ...) so that each matmul is a batched

@@ -1,4 +1,4 @@
-"""State-capacity estimates from sweep results (paper.md §4, §5.1).
+"""State-capacity estimates from sweep results (docs/evaluation.md §4, docs/sweeps.md §5.1).
 
 Per state size N_S (recurrent-state scalars, `Mamba2Config.state_size`: SSM states plus conv
 states, the paper's N_S = L·[2dN + (2d + 2N)(d_conv − 1)]):

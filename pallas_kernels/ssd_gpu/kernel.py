@@ -48,7 +48,7 @@ that enter both row and col (l, s >= k) cancel exactly in rev_cumsum(row - col).
 Outputs: y fp32 (the core contract: ops adds nothing, the public op adds D x in fp32 and casts);
 dx in x's dtype (it was cast to it right after the kernel before); ddt, col, row, st fp32.
 
-Numerics (docs/ssd.md section 6/9): exponents are differences within a chunk clamped to <= 0
+Numerics (docs/kernels.md, Numerics): exponents are differences within a chunk clamped to <= 0
 (exp(min(Acs_l - Acs_s, 0)), never exp(Acs_l) * exp(-Acs_s)); masks are applied with where()
 (to the decay factors, which then multiply finite C B^T / dM values) so no inf * 0 can appear;
 the carry and all accumulators are fp32; for bf16 inputs the dot
