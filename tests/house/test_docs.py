@@ -10,7 +10,8 @@ import subprocess
 import unicodedata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.paths import ROOT
+
 README_MAX_LINES = 250
 COMMANDS = ["bash scripts/demo.sh", "bash scripts/test.sh"]
 PATH_PREFIXES = (
@@ -146,7 +147,7 @@ def test_no_citation_of_notes_outside_the_repository():
   ).stdout.split(b"\0")
   hits = []
   for name in filter(None, (f.decode() for f in files)):
-    if name == "tests/test_docs.py" or not (ROOT / name).is_file():
+    if name == "tests/house/test_docs.py" or not (ROOT / name).is_file():
       continue
     try:
       text = (ROOT / name).read_text(encoding="utf-8")
@@ -163,7 +164,7 @@ def test_no_citation_of_notes_outside_the_repository():
 
 def test_path_check_understands_the_citation_forms():
   assert _cited_path("configs/train.py:tiny") == "configs/train.py"
-  assert _cited_path("tests/test_docs.py::test_readme_is_short") == "tests/test_docs.py"
+  assert _cited_path("tests/house/test_docs.py::test_readme_is_short") == "tests/house/test_docs.py"
   assert _cited_path("docs/demo/") == "docs/demo/"
   assert _cited_path("python -m experiments.train") is None
   assert _cited_path("configs/sweeps/*.py") == "configs/sweeps/*.py"
