@@ -35,30 +35,13 @@ from mamba2_jax.layers import (
   uniform_init,
 )
 from mamba2_jax.sliding_window import window_prefill, window_step
-from mamba2_jax.ssd import prepare_dt, resolve_impl, ssd
-from mamba2_jax.ssd.api import PALLAS_IMPLS
+from mamba2_jax.ssd import prepare_dt, ssd
 from mamba2_jax.state_norm import (
   block_normalized_ssd,
   normalize_state,
   threshold_variable,
   token_normalized_ssd,
 )
-
-
-def ssd_op(impl: str, **kwargs):
-  """`ssd` with fixed keyword arguments; a Pallas impl under a multi-device mesh runs per shard.
-
-  Pallas (Mosaic/Triton) kernels cannot be partitioned by XLA, so under `jax.set_mesh` they go
-  through `pallas_kernels.sharded.sharded_ssd` (batch over "data"/"fsdp", heads over "tensor").
-  Inside a `shard_map` (manual axes) or on one device the op is called directly.
-  """
-  name = resolve_impl(impl, window=kwargs.get("window"))
-  mesh = jax.sharding.get_abstract_mesh()
-  if name in PALLAS_IMPLS and not mesh.empty and mesh.size > 1 and not mesh.manual_axes:
-    from pallas_kernels.sharded import sharded_ssd
-
-    return sharded_ssd(mesh, impl=name, **kwargs)
-  return functools.partial(ssd, impl=name, **kwargs)
 
 
 class Mamba2Mixer(nnx.Module):
@@ -200,8 +183,9 @@ class Mamba2Mixer(nnx.Module):
         segment_ids=segment_ids,
       )
     elif c.state_norm == "chunk":
-      op = ssd_op(
-        c.ssd_impl,
+      op = functools.partial(
+        ssd,
+        impl=c.ssd_impl,
         dt_softplus=False,
         dt_limit=(-math.inf, math.inf),
         chunk_size=min(c.chunk_size, c.state_norm_chunk),
@@ -224,7 +208,7 @@ class Mamba2Mixer(nnx.Module):
       )
     elif c.ssd_window > 0 and cache is not None:
       y, h, extra = window_prefill(
-        functools.partial(ssd_op, c.ssd_impl),
+        functools.partial(functools.partial, ssd, impl=c.ssd_impl),
         x,
         self._processed_dt(dt),
         A,
@@ -238,8 +222,9 @@ class Mamba2Mixer(nnx.Module):
         segment_ids=segment_ids,
       )
     else:
-      op = ssd_op(
-        c.ssd_impl,
+      op = functools.partial(
+        ssd,
+        impl=c.ssd_impl,
         dt_softplus=True,
         dt_limit=c.dt_limit,
         chunk_size=c.chunk_size,

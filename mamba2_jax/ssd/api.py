@@ -11,6 +11,12 @@ the scan itself.
 New implementations register with :func:`register_impl` and, to become the
 ``"auto"`` choice on a backend, :func:`set_auto_impl`.
 
+:func:`ssd` is the one entry of the model, with or without a mesh: under a multi-device mesh
+context (``jax.set_mesh``) a Pallas impl, which XLA cannot partition, runs per shard through
+:func:`mamba2_jax.ssd.sharded.sharded_ssd`. The Pallas cores are told what depends on the
+target (platform.py): interpret mode exactly when compiling for the CPU, and the TPU core's
+split over the TensorCores of the target device.
+
 State-collapse mitigations (paper §3): ``dt_scale`` and ``log_decay_offset`` are applied in
 the shared prologue (``Prepared.dt`` and ``Prepared.dA``), so every core honours them;
 ``window`` is passed to the cores that support it (``WINDOW_IMPLS``) as ``window=r``.
@@ -20,12 +26,12 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
-
-from pallas_kernels.platform import target_platform
 
 from . import common
 from .chunked import chunked_core
+from .platform import target_device_kind, target_platform
 from .reference import reference_core
 
 __all__ = [
@@ -46,12 +52,12 @@ _IMPLS: dict[str, Callable] = {
 }
 
 # Pallas kernels live in the top-level `pallas_kernels` package and are imported on first use.
-# Their cores take an extra ``interpret`` argument (None = interpret on CPU, compile elsewhere).
+# Their cores take the target as arguments (``_kernel_kwargs``): ``interpret`` and, on TPU,
+# ``split``.
 _LAZY: dict[str, tuple[str, str]] = {
   "pallas_gpu": ("pallas_kernels.ssd_gpu.ops", "ssd_gpu_core"),
   "pallas_tpu": ("pallas_kernels.ssd_tpu.ops", "ssd_tpu_core"),
 }
-_TAKES_INTERPRET = set(_LAZY)
 
 # backend platform -> impl used by impl="auto"; "*" is the fallback. ROCm stays on XLA: the
 # Triton kernels are compile-checked for CUDA (sm_90) only.
@@ -119,6 +125,28 @@ def _load(name: str) -> Callable:
   return _IMPLS[name]
 
 
+def _kernel_kwargs(name: str, interpret) -> dict:
+  """What a Pallas core is told about the target: ``interpret`` (None: exactly when compiling
+  for the CPU) and, for the TPU core, ``split`` = the TensorCores of the target device."""
+  if name not in _LAZY:
+    return {}
+  kw = {"interpret": target_platform() == "cpu" if interpret is None else interpret}
+  if name == "pallas_tpu":
+    from pallas_kernels.ssd_tpu.ops import tensorcores
+
+    kw["split"] = tensorcores(target_device_kind())
+  return kw
+
+
+def _shard_mesh(name: str):
+  """The mesh to run impl ``name`` per shard under, or None: a Pallas impl (which XLA cannot
+  partition) under a multi-device mesh context outside a shard_map (no manual axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if name in PALLAS_IMPLS and not mesh.empty and mesh.size > 1 and not mesh.manual_axes:
+    return mesh
+  return None
+
+
 def resolve_impl(impl: str, *, window: int | None = None) -> str:
   """Map ``impl`` (possibly 'auto') to a registered implementation name.
 
@@ -169,8 +197,11 @@ def ssd(
     segment_ids: (b, L) int; the state resets wherever the id changes.
     return_final_state: also return the state after the last token.
     impl: 'auto', 'reference' (per-token scan oracle), 'xla' (chunked),
-      'pallas_gpu', 'pallas_tpu' (Pallas kernels), plus any registered later.
-    interpret: Pallas impls only: run the kernel in interpret mode (None = on CPU).
+      'pallas_gpu', 'pallas_tpu' (Pallas kernels), plus any registered later. Under a
+      multi-device mesh context (``jax.set_mesh``, no manual axes) the Pallas impls run per
+      shard (``sharded.sharded_ssd``: batch over "data"/"fsdp", heads over "tensor").
+    interpret: Pallas impls only: run the kernel in interpret mode (None = exactly when
+      compiling for the CPU).
     dt_scale: s > 0, multiplies the processed dt (LongMamba-style; scales decay and
       insertion). All impls.
     log_decay_offset: o <= 0 added to dt_t * A at every real position (RRI: o = log c_a,
@@ -198,6 +229,25 @@ def ssd(
       f"ssd: window= is supported by impl {sorted(WINDOW_IMPLS)} (and 'auto', which then "
       f"uses 'xla'), not by impl={name!r}"
     )
+  mesh = _shard_mesh(name)
+  if mesh is not None:  # per shard; the call inside the shard_map has manual axes
+    from .sharded import sharded_ssd
+
+    fn = sharded_ssd(
+      mesh,
+      impl=name,
+      dt_softplus=dt_softplus,
+      dt_limit=dt_limit,
+      chunk_size=chunk_size,
+      return_final_state=return_final_state,
+      interpret=interpret,
+      dt_scale=dt_scale,
+      log_decay_offset=log_decay_offset,
+      window=window,
+    )
+    return fn(
+      x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_state=initial_state, segment_ids=segment_ids
+    )
   common.validate(x, dt, A, B, C, D, dt_bias, initial_state, segment_ids, chunk_size, dt_limit)
   x = jnp.asarray(x)
   prep = common.prepare_inputs(
@@ -215,7 +265,7 @@ def ssd(
     log_decay_offset=log_decay_offset,
   )
   core = _load(name)
-  extra = {"interpret": interpret} if name in _TAKES_INTERPRET else {}
+  extra = _kernel_kwargs(name, interpret)
   if window is not None:
     extra["window"] = window
   fuse_skip = name in SKIP_IMPLS and D is not None

@@ -2,7 +2,7 @@
 
 Everything here is cheap elementwise work that XLA differentiates on its own:
 dt preprocessing (bias, softplus, clip), dtype selection, group -> head mapping,
-segment-id normalisation and padding helpers. Implementation cores receive
+segment-id normalisation. Implementation cores receive
 already-prepared tensors (see :func:`prepare_inputs`) so that a kernel with a
 hand-written VJP only has to differentiate the scan itself.
 """
@@ -21,7 +21,6 @@ __all__ = [
   "prepare_dt",
   "segment_runs",
   "expand_groups",
-  "pad_axis",
   "validate",
   "validate_mitigations",
   "prepare_inputs",
@@ -79,16 +78,6 @@ def expand_groups(t, num_heads: int):
   if g == num_heads:
     return t
   return jnp.repeat(t, num_heads // g, axis=-2)
-
-
-def pad_axis(t, target: int, axis: int = 1, mode: str = "constant"):
-  """Pad ``t`` along ``axis`` up to length ``target`` (zeros, or 'edge' repeat)."""
-  n = t.shape[axis]
-  if n == target:
-    return t
-  widths = [(0, 0)] * t.ndim
-  widths[axis] = (0, target - n)
-  return jnp.pad(t, widths, mode=mode)
 
 
 def _shape(a):

@@ -203,7 +203,7 @@ def test_pallas_tpu_layouts_agree():
     prep = SimpleNamespace(
       x=x, dt=jax.nn.softplus(dt), A=A, B=B, C=C, initial_state=h0, seg=seg, acc=jnp.float32
     )
-    y, h = ssd_tpu_core(prep, chunk_size=Q, layout=layout, max_hb=(2, 2))
+    y, h = ssd_tpu_core(prep, chunk_size=Q, layout=layout, max_hb=(2, 2), interpret=True)
     return jnp.sum(y * j["wy"]) + jnp.sum(h * j["wh"]), (y, h)
 
   args = [j[k] for k in ("x", "dt", "A", "B", "C", "h0")]
@@ -257,10 +257,11 @@ def test_pallas_tpu_core_split_in_tpu_interpret_mode():
 
   from jax.experimental.pallas import tpu as pltpu
 
-  from pallas_kernels.ssd_tpu.ops import core_split, ssd_tpu_core
+  from pallas_kernels.ssd_tpu.ops import core_split, ssd_tpu_core, tensorcores
 
-  assert core_split(24, 4, "TPU v5") == 2 and core_split(24, 4, "TPU v4") == 2
-  assert core_split(24, 4, "TPU v5 lite") == 1 and core_split(20, 4, "TPU v5") == 1
+  assert tensorcores("TPU v5") == 2 and tensorcores("TPU v4") == 2
+  assert tensorcores("TPU v5 lite") == 1 and tensorcores("cpu") == 1 and tensorcores(None) == 1
+  assert core_split(24, 4, 2) == 2 and core_split(20, 4, 2) == 1 and core_split(24, 4, 1) == 1
   params = pltpu.InterpretParams(
     detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=11
   )
