@@ -36,8 +36,6 @@ from .reference import reference_core
 
 __all__ = [
   "ssd",
-  "ssd_reference",
-  "ssd_chunked",
   "register_impl",
   "set_auto_impl",
   "available_impls",
@@ -184,6 +182,7 @@ def ssd(
   dt_scale=1.0,
   log_decay_offset=0.0,
   window=None,
+  state_hook=None,
 ):
   """Mamba-2 structured state-space duality (SSD) scan.
 
@@ -212,6 +211,9 @@ def ssd(
       of position -1 (h_{-1}; h_s = 0 for s < -1): it reaches y_t only for t <= r - 2.
       No subtraction across a segment start. Impls 'reference' and 'xla' (both
       differentiable); 'auto' then resolves to one of them; the Pallas impls raise.
+    state_hook: impl 'reference' only, not with ``window``: h -> h applied to the state
+      (b, H, P, N) after every token, once y_t is read (token-level state normalization);
+      the returned final state is the hooked one.
 
   Per head (fp32 math): dt_t = s * clip(softplus(dt_raw + dt_bias), *dt_limit);
   h_t = exp(dt_t A + o) h_{t-1} + dt_t x_t (outer) B_t; y_t = h_t C_t + D x_t.
@@ -229,6 +231,8 @@ def ssd(
       f"ssd: window= is supported by impl {sorted(WINDOW_IMPLS)} (and 'auto', which then "
       f"uses 'xla'), not by impl={name!r}"
     )
+  if state_hook is not None and name != "reference":
+    raise ValueError(f"ssd: state_hook= needs impl='reference', not impl={name!r}")
   mesh = _shard_mesh(name)
   if mesh is not None:  # per shard; the call inside the shard_map has manual axes
     from .sharded import sharded_ssd
@@ -268,6 +272,8 @@ def ssd(
   extra = _kernel_kwargs(name, interpret)
   if window is not None:
     extra["window"] = window
+  if state_hook is not None:
+    extra["state_hook"] = state_hook
   fuse_skip = name in SKIP_IMPLS and D is not None
   if fuse_skip:
     D_ = jnp.asarray(D).astype(prep.acc)
@@ -279,13 +285,3 @@ def ssd(
   if return_final_state:
     return y, final.astype(prep.acc)
   return y
-
-
-def ssd_reference(x, dt, A, B, C, **kwargs):
-  """:func:`ssd` with ``impl='reference'`` (per-token scan; the oracle)."""
-  return ssd(x, dt, A, B, C, impl="reference", **kwargs)
-
-
-def ssd_chunked(x, dt, A, B, C, **kwargs):
-  """:func:`ssd` with ``impl='xla'`` (chunked XLA path)."""
-  return ssd(x, dt, A, B, C, impl="xla", **kwargs)

@@ -23,6 +23,8 @@ __all__ = [
   "expand_groups",
   "validate",
   "validate_mitigations",
+  "is_count",
+  "is_positive_finite",
   "prepare_inputs",
   "apply_skip",
 ]
@@ -148,14 +150,26 @@ def _concrete_scalar(v, name):
   return float(v)
 
 
+def is_count(v, minimum: int = 1) -> bool:
+  """v is a Python int (not a bool) >= minimum: window lengths, block lengths, sizes."""
+  return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def is_positive_finite(v: float) -> bool:
+  """v (a float) is finite and > 0: the scales dt_scale and RRI's insertion scale c_b."""
+  return math.isfinite(v) and v > 0
+
+
 def validate_mitigations(dt_scale, log_decay_offset, window) -> None:
   """Check the state-collapse mitigation arguments of :func:`mamba2_jax.ssd.ssd`.
 
   dt_scale: scalar > 0 (finite); log_decay_offset: scalar <= 0 (finite; log c_a of RRI);
-  window: None or an int >= 1. Traced scalars are accepted without value checks.
+  window: None or an int >= 1. Traced scalars are accepted without value checks. The config
+  fields of the same mitigations are checked with the same rules
+  (``mamba2_jax.mitigations.validate``).
   """
   s = _concrete_scalar(dt_scale, "dt_scale")
-  if s is not None and not (math.isfinite(s) and s > 0):
+  if s is not None and not is_positive_finite(s):
     raise ValueError(f"ssd: dt_scale must be a finite scalar > 0; got {dt_scale!r}")
   o = _concrete_scalar(log_decay_offset, "log_decay_offset")
   if o is not None and not (math.isfinite(o) and o <= 0):
@@ -163,7 +177,7 @@ def validate_mitigations(dt_scale, log_decay_offset, window) -> None:
       f"ssd: log_decay_offset must be a finite scalar <= 0 (log of a decay scale in (0, 1]); "
       f"got {log_decay_offset!r}"
     )
-  if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+  if window is not None and not is_count(window, 1):
     raise ValueError(f"ssd: window must be None (off) or an int >= 1; got {window!r}")
 
 
