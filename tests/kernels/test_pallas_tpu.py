@@ -12,7 +12,7 @@ Tolerances, max|a - b| / max|b| per tensor, every output and gradient alike:
                gradient is cancellation-free, pallas_kernels/log_decay.py)
   bf16 inputs: 3e-2 (the MXU operands are bf16: the Q x Q decay-weighted CB, dt*x and the
                states are rounded to bf16 before each matmul, accumulation is fp32).
-tests/test_ssd_production.py holds the kernels to tolerances derived from the xla path at the
+tests/ssd/test_ssd_production.py holds the kernels to tolerances derived from the xla path at the
 production shapes; these cases cover the odd shapes and layouts.
 
 Interpret mode is slow, so the shapes are small (P=8, 32 or 64, N=16, chunk 16) and each case
