@@ -99,13 +99,18 @@ def _program(core_fn, mode, psum_axis=None):
   return fwd_bwd
 
 
-def _core(target):
+def _core(target, device_kind=None):
+  """The kernel core of ``target``; on TPU split over the TensorCores of ``device_kind`` (as
+  ``mamba2_jax.ssd.ssd`` does for its target)."""
+  import functools
   from types import SimpleNamespace
 
   import jax.numpy as jnp
 
   if target == "tpu":
-    from pallas_kernels.ssd_tpu.ops import ssd_tpu_core as impl
+    from pallas_kernels.ssd_tpu.ops import ssd_tpu_core, tensorcores
+
+    impl = functools.partial(ssd_tpu_core, split=tensorcores(device_kind))
   else:
     from pallas_kernels.ssd_gpu.ops import ssd_gpu_core as impl
 
@@ -159,7 +164,8 @@ def build_tpu(H, L, mode, topology="v5e:2x2"):
 
   devs = np.array(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
   mesh = Mesh(devs.reshape(-1), ("data",))
-  arrs = _shapes(H, L, devs.size, mode, _core("tpu"))
+  core = _core("tpu", devs.flat[0].device_kind)
+  arrs = _shapes(H, L, devs.size, mode, core)
   specs = [PS("data") if per_seq else PS() for _, _, _, per_seq in arrs]
   args = [
     jax.ShapeDtypeStruct(s, d, sharding=NamedSharding(mesh, sp))
@@ -169,7 +175,7 @@ def build_tpu(H, L, mode, topology="v5e:2x2"):
     (PS("data"),) * 2 if mode == "fwd" else (PS("data"),) * 4 + (PS(),) + (PS("data"),) * 2
   )
   fn = jax.shard_map(
-    _program(_core("tpu"), mode, "data"),
+    _program(core, mode, "data"),
     mesh=mesh,
     in_specs=tuple(specs),
     out_specs=out_specs,

@@ -1,6 +1,6 @@
 """Recurrent inference cache of a Mamba-2 model: conv context + SSM state per layer.
 
-The mitigation fields (see mamba2_jax/mitigations.py) exist only when the config enables
+The mitigation fields (see mamba2_jax/mitigations/) exist only when the config enables
 them, so the default cache (and every pytree built from it) is unchanged.
 """
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from mamba2_jax.mitigations.validate import validate_fields
+
 DTYPES = {
   "float32": jnp.float32,
   "bfloat16": jnp.bfloat16,
@@ -21,8 +23,6 @@ DTYPES = {
 }
 REMAT_POLICIES = ("none", "full", "save_dots", "save_ssd_inputs")
 SSD_IMPLS = ("auto", "reference", "xla", "pallas_gpu", "pallas_tpu")
-STATE_NORMS = ("off", "token", "chunk")
-WINDOW_SSD_IMPLS = ("auto", "reference", "xla")  # impls with the sliding window (ssd_window)
 
 
 class ConfigError(ValueError):
@@ -62,12 +62,12 @@ class Mamba2Config:
   scan_unroll: int = 1  # layers per iteration of the layer scan (n_layer = fully unrolled)
   fused_in_proj: bool = True  # one matmul for z|x|B|C|dt (set False under tensor parallelism)
   ssd_impl: str = "auto"  # one of SSD_IMPLS; see mamba2_jax.ssd.ssd
-  # Training-free state-collapse mitigations (paper §3; mamba2_jax/mitigations.py). Defaults = off.
+  # Training-free state-collapse mitigations (paper §3; mamba2_jax/mitigations/). Defaults = off.
   rri_decay_scale: float = 1.0  # c_a in (0, 1]: alpha_t *= c_a (log alpha_t += log c_a)
   rri_insert_scale: float = 1.0  # c_b > 0: B_t *= c_b
   dt_scale: float = 1.0  # s > 0: dt_t *= s after softplus/clip (LongMamba; decay and insertion)
   ssd_window: int = 0  # r >= 1: sliding window by state difference (eq. 8); 0 = off
-  state_norm: str = "off"  # one of STATE_NORMS: h <- h * min(1, tau / ||h||_F) per head
+  state_norm: str = "off"  # off|token|chunk: h <- h * min(1, tau / ||h||_F) per head
   state_norm_chunk: int = 128  # block length of state_norm="chunk"
   state_norm_threshold: float = math.inf  # tau of every (layer, head) until calibrated
 
@@ -196,43 +196,7 @@ class Mamba2Config:
       fail("remat_policy", f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
     if self.ssd_impl not in SSD_IMPLS:
       fail("ssd_impl", f"must be one of {SSD_IMPLS}, got {self.ssd_impl!r}")
-    self._validate_mitigations(fail)
-
-  def _validate_mitigations(self, fail) -> None:
-    def number(f):
-      v = getattr(self, f)
-      if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
-        fail(f, f"must be a number, got {v!r}")
-      return float(v)
-
-    if not 0.0 < number("rri_decay_scale") <= 1.0:
-      fail("rri_decay_scale", f"must be in (0, 1] (1 = off), got {self.rri_decay_scale!r}")
-    for f in ("rri_insert_scale", "dt_scale"):
-      v = number(f)
-      if not (0.0 < v < math.inf):
-        fail(f, f"must be a finite number > 0 (1 = off), got {v!r}")
-    w = self.ssd_window
-    if not isinstance(w, int) or isinstance(w, bool) or w < 0:
-      fail("ssd_window", f"must be an integer >= 0 (0 = off), got {w!r}")
-    if self.state_norm not in STATE_NORMS:
-      fail("state_norm", f"must be one of {STATE_NORMS}, got {self.state_norm!r}")
-    q = self.state_norm_chunk
-    if not isinstance(q, int) or isinstance(q, bool) or q < 1:
-      fail("state_norm_chunk", f"must be a positive integer, got {q!r}")
-    if not number("state_norm_threshold") > 0.0:
-      fail("state_norm_threshold", f"must be > 0 (inf allowed), got {self.state_norm_threshold!r}")
-    if w > 0 and self.ssd_impl not in WINDOW_SSD_IMPLS:
-      fail(
-        "ssd_window",
-        f"needs ssd_impl in {WINDOW_SSD_IMPLS} (the Pallas impls have no "
-        f"window), got ssd_impl={self.ssd_impl!r}",
-      )
-    if w > 0 and self.state_norm != "off":
-      fail(
-        "ssd_window",
-        f"cannot be combined with state_norm (the window differences the "
-        f"un-normalized state sequence), got ssd_window={w}, state_norm={self.state_norm!r}",
-      )
+    validate_fields(self, fail)  # the mitigation fields (mamba2_jax/mitigations/validate.py)
 
   # Construction helpers ---------------------------------------------------------------------
   def replace(self, **changes) -> "Mamba2Config":

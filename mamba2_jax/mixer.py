@@ -5,18 +5,18 @@ stored as separate parameters so that tensor parallelism can shard heads cleanly
 A_log, D, the gated norm and out_proj rows over "heads"/"inner"; B and C over "group_state").
 The checkpoint importer splits the official tensors (mamba2_jax/pretrained.py).
 
-State-collapse mitigations (config fields, mamba2_jax/mitigations.py) are applied here, in the
-forward, in prefill with a cache and in the decode step: B *= rri_insert_scale (before the op,
-in the compute dtype), dt *= dt_scale and log alpha += log(rri_decay_scale) (op arguments),
-the sliding window (op argument; sliding_window.py across pieces) and the state normalization
-(state_norm.py).
+`ssm_inputs` computes what the SSM consumes (x, B, C, dt, z after in_proj, conv and SiLU) for a
+sequence or one decode token; state introspection (mamba2_jax/eval/introspect.py) uses it too.
+The SSM itself, with the state-collapse mitigations of the config (mamba2_jax/mitigations/), is
+one call: `mitigations.ssm.ssm_sequence` in the forward and prefill, `ssm_step` in the decode
+step.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,31 +34,27 @@ from mamba2_jax.layers import (
   param,
   uniform_init,
 )
-from mamba2_jax.sliding_window import window_prefill, window_step
-from mamba2_jax.ssd import prepare_dt, resolve_impl, ssd
-from mamba2_jax.ssd.api import PALLAS_IMPLS
-from mamba2_jax.state_norm import (
-  block_normalized_ssd,
-  normalize_state,
-  threshold_variable,
-  token_normalized_ssd,
-)
+from mamba2_jax.mitigations import ssm as mitigated
+from mamba2_jax.mitigations.state_norm import threshold_variable
 
 
-def ssd_op(impl: str, **kwargs):
-  """`ssd` with fixed keyword arguments; a Pallas impl under a multi-device mesh runs per shard.
+class SSMInputs(NamedTuple):
+  """What the SSM of a layer consumes, for a sequence (b, L, ...) or one token (b, ...).
 
-  Pallas (Mosaic/Triton) kernels cannot be partitioned by XLA, so under `jax.set_mesh` they go
-  through `pallas_kernels.sharded.sharded_ssd` (batch over "data"/"fsdp", heads over "tensor").
-  Inside a `shard_map` (manual axes) or on one device the op is called directly.
+  x:  (b, [L,] H, P)  after conv + SiLU (compute dtype)
+  B:  (b, [L,] G, N)  after conv + SiLU and rri_insert_scale
+  C:  (b, [L,] G, N)  after conv + SiLU
+  dt: (b, [L,] H)     raw (in_proj output; `Mamba2Mixer.processed_dt` gives the SSM's dt)
+  z:  (b, [L,] d_inner) gate input
+  conv: the new conv contexts (conv_x, conv_B, conv_C), each (b, d_conv-1, channels)
   """
-  name = resolve_impl(impl, window=kwargs.get("window"))
-  mesh = jax.sharding.get_abstract_mesh()
-  if name in PALLAS_IMPLS and not mesh.empty and mesh.size > 1 and not mesh.manual_axes:
-    from pallas_kernels.sharded import sharded_ssd
 
-    return sharded_ssd(mesh, impl=name, **kwargs)
-  return functools.partial(ssd, impl=name, **kwargs)
+  x: jax.Array
+  B: jax.Array
+  C: jax.Array
+  dt: jax.Array
+  z: jax.Array
+  conv: tuple[jax.Array, jax.Array, jax.Array]
 
 
 class Mamba2Mixer(nnx.Module):
@@ -118,10 +114,6 @@ class Mamba2Mixer(nnx.Module):
       self.state_norm_tau = threshold_variable(jnp.full((h,), c.state_norm_threshold, jnp.float32))
 
   # Parameter views --------------------------------------------------------------------------
-  def _tau(self):
-    """State-norm thresholds (H,): constants of the model, never trained (no gradient)."""
-    return jax.lax.stop_gradient(self.state_norm_tau[...])
-
   def _opt(self, name):
     v = getattr(self, name, None)
     return None if v is None else v[...]
@@ -158,101 +150,53 @@ class Mamba2Mixer(nnx.Module):
     y = gated_rms_norm(y, z, self.norm[...], c.ngroups, c.norm_eps, c.compute_dtype)
     return dense(y, self.out_proj[...], self._opt("out_proj_bias"), c.compute_dtype)
 
-  def _log_decay_offset(self) -> float:
-    """log c_a of RRI (0.0 when off)."""
-    ca = self.config.rri_decay_scale
-    return 0.0 if ca == 1.0 else math.log(ca)
+  def _tau(self):
+    """State-norm thresholds (H,), or None with state_norm off: constants of the model, never
+    trained (no gradient)."""
+    if self.config.state_norm == "off":
+      return None
+    return jax.lax.stop_gradient(self.state_norm_tau[...])
 
-  def _scale_B(self, B):
-    cb = self.config.rri_insert_scale
-    return B if cb == 1.0 else B * jnp.asarray(cb, B.dtype)
+  # SSM inputs ----------------------------------------------------------------------------------
+  def decay_rate(self) -> jax.Array:
+    """A = -exp(A_log) (H,) float32."""
+    return -jnp.exp(self.A_log[...].astype(jnp.float32))
 
-  def _processed_dt(self, dt):
+  def processed_dt(self, dt: jax.Array) -> jax.Array:
+    """Raw dt (..., H) -> the SSM's float32 dt (bias, softplus, dt_limit, dt_scale)."""
+    return mitigated.processed_dt(self.config, dt, self.dt_bias[...])
+
+  def log_decay(self, dt: jax.Array) -> jax.Array:
+    """log alpha = dt * A (+ log rri_decay_scale) (..., H) from the processed dt."""
+    return mitigated.log_decay(self.config, dt, self.decay_rate())
+
+  def ssm_inputs(
+    self, u: jax.Array, cache: Mamba2Cache | None = None, *, segment_ids: jax.Array | None = None
+  ) -> SSMInputs:
+    """u (b, L, d_model) (a sequence, continuing the conv context of `cache` when given) or
+    u (b, d_model) (one decode token; `cache` required) -> `SSMInputs`."""
     c = self.config
-    dt = prepare_dt(dt, self.dt_bias[...], dt_softplus=True, dt_limit=c.dt_limit, dtype=jnp.float32)
-    return dt if c.dt_scale == 1.0 else dt * jnp.float32(c.dt_scale)
-
-  def _ssm(self, x, dt, A, B, C, segment_ids, cache):
-    """SSD with the configured mitigations. x (b,L,H,P), dt raw (b,L,H), B, C (b,L,G,N).
-
-    Returns (y (b,L,H,P), final state or None, dict of updated mitigation cache fields).
-    """
-    c = self.config
-    off, D = self._log_decay_offset(), self._D()
-    h0 = None if cache is None else cache.ssm
-    extra = {}
-    if cache is not None and cache.pos is not None:
-      extra["pos"] = cache.pos + x.shape[1]
-    if c.state_norm == "token":
-      y, h = token_normalized_ssd(
-        x,
-        dt,
-        A,
-        B,
-        C,
-        tau=self._tau(),
-        D=D,
-        dt_bias=self.dt_bias[...],
-        dt_limit=c.dt_limit,
-        dt_scale=c.dt_scale,
-        log_decay_offset=off,
-        initial_state=h0,
-        segment_ids=segment_ids,
-      )
-    elif c.state_norm == "chunk":
-      op = ssd_op(
-        c.ssd_impl,
-        dt_softplus=False,
-        dt_limit=(-math.inf, math.inf),
-        chunk_size=min(c.chunk_size, c.state_norm_chunk),
-        return_final_state=True,
-      )
-      y, h = block_normalized_ssd(
-        op,
-        x,
-        self._processed_dt(dt),
-        A,
-        B,
-        C,
-        tau=self._tau(),
-        block=c.state_norm_chunk,
-        position=0 if cache is None else cache.pos,
-        D=D,
-        log_decay_offset=off,
-        initial_state=h0,
-        segment_ids=segment_ids,
-      )
-    elif c.ssd_window > 0 and cache is not None:
-      y, h, extra = window_prefill(
-        functools.partial(ssd_op, c.ssd_impl),
-        x,
-        self._processed_dt(dt),
-        A,
-        B,
-        C,
-        cache,
-        r=c.ssd_window,
-        log_decay_offset=off,
-        chunk_size=c.chunk_size,
-        D=D,
-        segment_ids=segment_ids,
-      )
+    z, xr, Br, Cr, dt = self._project(u)
+    if u.ndim == 2:  # one token
+      x, cx = conv_step(xr, self.conv_x[...], self._opt("conv_x_bias"), cache.conv_x)
+      B, cB = conv_step(Br, self.conv_B[...], self._opt("conv_B_bias"), cache.conv_B)
+      C, cC = conv_step(Cr, self.conv_C[...], self._opt("conv_C_bias"), cache.conv_C)
     else:
-      op = ssd_op(
-        c.ssd_impl,
-        dt_softplus=True,
-        dt_limit=c.dt_limit,
-        chunk_size=c.chunk_size,
-        return_final_state=cache is not None,
-        dt_scale=c.dt_scale,
-        log_decay_offset=off,
-        window=c.ssd_window or None,
+      ctx = (lambda n: None) if cache is None else (lambda n: getattr(cache, n))
+      conv = lambda t, n: causal_conv(  # noqa: E731
+        t, getattr(self, n)[...], self._opt(f"{n}_bias"), context=ctx(n), segment_ids=segment_ids
       )
-      result = op(
-        x, dt, A, B, C, D=D, dt_bias=self.dt_bias[...], initial_state=h0, segment_ids=segment_ids
-      )
-      y, h = result if cache is not None else (result, None)
-    return y, (h if cache is not None else None), extra
+      (x, cx), (B, cB), (C, cC) = conv(xr, "conv_x"), conv(Br, "conv_B"), conv(Cr, "conv_C")
+    lead = u.shape[:-1]
+    x, B, C = jax.nn.silu(x), mitigated.scale_B(c, jax.nn.silu(B)), jax.nn.silu(C)
+    return SSMInputs(
+      x=x.reshape(*lead, c.nheads, c.headdim),
+      B=B.reshape(*lead, c.ngroups, c.d_state),
+      C=C.reshape(*lead, c.ngroups, c.d_state),
+      dt=dt,
+      z=z,
+      conv=(cx, cB, cC),
+    )
 
   # Full-sequence forward (training, prefill) ---------------------------------------------------
   def __call__(
@@ -265,64 +209,43 @@ class Mamba2Mixer(nnx.Module):
     """
     c = self.config
     b, L, _ = u.shape
-    z, xr, Br, Cr, dt = self._project(u)
-    ctx = (lambda n: None) if cache is None else (lambda n: getattr(cache, n))
-    x, cx = causal_conv(
-      xr, self.conv_x[...], self._opt("conv_x_bias"), context=ctx("conv_x"), segment_ids=segment_ids
+    inp = self.ssm_inputs(u, cache, segment_ids=segment_ids)
+    y, h, extra = mitigated.ssm_sequence(
+      c,
+      inp.x,
+      inp.dt,
+      self.decay_rate(),
+      inp.B,
+      inp.C,
+      D=self._D(),
+      dt_bias=self.dt_bias[...],
+      tau=self._tau(),
+      segment_ids=segment_ids,
+      cache=cache,
     )
-    B, cB = causal_conv(
-      Br, self.conv_B[...], self._opt("conv_B_bias"), context=ctx("conv_B"), segment_ids=segment_ids
-    )
-    C, cC = causal_conv(
-      Cr, self.conv_C[...], self._opt("conv_C_bias"), context=ctx("conv_C"), segment_ids=segment_ids
-    )
-    x, B, C = jax.nn.silu(x), self._scale_B(jax.nn.silu(B)), jax.nn.silu(C)
-    A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    y, h, extra = self._ssm(
-      x.reshape(b, L, c.nheads, c.headdim),
-      dt,
-      A,
-      B.reshape(b, L, c.ngroups, c.d_state),
-      C.reshape(b, L, c.ngroups, c.d_state),
-      segment_ids,
-      cache,
-    )
-    out = self._output(y.reshape(b, L, c.d_inner).astype(c.compute_dtype), z)
+    out = self._output(y.reshape(b, L, c.d_inner).astype(c.compute_dtype), inp.z)
     if cache is None:
       return out, None
+    cx, cB, cC = inp.conv
     return out, dataclasses.replace(cache, conv_x=cx, conv_B=cB, conv_C=cC, ssm=h, **extra)
 
   # One-token recurrent step (decode) ---------------------------------------------------------
   def step(self, u: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
     """u (b, d_model) -> (out (b, d_model), cache). O(1) in the sequence length."""
     c = self.config
-    b = u.shape[0]
-    z, xr, Br, Cr, dt = self._project(u)
-    x, cx = conv_step(xr, self.conv_x[...], self._opt("conv_x_bias"), cache.conv_x)
-    B, cB = conv_step(Br, self.conv_B[...], self._opt("conv_B_bias"), cache.conv_B)
-    C, cC = conv_step(Cr, self.conv_C[...], self._opt("conv_C_bias"), cache.conv_C)
-    xc = jax.nn.silu(x).reshape(b, c.nheads, c.headdim)  # compute dtype (the window ring's)
-    Bc = self._scale_B(jax.nn.silu(B)).reshape(b, c.ngroups, c.d_state)
-    x, B = xc.astype(jnp.float32), Bc.astype(jnp.float32)
-    C = jax.nn.silu(C).reshape(b, c.ngroups, c.d_state).astype(jnp.float32)
-    rep = c.nheads // c.ngroups
-    B, C = jnp.repeat(B, rep, axis=1), jnp.repeat(C, rep, axis=1)  # head h -> group h // rep
-    A = -jnp.exp(self.A_log[...].astype(jnp.float32))
-    dt = self._processed_dt(dt)  # (b, H)
-    off = self._log_decay_offset()
-    decay = jnp.exp(dt * A if off == 0.0 else dt * A + jnp.float32(off))
-    h = cache.ssm * decay[:, :, None, None] + (dt[:, :, None] * x)[..., None] * B[:, :, None, :]
-    extra, h_out = {}, h
-    if c.ssd_window > 0:
-      h_out, extra = window_step(h, dt, xc, Bc, A, cache, r=c.ssd_window, log_decay_offset=off)
-    elif cache.pos is not None:
-      extra["pos"] = cache.pos + 1
-    if c.state_norm == "token":
-      h = normalize_state(h, self._tau())
-    elif c.state_norm == "chunk":  # this token ends a block of absolute positions
-      ends = (cache.pos + 1) % c.state_norm_chunk == 0
-      h = jnp.where(ends, normalize_state(h, self._tau()), h)
-    D = self._D().astype(jnp.float32)
-    y = jnp.einsum("bhpn,bhn->bhp", h_out, C) + (D[..., None] if D.ndim == 1 else D) * x
-    out = self._output(y.reshape(b, c.d_inner).astype(c.compute_dtype), z)
+    inp = self.ssm_inputs(u, cache)
+    y, h, extra = mitigated.ssm_step(
+      c,
+      inp.x,
+      inp.dt,
+      self.decay_rate(),
+      inp.B,
+      inp.C,
+      D=self._D(),
+      dt_bias=self.dt_bias[...],
+      tau=self._tau(),
+      cache=cache,
+    )
+    out = self._output(y.reshape(u.shape[0], c.d_inner).astype(c.compute_dtype), inp.z)
+    cx, cB, cC = inp.conv
     return out, dataclasses.replace(cache, conv_x=cx, conv_B=cB, conv_C=cC, ssm=h, **extra)

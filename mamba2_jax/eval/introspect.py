@@ -3,17 +3,16 @@
 `forward_with_internals(model, tokens, cache)` runs the stacked layers one by one under
 `lax.scan` like `Mamba2LM._scan_layers`: each layer's parameters are a slice of
 `nnx.split(model.layers)`, merged into a `Mamba2Block`, and the layer output and new cache come
-from the block's own `__call__` (so propagation is exactly the model's). The internals are
-recomputed beside it from the mixer's own pieces (`Mamba2Mixer._project`, `causal_conv` with the
-layer's conv context from the cache, SiLU, `prepare_dt`); tests/test_eval_state_stats.py checks
-them against the model (the SSD of the recomputed x, B, C, dt reproduces the block's output and
-new SSM state), so they cannot silently drift from the mixer.
+from the block's own `__call__` (so propagation is exactly the model's). The internals come
+beside it from the mixer's public `ssm_inputs` (in_proj, causal conv with the layer's conv
+context from the cache, SiLU), `processed_dt` and `log_decay`, the code the mixer itself runs;
+tests/eval/test_eval_state_stats.py checks them against the model (the SSD of x, B, C, dt
+reproduces the block's output and new SSM state).
 
-Mitigations (mamba2_jax/mitigations.py) enter through the mixer's own helpers
-(`_processed_dt`: dt *= dt_scale; `_scale_B`: B *= rri_insert_scale; `_log_decay_offset`:
-log alpha += log rri_decay_scale), so x, B, dt and `log_decay` are what the SSM consumes; a
-mixer without them (no mitigation support) gets the plain formulas. The sliding window and the
-state normalization act inside the SSM; their effect shows in the cached state only.
+Mitigations (mamba2_jax/mitigations/) enter through those mixer methods (dt *= dt_scale,
+B *= rri_insert_scale, log alpha += log rri_decay_scale), so x, B, dt and `log_decay` are what
+the SSM consumes. The sliding window and the state normalization act inside the SSM; their
+effect shows in the cached state only.
 """
 
 from __future__ import annotations
@@ -21,12 +20,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from mamba2_jax.cache import Mamba2Cache
-from mamba2_jax.layers import causal_conv, rms_norm
-from mamba2_jax.ssd import prepare_dt
+from mamba2_jax.layers import rms_norm
 
 
 class Internals(NamedTuple):
@@ -48,50 +45,16 @@ class Internals(NamedTuple):
   log_decay: jax.Array
 
 
-def _processed_dt(mixer, dt_raw):
-  if hasattr(mixer, "_processed_dt"):
-    return mixer._processed_dt(dt_raw)  # pylint: disable=protected-access
-  return prepare_dt(
-    dt_raw, mixer.dt_bias[...], dt_softplus=True, dt_limit=mixer.config.dt_limit, dtype=jnp.float32
-  )
-
-
-def _scaled_B(mixer, B):
-  return mixer._scale_B(B) if hasattr(mixer, "_scale_B") else B  # pylint: disable=protected-access
-
-
-def _log_decay_offset(mixer) -> float:
-  if hasattr(mixer, "_log_decay_offset"):
-    return float(mixer._log_decay_offset())  # pylint: disable=protected-access
-  return 0.0
-
-
 def block_internals(block, residual: jax.Array, layer_cache: Mamba2Cache):
   """One block: residual (b, c, d_model), per-layer cache -> (residual, cache, Internals of the
   layer without the leading layer axis)."""
   cfg = block.config
   mixer = block.mixer
-  b, c, _ = residual.shape
   u = rms_norm(residual, block.norm[...], cfg.norm_eps, cfg.compute_dtype)
-  z, xr, Br, Cr, dt_raw = mixer._project(u)  # pylint: disable=protected-access
-  opt = mixer._opt  # pylint: disable=protected-access
-  x, _ = causal_conv(xr, mixer.conv_x[...], opt("conv_x_bias"), context=layer_cache.conv_x)
-  B, _ = causal_conv(Br, mixer.conv_B[...], opt("conv_B_bias"), context=layer_cache.conv_B)
-  C, _ = causal_conv(Cr, mixer.conv_C[...], opt("conv_C_bias"), context=layer_cache.conv_C)
-  x, B, C = jax.nn.silu(x), _scaled_B(mixer, jax.nn.silu(B)), jax.nn.silu(C)
-  dt = _processed_dt(mixer, dt_raw)
-  A = -jnp.exp(mixer.A_log[...].astype(jnp.float32))
-  offset = _log_decay_offset(mixer)
-  log_decay = dt * A if offset == 0.0 else dt * A + jnp.float32(offset)
+  inp = mixer.ssm_inputs(u, layer_cache)
+  dt = mixer.processed_dt(inp.dt)
   new_residual, new_cache = block(residual, cache=layer_cache)
-  internals = Internals(
-    x=x.reshape(b, c, cfg.nheads, cfg.headdim),
-    B=B.reshape(b, c, cfg.ngroups, cfg.d_state),
-    C=C.reshape(b, c, cfg.ngroups, cfg.d_state),
-    dt=dt,
-    z=z,
-    log_decay=log_decay,
-  )
+  internals = Internals(x=inp.x, B=inp.B, C=inp.C, dt=dt, z=inp.z, log_decay=mixer.log_decay(dt))
   return new_residual, new_cache, internals
 
 

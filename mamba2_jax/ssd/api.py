@@ -11,6 +11,12 @@ the scan itself.
 New implementations register with :func:`register_impl` and, to become the
 ``"auto"`` choice on a backend, :func:`set_auto_impl`.
 
+:func:`ssd` is the one entry of the model, with or without a mesh: under a multi-device mesh
+context (``jax.set_mesh``) a Pallas impl, which XLA cannot partition, runs per shard through
+:func:`mamba2_jax.ssd.sharded.sharded_ssd`. The Pallas cores are told what depends on the
+target (platform.py): interpret mode exactly when compiling for the CPU, and the TPU core's
+split over the TensorCores of the target device.
+
 State-collapse mitigations (paper §3): ``dt_scale`` and ``log_decay_offset`` are applied in
 the shared prologue (``Prepared.dt`` and ``Prepared.dA``), so every core honours them;
 ``window`` is passed to the cores that support it (``WINDOW_IMPLS``) as ``window=r``.
@@ -20,18 +26,16 @@ from __future__ import annotations
 
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
-
-from pallas_kernels.platform import target_platform
 
 from . import common
 from .chunked import chunked_core
+from .platform import target_device_kind, target_platform
 from .reference import reference_core
 
 __all__ = [
   "ssd",
-  "ssd_reference",
-  "ssd_chunked",
   "register_impl",
   "set_auto_impl",
   "available_impls",
@@ -46,12 +50,12 @@ _IMPLS: dict[str, Callable] = {
 }
 
 # Pallas kernels live in the top-level `pallas_kernels` package and are imported on first use.
-# Their cores take an extra ``interpret`` argument (None = interpret on CPU, compile elsewhere).
+# Their cores take the target as arguments (``_kernel_kwargs``): ``interpret`` and, on TPU,
+# ``split``.
 _LAZY: dict[str, tuple[str, str]] = {
   "pallas_gpu": ("pallas_kernels.ssd_gpu.ops", "ssd_gpu_core"),
   "pallas_tpu": ("pallas_kernels.ssd_tpu.ops", "ssd_tpu_core"),
 }
-_TAKES_INTERPRET = set(_LAZY)
 
 # backend platform -> impl used by impl="auto"; "*" is the fallback. ROCm stays on XLA: the
 # Triton kernels are compile-checked for CUDA (sm_90) only.
@@ -119,6 +123,28 @@ def _load(name: str) -> Callable:
   return _IMPLS[name]
 
 
+def _kernel_kwargs(name: str, interpret) -> dict:
+  """What a Pallas core is told about the target: ``interpret`` (None: exactly when compiling
+  for the CPU) and, for the TPU core, ``split`` = the TensorCores of the target device."""
+  if name not in _LAZY:
+    return {}
+  kw = {"interpret": target_platform() == "cpu" if interpret is None else interpret}
+  if name == "pallas_tpu":
+    from pallas_kernels.ssd_tpu.ops import tensorcores
+
+    kw["split"] = tensorcores(target_device_kind())
+  return kw
+
+
+def _shard_mesh(name: str):
+  """The mesh to run impl ``name`` per shard under, or None: a Pallas impl (which XLA cannot
+  partition) under a multi-device mesh context outside a shard_map (no manual axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if name in PALLAS_IMPLS and not mesh.empty and mesh.size > 1 and not mesh.manual_axes:
+    return mesh
+  return None
+
+
 def resolve_impl(impl: str, *, window: int | None = None) -> str:
   """Map ``impl`` (possibly 'auto') to a registered implementation name.
 
@@ -156,6 +182,7 @@ def ssd(
   dt_scale=1.0,
   log_decay_offset=0.0,
   window=None,
+  state_hook=None,
 ):
   """Mamba-2 structured state-space duality (SSD) scan.
 
@@ -169,8 +196,11 @@ def ssd(
     segment_ids: (b, L) int; the state resets wherever the id changes.
     return_final_state: also return the state after the last token.
     impl: 'auto', 'reference' (per-token scan oracle), 'xla' (chunked),
-      'pallas_gpu', 'pallas_tpu' (Pallas kernels), plus any registered later.
-    interpret: Pallas impls only: run the kernel in interpret mode (None = on CPU).
+      'pallas_gpu', 'pallas_tpu' (Pallas kernels), plus any registered later. Under a
+      multi-device mesh context (``jax.set_mesh``, no manual axes) the Pallas impls run per
+      shard (``sharded.sharded_ssd``: batch over "data"/"fsdp", heads over "tensor").
+    interpret: Pallas impls only: run the kernel in interpret mode (None = exactly when
+      compiling for the CPU).
     dt_scale: s > 0, multiplies the processed dt (LongMamba-style; scales decay and
       insertion). All impls.
     log_decay_offset: o <= 0 added to dt_t * A at every real position (RRI: o = log c_a,
@@ -181,6 +211,9 @@ def ssd(
       of position -1 (h_{-1}; h_s = 0 for s < -1): it reaches y_t only for t <= r - 2.
       No subtraction across a segment start. Impls 'reference' and 'xla' (both
       differentiable); 'auto' then resolves to one of them; the Pallas impls raise.
+    state_hook: impl 'reference' only, not with ``window``: h -> h applied to the state
+      (b, H, P, N) after every token, once y_t is read (token-level state normalization);
+      the returned final state is the hooked one.
 
   Per head (fp32 math): dt_t = s * clip(softplus(dt_raw + dt_bias), *dt_limit);
   h_t = exp(dt_t A + o) h_{t-1} + dt_t x_t (outer) B_t; y_t = h_t C_t + D x_t.
@@ -197,6 +230,27 @@ def ssd(
     raise ValueError(
       f"ssd: window= is supported by impl {sorted(WINDOW_IMPLS)} (and 'auto', which then "
       f"uses 'xla'), not by impl={name!r}"
+    )
+  if state_hook is not None and name != "reference":
+    raise ValueError(f"ssd: state_hook= needs impl='reference', not impl={name!r}")
+  mesh = _shard_mesh(name)
+  if mesh is not None:  # per shard; the call inside the shard_map has manual axes
+    from .sharded import sharded_ssd
+
+    fn = sharded_ssd(
+      mesh,
+      impl=name,
+      dt_softplus=dt_softplus,
+      dt_limit=dt_limit,
+      chunk_size=chunk_size,
+      return_final_state=return_final_state,
+      interpret=interpret,
+      dt_scale=dt_scale,
+      log_decay_offset=log_decay_offset,
+      window=window,
+    )
+    return fn(
+      x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_state=initial_state, segment_ids=segment_ids
     )
   common.validate(x, dt, A, B, C, D, dt_bias, initial_state, segment_ids, chunk_size, dt_limit)
   x = jnp.asarray(x)
@@ -215,9 +269,11 @@ def ssd(
     log_decay_offset=log_decay_offset,
   )
   core = _load(name)
-  extra = {"interpret": interpret} if name in _TAKES_INTERPRET else {}
+  extra = _kernel_kwargs(name, interpret)
   if window is not None:
     extra["window"] = window
+  if state_hook is not None:
+    extra["state_hook"] = state_hook
   fuse_skip = name in SKIP_IMPLS and D is not None
   if fuse_skip:
     D_ = jnp.asarray(D).astype(prep.acc)
@@ -229,13 +285,3 @@ def ssd(
   if return_final_state:
     return y, final.astype(prep.acc)
   return y
-
-
-def ssd_reference(x, dt, A, B, C, **kwargs):
-  """:func:`ssd` with ``impl='reference'`` (per-token scan; the oracle)."""
-  return ssd(x, dt, A, B, C, impl="reference", **kwargs)
-
-
-def ssd_chunked(x, dt, A, B, C, **kwargs):
-  """:func:`ssd` with ``impl='xla'`` (chunked XLA path)."""
-  return ssd(x, dt, A, B, C, impl="xla", **kwargs)

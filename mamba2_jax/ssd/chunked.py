@@ -66,8 +66,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.log_decay import log_decay_grad
+from pallas_kernels.padding import pad_axis
 
-from .common import Prepared, pad_axis
+from .common import Prepared
 from .window import window_correction, window_is_noop
 
 __all__ = ["chunked_core"]

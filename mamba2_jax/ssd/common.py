@@ -2,7 +2,7 @@
 
 Everything here is cheap elementwise work that XLA differentiates on its own:
 dt preprocessing (bias, softplus, clip), dtype selection, group -> head mapping,
-segment-id normalisation and padding helpers. Implementation cores receive
+segment-id normalisation. Implementation cores receive
 already-prepared tensors (see :func:`prepare_inputs`) so that a kernel with a
 hand-written VJP only has to differentiate the scan itself.
 """
@@ -21,9 +21,10 @@ __all__ = [
   "prepare_dt",
   "segment_runs",
   "expand_groups",
-  "pad_axis",
   "validate",
   "validate_mitigations",
+  "is_count",
+  "is_positive_finite",
   "prepare_inputs",
   "apply_skip",
 ]
@@ -79,16 +80,6 @@ def expand_groups(t, num_heads: int):
   if g == num_heads:
     return t
   return jnp.repeat(t, num_heads // g, axis=-2)
-
-
-def pad_axis(t, target: int, axis: int = 1, mode: str = "constant"):
-  """Pad ``t`` along ``axis`` up to length ``target`` (zeros, or 'edge' repeat)."""
-  n = t.shape[axis]
-  if n == target:
-    return t
-  widths = [(0, 0)] * t.ndim
-  widths[axis] = (0, target - n)
-  return jnp.pad(t, widths, mode=mode)
 
 
 def _shape(a):
@@ -159,14 +150,26 @@ def _concrete_scalar(v, name):
   return float(v)
 
 
+def is_count(v, minimum: int = 1) -> bool:
+  """v is a Python int (not a bool) >= minimum: window lengths, block lengths, sizes."""
+  return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def is_positive_finite(v: float) -> bool:
+  """v (a float) is finite and > 0: the scales dt_scale and RRI's insertion scale c_b."""
+  return math.isfinite(v) and v > 0
+
+
 def validate_mitigations(dt_scale, log_decay_offset, window) -> None:
   """Check the state-collapse mitigation arguments of :func:`mamba2_jax.ssd.ssd`.
 
   dt_scale: scalar > 0 (finite); log_decay_offset: scalar <= 0 (finite; log c_a of RRI);
-  window: None or an int >= 1. Traced scalars are accepted without value checks.
+  window: None or an int >= 1. Traced scalars are accepted without value checks. The config
+  fields of the same mitigations are checked with the same rules
+  (``mamba2_jax.mitigations.validate``).
   """
   s = _concrete_scalar(dt_scale, "dt_scale")
-  if s is not None and not (math.isfinite(s) and s > 0):
+  if s is not None and not is_positive_finite(s):
     raise ValueError(f"ssd: dt_scale must be a finite scalar > 0; got {dt_scale!r}")
   o = _concrete_scalar(log_decay_offset, "log_decay_offset")
   if o is not None and not (math.isfinite(o) and o <= 0):
@@ -174,7 +177,7 @@ def validate_mitigations(dt_scale, log_decay_offset, window) -> None:
       f"ssd: log_decay_offset must be a finite scalar <= 0 (log of a decay scale in (0, 1]); "
       f"got {log_decay_offset!r}"
     )
-  if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+  if window is not None and not is_count(window, 1):
     raise ValueError(f"ssd: window must be None (off) or an int >= 1; got {window!r}")
 
 

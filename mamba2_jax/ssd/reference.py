@@ -1,4 +1,4 @@
-"""Oracle SSD: a per-token ``lax.scan`` over the sequence.
+"""Oracle SSD: a per-token ``lax.scan`` over the sequence, and the one per-token recurrence.
 
 Per head, in the accumulation dtype (float32, or float64 end to end for float64
 inputs, which makes this exact up to float64 rounding):
@@ -8,7 +8,10 @@ inputs, which makes this exact up to float64 rounding):
 
 with dA_t = dt_t * A + log_decay_offset, keep_t = 0 where a new segment starts (t > 0
 and the run index changes) and h_{-1} = initial_state or 0. The D skip is added by
-the caller (api.py).
+the caller (api.py). :func:`recurrence_step` is that update for one token; the scan here,
+the model's decode step and the window cache's delayed state
+(``mamba2_jax.mitigations``) all use it. ``state_hook`` (h -> h) is applied to the state
+after every token, once y_t is read: token-level state normalization.
 
 Sliding window (``window=r``, paper eq. 8): y_t = (h_t - W_t * h_{t-r}) @ C_t with
 W_t = prod_{j=t-r+1..t} keep_j exp(dA_j), h_{-1} = initial_state and h_s = 0 for
@@ -25,7 +28,7 @@ from jax import lax
 
 from .common import Prepared, expand_groups
 
-__all__ = ["reference_core"]
+__all__ = ["reference_core", "recurrence_step"]
 
 _HI = lax.Precision.HIGHEST
 
@@ -38,12 +41,26 @@ def _delay(t, r):
   return jnp.concatenate([jnp.zeros((r,) + t.shape[1:], t.dtype), t[: L - r]], axis=0)
 
 
-def reference_core(p: Prepared, *, chunk_size: int | None = None, window: int | None = None):
+def recurrence_step(h, decay, dt, x, B):
+  """One token of the SSD recurrence, per head: h_t = a_t h_{t-1} + dt_t x_t (outer) B_t.
+
+  h (b, H, P, N); decay a_t and dt (b, H); x (b, H, P); B (b, H, N) (groups expanded to heads).
+  """
+  return decay[:, :, None, None] * h + (dt[:, :, None] * x)[..., None] * B[:, :, None, :]
+
+
+def reference_core(
+  p: Prepared, *, chunk_size: int | None = None, window: int | None = None, state_hook=None
+):
   """Returns (y without the D term, final_state); both in ``p.acc``.
 
-  ``chunk_size`` is accepted for signature compatibility and ignored.
+  ``chunk_size`` is accepted for signature compatibility and ignored. ``state_hook``: h -> h
+  applied to the state after every token (after y_t is read; the final state is hooked too);
+  not with ``window``.
   """
   del chunk_size
+  if window is not None and state_hook is not None:
+    raise ValueError("ssd: state_hook= cannot be combined with window=")
   acc = p.acc
   b, L, H, P = p.x.shape
   N = p.B.shape[-1]
@@ -58,9 +75,6 @@ def reference_core(p: Prepared, *, chunk_size: int | None = None, window: int | 
     decay = jnp.where(start[..., None], jnp.zeros((), acc), decay)
   h0 = jnp.zeros((b, H, P, N), acc) if p.initial_state is None else p.initial_state
 
-  def insert(a, h, dt, x_, B_):
-    return a[:, :, None, None] * h + (dt[:, :, None] * x_)[..., None] * B_[:, :, None, :]
-
   def read(h, C_):
     return jnp.einsum("bhpn,bhn->bhp", h, C_, precision=_HI)
 
@@ -71,8 +85,9 @@ def reference_core(p: Prepared, *, chunk_size: int | None = None, window: int | 
 
     def step(h, inp):
       a_t, dt_t, x_t, B_t, C_t = inp
-      h = insert(a_t, h, dt_t, x_t, B_t)
-      return h, read(h, C_t)
+      h = recurrence_step(h, a_t, dt_t, x_t, B_t)
+      y_t = read(h, C_t)
+      return (h if state_hook is None else state_hook(h)), y_t
 
     h_last, ys = lax.scan(step, h0, seq)
     return jnp.moveaxis(ys, 0, 1), h_last
@@ -87,8 +102,8 @@ def reference_core(p: Prepared, *, chunk_size: int | None = None, window: int | 
   def wstep(carry, inp):
     h, hd, s, n = carry
     (a_t, dt_t, x_t, B_t, C_t), (ad, dtd, xd, Bd), (la, lad, st, std, inj) = inp
-    h = insert(a_t, h, dt_t, x_t, B_t)
-    hd = insert(ad, hd, dtd, xd, Bd) + inj * h0  # hd = h_{t-r}
+    h = recurrence_step(h, a_t, dt_t, x_t, B_t)
+    hd = recurrence_step(hd, ad, dtd, xd, Bd) + inj * h0  # hd = h_{t-r}
     s = s + la - lad  # sum of dA over (t-r, t]
     n = n + st - std  # resets in (t-r, t]
     w = jnp.where(n == 0, jnp.exp(jnp.minimum(s, 0.0)), 0.0)  # alpha_{t-r+1:t}

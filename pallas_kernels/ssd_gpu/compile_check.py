@@ -24,7 +24,7 @@ HB = 1 for tiny shapes).
 so the C B^T dot alone needs 2 x 512 x 128 x 4 B of shared memory) and exits 0 only if the
 compiler rejects it with RESOURCE_EXHAUSTED (proves the check is real).
 
-Imports only jax, this package and mamba2_jax.ssd (no flax), so the venv needs just jax[cuda13].
+Imports only jax and pallas_kernels (no flax), so the venv needs just jax[cuda13].
 """
 
 from __future__ import annotations

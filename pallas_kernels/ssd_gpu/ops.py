@@ -1,6 +1,6 @@
 """``impl="pallas_gpu"``: the SSD core built from the Pallas (Triton) kernels in kernel.py.
 
-``ssd_gpu_core(prep, *, chunk_size, interpret=None, D=None)`` follows the core contract of
+``ssd_gpu_core(prep, *, chunk_size, interpret=False, D=None)`` follows the core contract of
 ``mamba2_jax.ssd.api`` for impls that fuse the D skip (``SKIP_IMPLS``): y + D x in the input
 dtype (scan_fwd adds it; scan_bwd_s adds D dy to dx and writes dD per row block) and the final
 state in ``prep.acc``.
@@ -36,9 +36,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mamba2_jax.ssd.common import pad_axis
 from pallas_kernels.log_decay import log_decay_grad
-from pallas_kernels.platform import target_platform
+from pallas_kernels.padding import pad_axis
 
 from . import kernel as K
 
@@ -234,7 +233,7 @@ def prepare_padded(prep, chunk_size, interpret, **cfg_kw):
   return cfg, (xk, dt, dA, Bk, Ck, h0, segs)
 
 
-def ssd_gpu_core(prep, *, chunk_size: int = 256, interpret=None, D=None, **cfg_kw):
+def ssd_gpu_core(prep, *, chunk_size: int = 256, interpret=False, D=None, **cfg_kw):
   """SSD core on the Pallas GPU kernels (see module docstring): y + D x (b,L,H,P) in the
   input dtype (fp32 for fp64 inputs), D ((H, P) or None) fused, and the final state in
   ``prep.acc``.
@@ -242,10 +241,9 @@ def ssd_gpu_core(prep, *, chunk_size: int = 256, interpret=None, D=None, **cfg_k
   ``cfg_kw`` (make_config): block_l, block_p, block_n, num_warps, num_stages, tf32. The
   public op uses the defaults; e.g. ``mamba2_jax.ssd.api.register_impl("pallas_gpu_tf32",
   functools.partial(ssd_gpu_core, tf32=True), fuses_skip=True)`` adds a TF32 variant for
-  fp32 inputs.
+  fp32 inputs. ``interpret``: run the kernels in interpret mode (the SSD layer passes True
+  exactly when compiling for the CPU).
   """
-  if interpret is None:
-    interpret = target_platform() == "cpu"
   b, L, H, P = prep.x.shape
   N = prep.B.shape[-1]
   cfg, (xk, dt, dA, Bk, Ck, h0, segs) = prepare_padded(prep, chunk_size, interpret, **cfg_kw)

@@ -1,9 +1,10 @@
 """Mosaic (Pallas TPU) kernels of the Mamba-2 SSD, forward and backward: ``impl="pallas_tpu"``.
 
 Entry point: :func:`pallas_kernels.ssd_tpu.ops.ssd_tpu_core` (the core used by
-``mamba2_jax.ssd.ssd(..., impl="pallas_tpu")``); under a mesh use
-:func:`pallas_kernels.sharded.sharded_ssd` (Mosaic kernels cannot be auto-partitioned).
-On CPU the kernels run in interpret mode (``interpret=None``); the real TPU compiler is
+``mamba2_jax.ssd.ssd(..., impl="pallas_tpu")``, which under a mesh runs it per shard through
+:func:`mamba2_jax.ssd.sharded.sharded_ssd`: Mosaic kernels cannot be auto-partitioned).
+The caller chooses interpret mode (``interpret=True``: ``ssd`` does so when compiling for the
+CPU) and the core split (``split=tensorcores(device kind)``); the real TPU compiler is
 exercised from a CPU host by ``python -m pallas_kernels.ssd_tpu.compile_check``.
 
 Design
@@ -12,7 +13,7 @@ Design
   axis flattens (batch, group, core split) and is the only "parallel" one, so a megacore chip
   (v4, v5p: two TensorCores behind one device) splits it even under sharded training, where
   batch and groups per device are 1: there the group's head blocks are split in two halves
-  (``ops.core_split``, from the target's device kind; one split elsewhere). Chunks and head
+  (``ops.core_split`` of ``split=ops.tensorcores(device kind)``; one split elsewhere). Chunks and head
   blocks are "arbitrary", head blocks innermost: per (chunk, group) C·Bᵀ (Q x Q, fp32
   accumulate, causal/segment mask) is computed once, at head block 0, into a VMEM scratch
   shared by every head block, and in the backward dB and dC are accumulated over the heads in

@@ -13,7 +13,8 @@ memory_analysis / cost_analysis per device. Exit status 1 if any case fails.
 ``--negative``: compiles the forward kernel with a misaligned chunk (Q = 12 rows, not a
 multiple of 8 sublanes) and exits 0 only if Mosaic rejects it (proves the check is real).
 
-Imports only jax, this package and mamba2_jax.ssd (no flax).
+Imports only jax and pallas_kernels (no flax). The core split comes from the topology's device
+kind (``ops.tensorcores``), as the SSD layer derives it from the target device.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from jax.experimental import topologies  # noqa: E402
 from jax.sharding import Mesh, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as PS  # noqa: E402
 
-from .ops import chunk_len, ssd_tpu_core  # noqa: E402
+from .ops import chunk_len, ssd_tpu_core, tensorcores  # noqa: E402
 
 # name, L, H, P, G, N, chunk, dtype, segments
 CASES = [
@@ -81,13 +82,14 @@ def _abstract(mesh, case):
   return args
 
 
-def _core(chunk, x, dt, A, B, C, h0, seg=None):
+def _core(chunk, split, x, dt, A, B, C, h0, seg=None):
   prep = SimpleNamespace(x=x, dt=dt, A=A, B=B, C=C, initial_state=h0, seg=seg, acc=jnp.float32)
-  return ssd_tpu_core(prep, chunk_size=chunk, interpret=False)
+  return ssd_tpu_core(prep, chunk_size=chunk, interpret=False, split=split)
 
 
 def _build(mesh, case, mode):
   chunk = case[6]
+  split = tensorcores(mesh.devices.flat[0].device_kind)
   keys = ["x", "dt", "A", "B", "C", "h0"] + (["seg"] if case[8] else [])
   specs = {
     "x": PS("data"),
@@ -102,14 +104,14 @@ def _build(mesh, case, mode):
   if mode == "fwd":
 
     def local(*a):
-      return _core(chunk, *a)
+      return _core(chunk, split, *a)
 
     out_specs = (PS("data"), PS("data"))
   else:
 
     def local(*a):
       diff, rest = a[:6], a[6:]
-      (y, h), vjp = jax.vjp(lambda *d: _core(chunk, *d, *rest), *diff)
+      (y, h), vjp = jax.vjp(lambda *d: _core(chunk, split, *d, *rest), *diff)
       grads = vjp((jnp.ones_like(y), jnp.ones_like(h)))
       dA = jax.lax.psum(grads[2], "data")
       return grads[:2] + (dA,) + grads[3:]

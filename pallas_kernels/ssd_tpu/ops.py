@@ -9,8 +9,10 @@ cancellation-free rule of pallas_kernels/log_decay.py from the kernel's per-toke
 Per-token factors (wexp, e, chunk decay, segment masks) are cheap (b, H, L) vectors computed
 by XLA in both the forward and the backward rule (recomputed, never stored).
 
-It imports only ``mamba2_jax.ssd.common`` (jax-only) from the project; ``prep`` is duck-typed
-(``mamba2_jax.ssd.common.Prepared``: x, dt, A, B, C, initial_state, seg, acc, dA).
+It imports only jax and this package; ``prep`` is duck-typed (like
+``mamba2_jax.ssd.common.Prepared``: x, dt, A, B, C, initial_state, seg, acc, dA). What depends
+on the target comes in as arguments: ``interpret`` and the core ``split`` (the SSD layer passes
+``tensorcores(device kind)``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,20 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mamba2_jax.ssd.common import pad_axis
 from pallas_kernels.log_decay import log_decay_grad
-from pallas_kernels.platform import target_device_kind, target_platform
+from pallas_kernels.padding import pad_axis
 
 from .kernel import Grid, ssd_bwd_call, ssd_fwd_call, vmem_bytes
 
-__all__ = ["ssd_tpu_core", "pick_head_block", "pick_layout", "chunk_len", "VMEM_BUDGET"]
+__all__ = [
+  "ssd_tpu_core",
+  "pick_head_block",
+  "pick_layout",
+  "chunk_len",
+  "tensorcores",
+  "core_split",
+  "VMEM_BUDGET",
+]
 
 MAX_HB_FWD = 8  # heads per program in the forward kernel (divisor of H // G)
 MAX_HB_BWD = 4  # backward holds more blocks per head in VMEM
@@ -65,10 +74,15 @@ def pick_layout(H: int, G: int, P: int, max_hb=None):
 MEGACORE_KINDS = ("TPU v4", "TPU v5")  # two TensorCores behind one device ("TPU v5" = v5p)
 
 
-def core_split(R: int, hb: int, device_kind: str | None) -> int:
-  """2 on megacore chips when the group's head blocks divide evenly between the two
-  TensorCores (the grid's one "parallel" axis is split across them), else 1."""
-  return 2 if device_kind in MEGACORE_KINDS and (R // hb) % 2 == 0 else 1
+def tensorcores(device_kind: str | None) -> int:
+  """TensorCores behind one device of this kind: 2 on megacore chips (v4, v5p), else 1."""
+  return 2 if device_kind in MEGACORE_KINDS else 1
+
+
+def core_split(R: int, hb: int, split: int) -> int:
+  """``split`` (the TensorCores to split over) when the group's R // hb head blocks divide
+  evenly between them (the grid's one "parallel" axis is split across them), else 1."""
+  return split if (R // hb) % split == 0 else 1
 
 
 def fit_head_block(hb, R, Q, P, N, itemsize, *, backward, packed, budget=VMEM_BUDGET):
@@ -191,24 +205,23 @@ def ssd_tpu_core(
   prep,
   *,
   chunk_size: int = 256,
-  interpret=None,
+  interpret=False,
   max_hb=(MAX_HB_FWD, MAX_HB_BWD),
   layout: str = "auto",
-  split=None,
+  split: int = 1,
   D=None,
 ):
   """SSD core on the Mosaic TPU kernels. Returns y (b,L,H,P) in the input dtype (x's, or
   fp32 for fp64 inputs), with the skip ``D`` ((H, P) in ``prep.acc``, or None) fused into
   the kernels, and the final state (b,H,P,N) in ``prep.acc``.
 
-  ``interpret``: None = interpret mode on the CPU backend; True; or a
+  ``interpret``: False (compile with Mosaic); True (interpret mode, e.g. on a CPU host); or a
   ``pltpu.InterpretParams`` (TPU interpret mode: race detection, NaN-poisoned uninitialised
   memory, ...), passed to ``pallas_call`` as given. ``layout``: "auto" (packed when
-  possible), "packed" or "head_major" (tests). ``split``: core split of each group's head
-  blocks where it divides them (None: :func:`core_split` for the target device).
+  possible), "packed" or "head_major" (tests). ``split``: the TensorCores each group's head
+  blocks are split over where it divides them (:func:`core_split`; the SSD layer passes
+  :func:`tensorcores` of the target's device kind: 2 on v4 / v5p, else 1).
   """
-  if interpret is None:
-    interpret = target_platform() == "cpu"
   acc = prep.acc
   x = prep.x
   b, L, H, P = x.shape
@@ -233,11 +246,8 @@ def ssd_tpu_core(
   hb_f = fit_head_block(hb_f, R, Q, P, N, isz, backward=False, packed=packed)
   hb_b = fit_head_block(hb_b, R, Q, P, N, isz, backward=True, packed=packed)
 
-  kind = target_device_kind()
-
   def grid(hb):
-    sp = core_split(R, hb, kind) if split is None else split
-    sp = sp if (R // hb) % sp == 0 else 1
+    sp = core_split(R, hb, split)
     return Grid(b=b, G=G, R=R, hb=hb, split=sp, T=T, Q=Q, P=P, N=N, packed=packed)
 
   # pad AFTER the dt prologue: dt = 0, dA = 0 and x = B = C = 0 are identity steps; segment

@@ -11,7 +11,7 @@ from flax import nnx
 
 from mamba2_jax import Mamba2Config, Mamba2LM
 from mamba2_jax.eval import get_task_config, introspect, run_state_stats, state_stats
-from mamba2_jax.ssd import ssd_reference
+from mamba2_jax.ssd import ssd
 
 CFG = Mamba2Config.preset("tiny", chunk_size=8, ngroups=2, n_layer=3, vocab_size=100)
 
@@ -57,7 +57,7 @@ def test_internals_reproduce_the_mixer_state_and_output(model, setup):
   for l in range(CFG.n_layer):
     block = nnx.merge(graphdef, jax.tree.map(lambda a: a[l], state))
     A = -jnp.exp(block.mixer.A_log[...])
-    y, h = ssd_reference(
+    y, h = ssd(
       it.x[l],
       it.dt[l],
       A,
@@ -67,6 +67,7 @@ def test_internals_reproduce_the_mixer_state_and_output(model, setup):
       dt_softplus=False,
       initial_state=cache0.ssm[l],
       return_final_state=True,
+      impl="reference",
     )
     _close(h, cache.ssm[l])
     np.testing.assert_allclose(np.asarray(it.log_decay[l]), np.asarray(it.dt[l] * A), rtol=1e-6)

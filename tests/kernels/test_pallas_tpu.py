@@ -12,7 +12,7 @@ Tolerances, max|a - b| / max|b| per tensor, every output and gradient alike:
                gradient is cancellation-free, pallas_kernels/log_decay.py)
   bf16 inputs: 3e-2 (the MXU operands are bf16: the Q x Q decay-weighted CB, dt*x and the
                states are rounded to bf16 before each matmul, accumulation is fp32).
-tests/test_ssd_production.py holds the kernels to tolerances derived from the xla path at the
+tests/ssd/test_ssd_production.py holds the kernels to tolerances derived from the xla path at the
 production shapes; these cases cover the odd shapes and layouts.
 
 Interpret mode is slow, so the shapes are small (P=8, 32 or 64, N=16, chunk 16) and each case
@@ -203,7 +203,7 @@ def test_pallas_tpu_layouts_agree():
     prep = SimpleNamespace(
       x=x, dt=jax.nn.softplus(dt), A=A, B=B, C=C, initial_state=h0, seg=seg, acc=jnp.float32
     )
-    y, h = ssd_tpu_core(prep, chunk_size=Q, layout=layout, max_hb=(2, 2))
+    y, h = ssd_tpu_core(prep, chunk_size=Q, layout=layout, max_hb=(2, 2), interpret=True)
     return jnp.sum(y * j["wy"]) + jnp.sum(h * j["wh"]), (y, h)
 
   args = [j[k] for k in ("x", "dt", "A", "B", "C", "h0")]
@@ -257,10 +257,11 @@ def test_pallas_tpu_core_split_in_tpu_interpret_mode():
 
   from jax.experimental.pallas import tpu as pltpu
 
-  from pallas_kernels.ssd_tpu.ops import core_split, ssd_tpu_core
+  from pallas_kernels.ssd_tpu.ops import core_split, ssd_tpu_core, tensorcores
 
-  assert core_split(24, 4, "TPU v5") == 2 and core_split(24, 4, "TPU v4") == 2
-  assert core_split(24, 4, "TPU v5 lite") == 1 and core_split(20, 4, "TPU v5") == 1
+  assert tensorcores("TPU v5") == 2 and tensorcores("TPU v4") == 2
+  assert tensorcores("TPU v5 lite") == 1 and tensorcores("cpu") == 1 and tensorcores(None) == 1
+  assert core_split(24, 4, 2) == 2 and core_split(20, 4, 2) == 1 and core_split(24, 4, 1) == 1
   params = pltpu.InterpretParams(
     detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=11
   )

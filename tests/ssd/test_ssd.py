@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba2_jax.ssd import prepare_dt, ssd, ssd_chunked, ssd_reference
+from mamba2_jax.ssd import prepare_dt, ssd
 from mamba2_jax.ssd import api as ssd_api
 
 Q = 8  # small chunk so that every chunk-edge case is cheap
@@ -395,15 +395,15 @@ def test_strong_decay_finite():
 # --------------------------------------------------------------- API surface
 
 
-def test_auto_dispatch_and_wrappers():
+def test_auto_dispatch():
   inp = make_inputs(2, 1, 20, 1, dtype=np.float32)
   args = (inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
   assert ssd_api.resolve_impl("auto") == "xla"
   assert ssd_api.resolve_impl("reference") == "reference"
   y_auto = jax.jit(functools.partial(ssd, chunk_size=Q))(*args)
-  y_xla = jax.jit(functools.partial(ssd_chunked, chunk_size=Q))(*args)
+  y_xla = jax.jit(functools.partial(ssd, impl="xla", chunk_size=Q))(*args)
   np.testing.assert_array_equal(np.asarray(y_auto), np.asarray(y_xla))
-  y_ref = jax.jit(ssd_reference)(*args)
+  y_ref = jax.jit(functools.partial(ssd, impl="reference"))(*args)
   assert rel_err(y_xla, y_ref) < 1e-5
   assert isinstance(y_ref, jax.Array)  # no final state unless asked
   out = jax.jit(functools.partial(ssd, return_final_state=True))(*args)

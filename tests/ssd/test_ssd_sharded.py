@@ -1,4 +1,4 @@
-"""pallas_kernels.sharded.sharded_ssd on the 8 simulated CPU devices (tests/conftest.py).
+"""mamba2_jax.ssd.sharded.sharded_ssd on the 8 simulated CPU devices (tests/conftest.py).
 
 Meshes over ("data", "fsdp", "tensor"): (2, 1, 4) (batch over data, heads over tensor) and
 (8, 1, 1) (tensor axis of size 1). impl="xla", "pallas_tpu" and "pallas_gpu" (interpret mode) must
@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import Mesh
 
 from mamba2_jax.ssd import ssd
-from pallas_kernels.sharded import sharded_ssd
+from mamba2_jax.ssd.sharded import sharded_ssd
 
 AXES = ("data", "fsdp", "tensor")
 DIFF = ("x", "dt", "A", "B", "C", "D", "dt_bias", "h0")
@@ -120,9 +120,40 @@ def test_sharded_errors():
     f(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
 
 
+def test_ssd_routes_pallas_per_shard_under_a_mesh():
+  """`ssd` itself, under jax.set_mesh with a Pallas impl, runs per shard (shard_map) and equals
+  the unsharded call, outputs and final state."""
+  inp, seg, _ = _inputs(3, 2, 13, 8, 4, 2, 8)
+  mesh = jax.make_mesh((2, 1, 4), AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+  def f(x, dt, A, B, C, D, dt_bias, h0, seg):
+    return ssd(
+      x,
+      dt,
+      A,
+      B,
+      C,
+      D=D,
+      dt_bias=dt_bias,
+      initial_state=h0,
+      segment_ids=seg,
+      impl="pallas_tpu",
+      chunk_size=8,
+      return_final_state=True,
+    )
+
+  args = [inp[k] for k in DIFF] + [seg]
+  want = jax.jit(f)(*args)
+  with jax.set_mesh(mesh):
+    assert "shard_map" in str(jax.make_jaxpr(f)(*args))
+    got = jax.jit(f)(*args)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("impl", ["pallas_tpu", "pallas_gpu"])
 def test_model_runs_pallas_per_shard_under_a_mesh(impl):
-  """Under jax.set_mesh, the mixer routes a Pallas impl through sharded_ssd (shard_map), and
+  """Under jax.set_mesh, the model's `ssd` call runs a Pallas impl through sharded_ssd, and
   the model's logits equal the unsharded XLA-path model's."""
   from flax import nnx
 

@@ -1,9 +1,9 @@
-"""Sliding window by state difference (paper eq. 8) across prefill pieces and decode steps.
+"""The sliding window's cache side (paper eq. 8): across prefill pieces and decode steps.
 
 Per layer, y_t = C_t (h_t - alpha_{t-r+1:t} h_{t-r}) + D x_t: only the layer inputs at
 t-r+1..t reach y_t (the ordinary h_t keeps propagating). The full-sequence forward calls the
-op with `window=r` (mamba2_jax/ssd/window.py). A continuation needs the r steps before the
-piece, so the cache keeps (fields of `Mamba2Cache`):
+op with `window=r` (the in-op correction: mamba2_jax/ssd/window.py). A continuation needs the
+r steps before the piece, so the cache keeps (fields of `Mamba2Cache`):
 
   ring (win_dt, win_x, win_B) of the last r steps, position p in slot p % r (O(1) decode write);
   win_h  the delayed state h_{pos-1-r} (the state just before the ring's oldest step);
@@ -14,7 +14,8 @@ Prefill of a piece of L tokens runs the op over [ring (r) ; piece (L)] from win_
 window on and keeps the last L outputs, plus one plain op run over the first L of those
 positions for the new delayed state (cost 2L + r). Ring steps never written (or dropped at a
 segment start) are identity steps (dt = x = B = 0) with a zero delayed state in front, so
-they change nothing. Decode advances the delayed state by the ring's oldest step.
+they change nothing. Decode advances the delayed state by the ring's oldest step (the SSD's
+`recurrence_step`).
 """
 
 from __future__ import annotations
@@ -24,17 +25,18 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from mamba2_jax.ssd.common import segment_runs
+from mamba2_jax.ssd import ssd
+from mamba2_jax.ssd.common import expand_groups, segment_runs
+from mamba2_jax.ssd.reference import recurrence_step
 
 __all__ = ["window_prefill", "window_step"]
 
 
 def window_prefill(
-  make_op, x, dt, A, B, C, cache, *, r, log_decay_offset, chunk_size, D=None, segment_ids=None
+  x, dt, A, B, C, cache, *, r, impl, log_decay_offset, chunk_size, D=None, segment_ids=None
 ):
-  """One prefill piece with the window on.
+  """One prefill piece with the window on: two `mamba2_jax.ssd.ssd` calls with `impl`.
 
-  make_op(**ssd_kwargs) -> f(x, dt, A, B, C, *, D, initial_state, segment_ids) (mixer.ssd_op).
   x (b,L,H,P), B, C (b,L,G,N) in the compute dtype; dt (b,L,H) float32 processed dt (softplus,
   clip, dt_scale); A (H,); cache: the layer's Mamba2Cache (pos, win_*).
   Returns (y (b,L,H,P), final state h (b,H,P,N), dict of the updated cache fields).
@@ -53,16 +55,15 @@ def window_prefill(
     seg = jnp.asarray(segment_ids)
     Zseg = jnp.concatenate([jnp.broadcast_to(seg[:, :1], (b, r)), seg], axis=1)
   kw = dict(
+    impl=impl,
     dt_softplus=False,
     dt_limit=(-math.inf, math.inf),
     chunk_size=chunk_size,
     log_decay_offset=log_decay_offset,
     return_final_state=True,
   )
-  y, h = make_op(window=r, **kw)(
-    Zx, Zdt, A, ZB, ZC, D=D, initial_state=cache.win_h, segment_ids=Zseg
-  )
-  _, hd = make_op(**kw)(
+  y, h = ssd(Zx, Zdt, A, ZB, ZC, D=D, initial_state=cache.win_h, segment_ids=Zseg, window=r, **kw)
+  _, hd = ssd(
     Zx[:, :L],
     Zdt[:, :L],
     A,
@@ -70,6 +71,7 @@ def window_prefill(
     ZC[:, :L],
     initial_state=cache.win_h,
     segment_ids=None if Zseg is None else Zseg[:, :L],
+    **kw,
   )
   ring_dt, ring_x, ring_B = Zdt[:, L:], Zx[:, L:], ZB[:, L:]  # positions pos+L-r .. pos+L-1
   if Zseg is not None:  # steps of earlier segments must not reach later outputs
@@ -105,13 +107,10 @@ def window_step(h, dt, x, B, A, cache, *, r, log_decay_offset):
   slot = pos % r
   take = lambda ring: lax.dynamic_index_in_dim(ring, slot, axis=1, keepdims=False)  # noqa: E731
   odt, ox, oB = take(cache.win_dt), take(cache.win_x), take(cache.win_B)  # step t - r
-  H = dt.shape[-1]
-  oB = jnp.repeat(oB.astype(jnp.float32), H // oB.shape[1], axis=1)  # (b,H,N)
+  oB = expand_groups(oB.astype(jnp.float32), dt.shape[-1])  # (b,H,N)
   off = jnp.float32(log_decay_offset)
-  hd = (
-    jnp.exp(odt * A + off)[:, :, None, None] * cache.win_h
-    + (odt[:, :, None] * ox.astype(jnp.float32))[..., None] * oB[:, :, None, :]
-  )  # h_{t-r}
+  # h_{t-r}: the delayed state advanced by the ring's oldest step
+  hd = recurrence_step(cache.win_h, jnp.exp(odt * A + off), odt, ox.astype(jnp.float32), oB)
   s = cache.win_sum - odt + dt  # sum of dt over t-r+1..t
   w = jnp.exp(jnp.minimum(A * s + r * off, 0.0))  # alpha_{t-r+1:t}
 

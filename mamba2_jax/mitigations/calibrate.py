@@ -1,15 +1,5 @@
-"""Training-free state-collapse mitigations of *Stuffed Mamba* (paper §3) on a Mamba2LM.
+"""State-norm thresholds: measure a model's state norms, calibrate tau from them, get / set tau.
 
-Everything is a config field (mamba2_jax/config.py) applied by every layer and head in the
-forward, in prefill with a cache and in the decode step (mixer.py):
-
-  rri_decay_scale  c_a in (0, 1]  alpha_t *= c_a, i.e. log alpha_t = dt_t A + log c_a (RRI)
-  rri_insert_scale c_b > 0        B_t *= c_b (RRI)
-  dt_scale         s > 0          dt_t *= s after softplus/clip (LongMamba: decay and insertion)
-  ssd_window       r >= 1         y_t reads h_t - alpha_{t-r+1:t} h_{t-r} (eq. 8); 0 = off
-  state_norm       off|token|chunk, state_norm_chunk, state_norm_threshold: h *= min(1, tau/||h||)
-
-`with_mitigations(model, **fields)` returns a model sharing the parameters with a new config;
 `calibrate_state_norm(model, tokens, multiplier)` measures per-(layer, head) state norms of the
 model without state normalization on a reference prompt and stores tau in the model.
 """
@@ -17,7 +7,6 @@ model without state normalization on a reference prompt and stores tau in the mo
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,95 +14,16 @@ import numpy as np
 from flax import nnx
 
 from mamba2_jax.model import Mamba2LM
-from mamba2_jax.state_norm import StateNormThreshold
+
+from .configure import with_mitigations
+from .state_norm import StateNormThreshold
 
 __all__ = [
-  "MITIGATION_FIELDS",
-  "PRESETS",
-  "preset_fields",
-  "with_mitigations",
   "measure_state_norms",
   "calibrate_state_norm",
   "set_state_norm_threshold",
   "state_norm_thresholds",
 ]
-
-MITIGATION_FIELDS = (
-  "rri_decay_scale",
-  "rri_insert_scale",
-  "dt_scale",
-  "ssd_window",
-  "state_norm",
-  "state_norm_chunk",
-  "state_norm_threshold",
-)
-_OFF = dict(
-  rri_decay_scale=1.0,
-  rri_insert_scale=1.0,
-  dt_scale=1.0,
-  ssd_window=0,
-  state_norm="off",
-  state_norm_chunk=128,
-  state_norm_threshold=math.inf,
-)
-
-# Named settings (docs/mitigations.md §3). Every preset sets all mitigation fields (others off), so
-# presets do not stack by accident; override single fields with keyword arguments.
-PRESETS: dict[str, dict[str, Any]] = {
-  "off": {},
-  "rri": dict(rri_decay_scale=0.9999, rri_insert_scale=0.75),  # v2 §3.2.2 (picked at 32K)
-  "rri_decay": dict(rri_decay_scale=0.9999),  # repo 780M plot: alpha x 0.9999, B x 1
-  "rri_0.99999_0.7": dict(rri_decay_scale=0.99999, rri_insert_scale=0.7),  # repo 780M plot
-  "longmamba": dict(dt_scale=0.5),  # jzhang38/LongMamba default
-  "longmamba_0.2": dict(dt_scale=0.2),  # repo 780M plot
-  "window_1k": dict(ssd_window=1024),  # r is not given by the paper: sweep 1K..T_train
-  "window_2k": dict(ssd_window=2048),
-  "window_4k": dict(ssd_window=4096),
-  "state_norm": dict(state_norm="chunk", state_norm_chunk=128),  # paper code: 128-token blocks
-  "state_norm_token": dict(state_norm="token"),
-}
-
-
-def preset_fields(name: str, **overrides) -> dict[str, Any]:
-  """All mitigation fields of preset `name` (others off), updated with `overrides`."""
-  if name not in PRESETS:
-    raise ValueError(f"unknown mitigation preset {name!r}; allowed: {sorted(PRESETS)}")
-  return {**_OFF, **PRESETS[name], **overrides}
-
-
-def with_mitigations(model: Mamba2LM, preset: str | None = None, **config_fields) -> Mamba2LM:
-  """A Mamba2LM with `model.config.replace(**config_fields)` and the same parameter arrays.
-
-  Parameters are shared, not copied. `preset`: start from `preset_fields(preset)` (every
-  mitigation field reset) before applying `config_fields`. State-norm thresholds: kept from
-  `model` when it has them and `state_norm_threshold` is not given, else filled with the
-  (new) `state_norm_threshold`. The default config creates no threshold variable.
-  """
-  fields = dict(config_fields)
-  if preset is not None:
-    fields = preset_fields(preset, **fields)
-  config = model.config.replace(**fields)
-  abstract = nnx.eval_shape(lambda: Mamba2LM(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  old = dict(nnx.to_flat_state(nnx.state(model)))
-  refill = "state_norm_threshold" in fields
-  for path, var in nnx.to_flat_state(state):
-    if path in old and not (refill and isinstance(var, StateNormThreshold)):
-      value = old[path].get_value()
-    elif isinstance(var, StateNormThreshold):
-      value = jnp.full(var.shape, config.state_norm_threshold, var.dtype)
-    else:
-      raise ValueError(
-        f"with_mitigations: {'/'.join(map(str, path))} missing from the model "
-        "(only mitigation fields may change the variables)"
-      )
-    if tuple(value.shape) != tuple(var.shape):
-      raise ValueError(
-        f"with_mitigations: {'/'.join(map(str, path))} has shape {value.shape}, "
-        f"the new config needs {var.shape} (change only mitigation fields)"
-      )
-    var.set_value(value)
-  return nnx.merge(graphdef, state)
 
 
 def _threshold_variable(model: Mamba2LM) -> StateNormThreshold:

@@ -6,15 +6,18 @@
 The normalization is applied to the state *carried* to the next step or block; outputs inside
 a block read the exact (un-normalized) SSD state started from the normalized entry state.
 
-  granularity "token": after every token (a per-token scan; equals "chunk" with block 1).
+  granularity "token": after every token: the SSD's per-token reference scan with
+    `normalize_state` as its state hook (`ssd(..., impl="reference", state_hook=...)`, see
+    ssm.py); equals "chunk" with block 1.
   granularity "chunk": after every block of `block` tokens, blocks aligned to absolute
     positions (multiples of `block` from the start of the stream), exact SSD inside a block
-    (any ssd impl: the op runs block by block under `lax.scan`). A piece that starts or ends
-    mid-block continues / leaves the block open, so prefill in pieces == one prefill == decode.
+    (any ssd impl: `block_normalized_ssd` calls the op block by block under `lax.scan`). A
+    piece that starts or ends mid-block continues / leaves the block open, so prefill in
+    pieces == one prefill == decode.
 
 Both are differentiable (plain scans; the chunk path differentiates through the op's VJP).
 Thresholds tau (nheads,) per layer live in the model as a `StateNormThreshold` variable (not an
-`nnx.Param`: optimizers and parameter checkpoints ignore it); see mitigations.py to calibrate.
+`nnx.Param`: optimizers and parameter checkpoints ignore it); calibrate.py measures and sets them.
 """
 
 from __future__ import annotations
@@ -26,17 +29,14 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from mamba2_jax.ssd.common import expand_groups, prepare_inputs
+from mamba2_jax.ssd import ssd
 
 __all__ = [
   "StateNormThreshold",
   "threshold_variable",
   "normalize_state",
-  "token_normalized_ssd",
   "block_normalized_ssd",
 ]
-
-_HI = lax.Precision.HIGHEST
 
 
 class StateNormThreshold(nnx.Variable):
@@ -59,76 +59,6 @@ def normalize_state(h: jax.Array, tau: jax.Array) -> jax.Array:
   return h * scale[..., None, None]
 
 
-def token_normalized_ssd(
-  x,
-  dt,
-  A,
-  B,
-  C,
-  *,
-  tau,
-  D=None,
-  dt_bias=None,
-  dt_softplus=True,
-  dt_limit=(0.0, math.inf),
-  dt_scale=1.0,
-  log_decay_offset=0.0,
-  initial_state=None,
-  segment_ids=None,
-):
-  """SSD with the state normalized after every token (granularity "token").
-
-  Arguments as `mamba2_jax.ssd.ssd` (x (b,L,H,P), dt (b,L,H) raw, A (H,), B, C (b,L,G,N)),
-  plus tau (H,) or scalar. Per token: h~ = alpha_t h + dt_t x_t B_t^T; y_t = C_t h~ + D x_t;
-  h = normalize(h~). Returns (y (b,L,H,P) in x.dtype, final state (b,H,P,N) in the accumulation
-  dtype).
-  """
-  p = prepare_inputs(
-    x,
-    dt,
-    A,
-    B,
-    C,
-    dt_bias=dt_bias,
-    dt_softplus=dt_softplus,
-    dt_limit=dt_limit,
-    initial_state=initial_state,
-    segment_ids=segment_ids,
-    dt_scale=dt_scale,
-    log_decay_offset=log_decay_offset,
-  )
-  acc = p.acc
-  b, L, H, P = p.x.shape
-  N = p.B.shape[-1]
-  decay = jnp.exp(p.dA)
-  if p.seg is not None:
-    start = jnp.concatenate([jnp.zeros((b, 1), bool), p.seg[:, 1:] != p.seg[:, :-1]], axis=1)
-    decay = jnp.where(start[..., None], 0.0, decay)
-  h0 = jnp.zeros((b, H, P, N), acc) if p.initial_state is None else p.initial_state
-  tau = jnp.asarray(tau, acc)
-
-  def step(h, inp):
-    a, dt_t, x_t, B_t, C_t = inp
-    h = a[:, :, None, None] * h + (dt_t[:, :, None] * x_t)[..., None] * B_t[:, :, None, :]
-    y_t = jnp.einsum("bhpn,bhn->bhp", h, C_t, precision=_HI)
-    return normalize_state(h, tau), y_t
-
-  tm = lambda t: jnp.moveaxis(t, 1, 0)  # noqa: E731
-  seq = (
-    decay,
-    p.dt,
-    p.x.astype(acc),
-    expand_groups(p.B.astype(acc), H),
-    expand_groups(p.C.astype(acc), H),
-  )
-  h_last, ys = lax.scan(step, h0, tuple(tm(t) for t in seq))
-  y = jnp.moveaxis(ys, 0, 1)
-  if D is not None:
-    Dv = jnp.asarray(D).astype(acc)
-    y = y + p.x.astype(acc) * (Dv[:, None] if Dv.ndim == 1 else Dv)
-  return y.astype(p.x.dtype), h_last
-
-
 def _place(t, o, Lb, static):
   """Put t (b, L, ...) at offset o of a zero buffer (b, Lb, ...)."""
   L = t.shape[1]
@@ -140,7 +70,6 @@ def _place(t, o, Lb, static):
 
 
 def block_normalized_ssd(
-  op,
   x,
   dt,
   A,
@@ -149,6 +78,8 @@ def block_normalized_ssd(
   *,
   tau,
   block,
+  impl="auto",
+  chunk_size=256,
   position=0,
   D=None,
   log_decay_offset=0.0,
@@ -157,9 +88,8 @@ def block_normalized_ssd(
 ):
   """SSD with the state normalized after every block of `block` absolute positions.
 
-  op: `f(x, dt, A, B, C, *, initial_state, segment_ids) -> (y, final)` computing the plain SSD
-    with *processed* dt (no softplus, no clip, dt_scale 1, log_decay_offset 0), e.g.
-    `mixer.ssd_op(impl, dt_softplus=False, dt_limit=(-inf, inf), return_final_state=True, ...)`.
+  Each block is one `mamba2_jax.ssd.ssd` call (`impl`, `chunk_size`) on *processed* dt (no
+  softplus, no clip, dt_scale 1, log_decay_offset 0).
   x (b,L,H,P); dt (b,L,H) processed dt (softplus, clip and dt_scale applied); A (H,) < 0;
   B, C (b,L,G,N); tau (H,) or scalar; position: absolute position of x[:, 0] (int or traced
   int32 scalar, e.g. the cache's `pos`); initial_state (b,H,P,N) the state before it.
@@ -197,7 +127,20 @@ def block_normalized_ssd(
     segb = sb[0] if sb else None
     if segb is not None:  # a segment starting exactly at the block start drops the carry
       h = jnp.where((segb[:, 0] == last)[:, None, None, None], h, 0.0)
-    yb, hb = op(xb, dtb, A, Bb, Cb, initial_state=h.astype(acc), segment_ids=segb)
+    yb, hb = ssd(
+      xb,
+      dtb,
+      A,
+      Bb,
+      Cb,
+      initial_state=h.astype(acc),
+      segment_ids=segb,
+      impl=impl,
+      chunk_size=chunk_size,
+      dt_softplus=False,
+      dt_limit=(-math.inf, math.inf),
+      return_final_state=True,
+    )
     complete = (j + 1) * block <= o + L  # the block's last slot is a real token
     hb = jnp.where(complete, normalize_state(hb.astype(acc), tau), hb.astype(acc))
     return (hb, None if segb is None else segb[:, -1]), yb

@@ -15,9 +15,11 @@ SSD runs per shard inside ``jax.shard_map``:
 
 ``check_vma=False`` because the kernels' ``pallas_call`` has no replication rule; cotangents of
 inputs replicated over an axis are summed over it by shard_map's transpose (tested against
-the unsharded gradients in tests/test_ssd_sharded.py).
+the unsharded gradients in tests/ssd/test_ssd_sharded.py).
 
-Usage::
+:func:`mamba2_jax.ssd.ssd` routes here by itself for a Pallas impl under a multi-device mesh
+context (``jax.set_mesh``) without manual axes; inside the shard_map the axes are manual, so the
+per-shard call runs the kernel directly. Direct use::
 
     f = sharded_ssd(mesh, impl="pallas_tpu", chunk_size=256, return_final_state=True)
     y, h = f(x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_state=h0, segment_ids=seg)
@@ -31,6 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as PS
+
+from .api import ssd
 
 __all__ = ["sharded_ssd"]
 
@@ -46,8 +50,6 @@ def sharded_ssd(mesh, *, batch_axes=("data", "fsdp"), head_axis="tensor", **ssd_
   Axes of ``batch_axes`` / ``head_axis`` missing from the mesh are ignored (treated as
   size 1). Raises ValueError when the batch or the heads do not divide the axis sizes.
   """
-  from mamba2_jax.ssd import ssd  # lazy: keeps pallas_kernels importable without flax
-
   names = tuple(mesh.axis_names)
   if isinstance(batch_axes, str):
     batch_axes = (batch_axes,)
