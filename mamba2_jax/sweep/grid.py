@@ -23,6 +23,8 @@ import json
 import re
 from typing import Any
 
+from mamba2_jax.checkpoints.workdir import train_len
+
 __all__ = ["Run", "EvalSpec", "CURVE_TASKS", "expand", "eval_specs", "format_value"]
 
 # evaluation tasks whose bucketed loss curve carries the forgetting test (collapse)
@@ -49,9 +51,7 @@ class Run:
 
   def train_len(self) -> int | None:
     """T_train of the run, seq_len x tbptt_segments (None without seq_len)."""
-    if self.value("seq_len") is None:
-      return None
-    return int(self.value("seq_len")) * int(self.value("tbptt_segments", 1) or 1)
+    return train_len(dict(self.overrides))
 
 
 def format_value(v) -> str:

@@ -44,7 +44,7 @@ import ml_dtypes
 import numpy as np
 
 __all__ = [
-  "CheckpointError",
+  "UnreadableCheckpointError",
   "UnsafeCheckpointError",
   "UnsupportedCheckpointError",
   "load_torch_pickle",
@@ -54,15 +54,16 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
-  """A checkpoint could not be read."""
+class UnreadableCheckpointError(ValueError):
+  """A weight file could not be read (a damaged training step is a different error:
+  `mamba2_jax.checkpoints.workdir.CheckpointError`)."""
 
 
-class UnsupportedCheckpointError(CheckpointError):
+class UnsupportedCheckpointError(UnreadableCheckpointError):
   """The file is not in a format this reader supports (legacy torch format, TorchScript, ...)."""
 
 
-class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+class UnsafeCheckpointError(UnreadableCheckpointError, pickle.UnpicklingError):
   """The pickle references a global outside the allow-list (possibly malicious)."""
 
 
@@ -76,12 +77,12 @@ class _Frozen:
   __slots__ = ()
 
   def __setattr__(self, name, value):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt or malicious checkpoint: tries to set attribute {name!r} on {self!r}"
     )
 
   def __delattr__(self, name):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt or malicious checkpoint: tries to delete attribute {name!r} on {self!r}"
     )
 
@@ -142,7 +143,7 @@ class _Storage:
 
 def _as_int(v: Any, what: str) -> int:
   if isinstance(v, bool) or not isinstance(v, int):
-    raise CheckpointError(f"corrupt checkpoint: tensor {what} is {v!r}, expected an int")
+    raise UnreadableCheckpointError(f"corrupt checkpoint: tensor {what} is {v!r}, expected an int")
   return v
 
 
@@ -151,7 +152,7 @@ def _rebuild_tensor_v2(
 ):
   """numpy version of torch._utils._rebuild_tensor_v2 (strided view into a storage)."""
   if not isinstance(storage, _Storage):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt checkpoint: tensor storage is {type(storage).__name__}, "
       "expected a persistent storage reference"
     )
@@ -160,12 +161,12 @@ def _rebuild_tensor_v2(
     or not isinstance(stride, (tuple, list))
     or len(size) != len(stride)
   ):
-    raise CheckpointError(f"corrupt checkpoint: tensor size {size!r} / stride {stride!r}")
+    raise UnreadableCheckpointError(f"corrupt checkpoint: tensor size {size!r} / stride {stride!r}")
   offset = _as_int(storage_offset, "storage_offset")
   size = tuple(_as_int(s, "size") for s in size)
   stride = tuple(_as_int(s, "stride") for s in stride)
   if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt checkpoint: negative offset/size/stride ({offset}, {size}, {stride})"
     )
   buf = storage.array
@@ -175,7 +176,7 @@ def _rebuild_tensor_v2(
     return np.zeros(size, dtype=dtype)
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= buf.size:  # never let as_strided read outside the storage
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt checkpoint: tensor (offset {offset}, size {size}, stride {stride}) reaches element "
       f"{last} of storage '{storage.key}' which holds only {buf.size} elements"
     )
@@ -263,13 +264,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
       or not isinstance(pid[1], _StorageType)
       or not isinstance(pid[2], str)
     ):
-      raise CheckpointError(f"{self._path}: unsupported persistent id {pid!r}")
+      raise UnreadableCheckpointError(f"{self._path}: unsupported persistent id {pid!r}")
     _, stype, key, _location, numel = pid
     numel = _as_int(numel, "storage numel")
     st = self._storages.get(key)
     if st is not None:
       if st.array.dtype != stype.dtype:
-        raise CheckpointError(
+        raise UnreadableCheckpointError(
           f"{self._path}: storage '{key}' referenced as {st.array.dtype} and {stype.dtype}"
         )
       return st
@@ -282,10 +283,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     try:
       info = self._zf.getinfo(name)
     except KeyError:
-      raise CheckpointError(f"{self._path}: storage record '{name}' is missing") from None
+      raise UnreadableCheckpointError(f"{self._path}: storage record '{name}' is missing") from None
     nbytes = numel * dtype.itemsize
     if info.file_size < nbytes:
-      raise CheckpointError(
+      raise UnreadableCheckpointError(
         f"{self._path}: storage '{name}' has {info.file_size} bytes, "
         f"expected {nbytes} ({numel} x {dtype})"
       )
@@ -299,7 +300,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
           break
         got += n
     if got != nbytes:
-      raise CheckpointError(f"{self._path}: short read of '{name}' ({got} of {nbytes} bytes)")
+      raise UnreadableCheckpointError(
+        f"{self._path}: short read of '{name}' ({got} of {nbytes} bytes)"
+      )
     arr = raw.view(dtype)
     if self._big_endian and dtype.itemsize > 1:
       arr.view(f"u{dtype.itemsize}").byteswap(inplace=True)
@@ -324,10 +327,12 @@ def _prescan(data: bytes, path: str) -> None:
           f"refusing to load {path}: its pickle uses the {op.name} opcode (copyreg extension "
           "registry), which torch checkpoints never use; the file may be malicious."
         )
-  except CheckpointError:
+  except UnreadableCheckpointError:
     raise
   except Exception as e:  # malformed opcode stream
-    raise CheckpointError(f"{path}: data.pkl is not a valid pickle: {type(e).__name__}: {e}") from e
+    raise UnreadableCheckpointError(
+      f"{path}: data.pkl is not a valid pickle: {type(e).__name__}: {e}"
+    ) from e
 
 
 def _check_not_legacy(path: str) -> None:
@@ -385,14 +390,14 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
     if prefix + "byteorder" in names:
       order = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
       if order not in ("little", "big"):
-        raise CheckpointError(f"{path}: unknown byteorder record {order!r}")
+        raise UnreadableCheckpointError(f"{path}: unknown byteorder record {order!r}")
       big_endian = order == "big"
     data = zf.read(pkls[0])
     _prescan(data, path)
     unpickler = _RestrictedUnpickler(io.BytesIO(data), zf, prefix, path, big_endian)
     try:
       return unpickler.load()
-    except CheckpointError:
+    except UnreadableCheckpointError:
       raise
     except (
       pickle.UnpicklingError,
@@ -403,21 +408,23 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
       IndexError,
       KeyError,
     ) as e:
-      raise CheckpointError(f"{path}: could not unpickle data.pkl: {type(e).__name__}: {e}") from e
+      raise UnreadableCheckpointError(
+        f"{path}: could not unpickle data.pkl: {type(e).__name__}: {e}"
+      ) from e
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Read a torch.save'd state dict (zipfile format) as ``{name: np.ndarray}``, without torch."""
   obj = load_torch_pickle(path)
   if not isinstance(obj, Mapping):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"{os.fspath(path)}: top-level object is a {type(obj).__name__}, not a state dict"
     )
   out: dict[str, np.ndarray] = {}
   seen: set[int] = set()
   for k, v in obj.items():
     if not isinstance(k, str) or not isinstance(v, np.ndarray):
-      raise CheckpointError(
+      raise UnreadableCheckpointError(
         f"{os.fspath(path)}: entry {k!r} is a {type(v).__name__}, not a tensor; use load_torch_pickle "
         "for nested checkpoints (e.g. {'model': state_dict, 'optimizer': ...})"
       )
@@ -457,7 +464,7 @@ def _safetensors_header(path: str) -> tuple[dict, int]:
   with open(path, "rb") as f:
     n = int.from_bytes(f.read(8), "little")
     if n <= 0 or n > 100 * 2**20:
-      raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
+      raise UnreadableCheckpointError(f"{path}: not a safetensors file (header length {n})")
     header = json.loads(f.read(n))
   return header, 8 + n
 
@@ -487,7 +494,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       b, e = meta["data_offsets"]
       shape = tuple(meta["shape"])
       if e - b != math.prod(shape) * dt.itemsize:
-        raise CheckpointError(
+        raise UnreadableCheckpointError(
           f"{path}: tensor {name!r} byte range {b}:{e} does not match shape {shape}"
         )
       f.seek(start + b)
@@ -513,7 +520,7 @@ def _load_index(path: str) -> dict[str, np.ndarray]:
     index = json.load(f)
   weight_map = index.get("weight_map")
   if not isinstance(weight_map, dict) or not weight_map:
-    raise CheckpointError(f"{path}: no 'weight_map' in the shard index")
+    raise UnreadableCheckpointError(f"{path}: no 'weight_map' in the shard index")
   base = os.path.dirname(path)
   shards: dict[str, list[str]] = {}
   for name, shard in weight_map.items():
@@ -521,11 +528,13 @@ def _load_index(path: str) -> dict[str, np.ndarray]:
   out: dict[str, np.ndarray] = {}
   for shard, names in shards.items():
     if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
-      raise CheckpointError(f"{path}: shard path {shard!r} escapes the checkpoint directory")
+      raise UnreadableCheckpointError(
+        f"{path}: shard path {shard!r} escapes the checkpoint directory"
+      )
     part = load_state_dict(os.path.join(base, shard))
     missing = [n for n in names if n not in part]
     if missing:
-      raise CheckpointError(
+      raise UnreadableCheckpointError(
         f"{path}: shard {shard} lacks {missing[:5]}{'...' if len(missing) > 5 else ''}"
       )
     for n in names:
