@@ -7,11 +7,12 @@
 Modules:
   workdir       the layout of a training workdir (checkpoint_dir, config.json, train_complete,
                 data-iterator states), `complete_steps`, `CheckpointError`, `train_len`
-  fingerprint   layout-independent checksums of saved arrays, `verify`
+  checksums     layout-independent `fingerprint`s of saved arrays, `verify`
   params        model parameters as an orbax checkpoint (converted checkpoints, training steps)
   hub           official `state-spaces/mamba2-*` and HF `Mamba2ForCausalLM` directories,
                 `from_pretrained`
-  torch_pickle  torch-free reading of `.bin` / `.safetensors` weight files
+  weight_files  numpy state dicts of `.safetensors` / `.bin` files, shards, directories
+  torch_pickle  torch-free reading of torch.save (`.bin`) files: a restricted unpickler
   load          `load_model(spec)` for every model source, `load_workdir_model`
 
 The training side (`mamba2_jax.train.checkpoint.Checkpointer`: saving, resuming) builds on
@@ -26,7 +27,7 @@ _EXPORTS = {
   "complete_steps": "mamba2_jax.checkpoints.workdir",
   "is_train_complete": "mamba2_jax.checkpoints.workdir",
   "train_len": "mamba2_jax.checkpoints.workdir",
-  "fingerprint": "mamba2_jax.checkpoints.fingerprint",
+  "fingerprint": "mamba2_jax.checkpoints.checksums",
   "from_pretrained": "mamba2_jax.checkpoints.hub",
   "save_params": "mamba2_jax.checkpoints.params",
   "restore_params": "mamba2_jax.checkpoints.params",

@@ -26,9 +26,10 @@ from typing import Any
 import jax
 from flax import nnx
 
-from mamba2_jax.checkpoints.fingerprint import verify
-from mamba2_jax.checkpoints.hub import OUR_CONFIG, WEIGHT_FILES, from_pretrained
+from mamba2_jax.checkpoints.checksums import verify
+from mamba2_jax.checkpoints.hub import OUR_CONFIG, from_pretrained
 from mamba2_jax.checkpoints.params import param_target, read_params
+from mamba2_jax.checkpoints.weight_files import WEIGHT_FILES
 from mamba2_jax.checkpoints.workdir import (
   CheckpointError,
   checkpoint_dir,

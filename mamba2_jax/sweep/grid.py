@@ -121,7 +121,7 @@ def expand(sweep) -> list[Run]:
     over.update(values)
     tps = int(sweep.get("tokens_per_step", 0) or 0)
     if tps:
-      rows = int(over.get("seq_len", 0)) * int(over.get("tbptt_segments", 1))
+      rows = train_len(over) or 0  # tokens per batch row
       if rows <= 0:
         raise ValueError("sweep: tokens_per_step needs seq_len in the grid or train_overrides")
       over["global_batch_size"] = max(1, tps // rows)

@@ -2,7 +2,7 @@
 verified restore for resuming, falling back past damaged steps.
 
 The workdir layout, the step listing, the metadata readers and `CheckpointError` are
-`mamba2_jax.checkpoints.workdir`; the checksums are `mamba2_jax.checkpoints.fingerprint`
+`mamba2_jax.checkpoints.workdir`; the checksums are `mamba2_jax.checkpoints.checksums`
 (`meta["checksums"]` stores a layout-independent fingerprint of every saved array and every
 restore recomputes and compares it; a step that fails to restore or to verify is reported by
 number and the previous step is tried). Evaluation reads checkpoints through
@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 
-from mamba2_jax.checkpoints.fingerprint import fingerprint, verify
+from mamba2_jax.checkpoints.checksums import fingerprint, verify
 from mamba2_jax.checkpoints.workdir import (
   ITEMS,
   CheckpointError,

@@ -138,3 +138,17 @@ def test_workdir_layout_helpers(tmp_path):
   assert marker["step"] == 3 and "time" in marker
   with pytest.raises(CheckpointError, match="step 7: meta item unreadable"):
     workdir_lib.read_meta(str(tmp_path), 7)
+
+
+def test_package_names_are_not_shadowed_by_submodules():
+  """Every lazy export of mamba2_jax.checkpoints stays the function/class once all submodules
+  are imported (a submodule named like an export would replace it)."""
+  import importlib
+  import inspect
+
+  from mamba2_jax import checkpoints
+
+  for sub in ("workdir", "checksums", "params", "hub", "weight_files", "torch_pickle", "load"):
+    importlib.import_module(f"mamba2_jax.checkpoints.{sub}")
+  for name in checkpoints.__all__:
+    assert not inspect.ismodule(getattr(checkpoints, name)), name

@@ -1,4 +1,5 @@
-"""mamba2_jax.checkpoints.torch_pickle: torch-free checkpoint reading (run with the main venv, no torch).
+"""mamba2_jax.checkpoints.torch_pickle and weight_files: torch-free checkpoint reading (run with
+the main venv, no torch).
 
 Fixtures come from tests/fixtures/make_torch_pickles.py and make_golden.py (torch venv).
 """
@@ -24,11 +25,10 @@ from mamba2_jax.checkpoints.torch_pickle import (
   UnreadableCheckpointError,
   UnsafeCheckpointError,
   UnsupportedCheckpointError,
-  load_safetensors,
-  load_state_dict,
   load_torch_pickle,
   load_torch_state_dict,
 )
+from mamba2_jax.checkpoints.weight_files import load_safetensors, load_state_dict
 from tests.paths import FIXTURES
 
 FIX = str(FIXTURES)
