@@ -36,7 +36,8 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mamba2_jax import Mamba2Config, Mamba2LM  # noqa: E402
-from mamba2_jax.eval import get_task_config, run_ppl_by_position  # noqa: E402
+from configs.evaluate import get_config  # noqa: E402
+from mamba2_jax.eval import run_ppl_by_position  # noqa: E402
 from mamba2_jax.runtime import tune_cpu_malloc  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -71,7 +72,7 @@ class PeakRSS:
 
 
 def run(model, length: int, chunk: int, out_dir: str) -> dict:
-  cfg = get_task_config("ppl_by_position")
+  cfg = get_config("ppl_by_position")
   with cfg.unlocked():
     cfg.update(
       prompt="newlines",

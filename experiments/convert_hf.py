@@ -13,8 +13,8 @@ import shutil
 
 from absl import app, flags, logging
 
-from mamba2_jax.checkpoint_io import save_params
-from mamba2_jax.pretrained import OUR_CONFIG, OUR_PARAMS, from_pretrained, load_config
+from mamba2_jax.checkpoints.hub import OUR_CONFIG, OUR_PARAMS, from_pretrained, load_config
+from mamba2_jax.checkpoints.params import save_params
 
 FLAGS = flags.DEFINE_string("src", None, "official or HF checkpoint directory", required=True)
 DST = flags.DEFINE_string("dst", None, "output directory", required=True)

@@ -1,8 +1,9 @@
 r"""Inference smoke demo on CPU: forward, chunked prefill vs full, decode, generation.
 
   python -m experiments.demo --config=configs/demo.py:tiny          # a random tiny model
-  python -m experiments.demo --checkpoint=runs/tiny                 # a training workdir (byte
-                                                                    # tokenizer) or checkpoint dir
+  python -m experiments.demo --checkpoint=runs/tiny                 # any model source of
+                                                                    # mamba2_jax.checkpoints.load_model
+                                                                    # (byte tokenizer)
 (The main demo, `bash scripts/demo.sh`, trains models and shows state collapse.)
 """
 
@@ -16,6 +17,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from mamba2_jax import Mamba2Config, Mamba2LM
+from mamba2_jax.checkpoints import load_model
 from mamba2_jax.data import ByteTokenizer
 from mamba2_jax.generate import generate, prefill, prefill_chunked
 
@@ -23,8 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "demo con
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint",
   None,
-  "a training workdir or checkpoint dir to "
-  "generate from (default: a random model of the config preset)",
+  "a model source to generate from: a training workdir, a checkpoint dir or "
+  "random:<preset>[:seed] (default: a random model of the config preset)",
 )
 
 
@@ -33,15 +35,7 @@ def main(argv):
   cfg = _CONFIG.value
   tok = ByteTokenizer()
   if _CHECKPOINT.value:
-    from mamba2_jax.eval import sources  # pylint: disable=g-import-not-at-top
-
-    spec = _CHECKPOINT.value
-    loaded = (
-      sources.load_step(spec, None, tokenizer="byte")
-      if sources.is_workdir(spec)
-      else sources.load_model(spec, tokenizer="byte")
-    )
-    model = loaded.model
+    model = load_model(_CHECKPOINT.value, tokenizer="byte").model
   else:
     model = Mamba2LM(
       Mamba2Config.preset(cfg.model_preset, vocab_size=tok.vocab_size), rngs=nnx.Rngs(cfg.seed)

@@ -17,8 +17,9 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from mamba2_jax.eval import TASKS, get_task_config
-from mamba2_jax.eval.runner import MODES, evaluate_source
+from configs.evaluate import get_config
+from mamba2_jax.eval import TASKS
+from mamba2_jax.eval.jobs import MODES, evaluate_source
 
 TASK = flags.DEFINE_enum("task", None, list(TASKS), "evaluation task (default: the config's)")
 CHECKPOINT = flags.DEFINE_string(
@@ -51,7 +52,7 @@ def main(argv):
   if cfg is None:
     if TASK.value is None:
       raise app.UsageError("pass --task or --config=configs/evaluate.py:<task>")
-    cfg = get_task_config(TASK.value)
+    cfg = get_config(TASK.value)
   elif TASK.value is not None and TASK.value != cfg.task:
     raise app.UsageError(f"--task={TASK.value} but the config is for {cfg.task}")
   if MITIGATION.value is not None:

@@ -16,7 +16,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from mamba2_jax.sweep.runner import LAUNCHERS, run_sweep
+from configs.evaluate import get_config as eval_task_config
+from mamba2_jax.sweep.launch import LAUNCHERS, run_sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "configs/sweeps/<sweep>.py:<arg>", lock_config=True
@@ -31,7 +32,11 @@ def main(argv):
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/sweeps/<sweep>.py:<arg> is required")
   summary = run_sweep(
-    _CONFIG.value, _WORKDIR.value, launcher=_LAUNCHER.value, only=tuple(_ONLY.value)
+    _CONFIG.value,
+    _WORKDIR.value,
+    task_config=eval_task_config,
+    launcher=_LAUNCHER.value,
+    only=tuple(_ONLY.value),
   )
   if _LAUNCHER.value == "local":
     print(

@@ -11,7 +11,7 @@ _EXPORTS = {
   "Mamba2Config": "mamba2_jax.config",
   "Mamba2Cache": "mamba2_jax.cache",
   "Mamba2LM": "mamba2_jax.model",
-  "from_pretrained": "mamba2_jax.pretrained",
+  "from_pretrained": "mamba2_jax.checkpoints.hub",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -3,7 +3,7 @@
 The official fused in_proj (columns [z | x | B | C | dt]) and conv1d (channels [x | B | C]) are
 stored as separate parameters so that tensor parallelism can shard heads cleanly (z, x, dt,
 A_log, D, the gated norm and out_proj rows over "heads"/"inner"; B and C over "group_state").
-The checkpoint importer splits the official tensors (mamba2_jax/pretrained.py).
+The checkpoint importer splits the official tensors (mamba2_jax/checkpoints/hub.py).
 
 `ssm_inputs` computes what the SSM consumes (x, B, C, dt, z after in_proj, conv and SiLU) for a
 sequence or one decode token; state introspection (mamba2_jax/eval/introspect.py) uses it too.

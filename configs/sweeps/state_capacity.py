@@ -10,7 +10,7 @@ Variants:
          avoids collapse (T_forget) should grow with the state size N_S.
   text   CPU, about an hour: byte-level models on the built-in corpus (builtin:shakespeare),
          T x d_state, evaluated on held-out-style document streams and newlines to 16K.
-  ci     2 runs x 3 steps: the machinery end to end (tests/test_sweep_e2e.py).
+  ci     2 runs x 3 steps: the machinery end to end (tests/e2e/test_sweep_e2e.py).
   paper  The paper's grid (§5, Table 2) for an accelerator cluster: the six model sizes (the
          36.4M/47.0M/84.6M from scratch; 130M/370M/780M continued from the official
          checkpoints via init_checkpoint) x T_train in 512 .. 64K, on RedPajama documents of

@@ -6,6 +6,7 @@ Heavy dependencies (grain, pyarrow, tokenizers) are imported on first use.
 """
 
 from mamba2_jax.data.documents import PreparedDataset, load_documents
+from mamba2_jax.data.identity import TokenizerMismatchError
 from mamba2_jax.data.pipeline import (
   StreamConfig,
   batch_sharding,
@@ -22,7 +23,6 @@ from mamba2_jax.data.sources import BadInputError
 from mamba2_jax.data.tokenizers import (
   ByteTokenizer,
   HFTokenizer,
-  TokenizerMismatchError,
   check_compatible,
   get_tokenizer,
 )

@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from mamba2_jax.data import sources as sources_lib
+from mamba2_jax.data import synthetic
 from mamba2_jax.data.tokenizers import get_tokenizer
 
 FORMAT = "mamba2_jax.prepared_documents/v1"
@@ -220,8 +221,6 @@ def load_documents(
   (prepared data was already filtered). Bad raw input raises `BadInputError` (file + line/row)
   unless `on_error="skip"`.
   """
-  from mamba2_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-
   if synthetic.is_synthetic(dir_or_glob):
     yield from synthetic.load(dir_or_glob, min_doc_tokens)[0][:max_docs]
     return

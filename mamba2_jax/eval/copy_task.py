@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from mamba2_jax.data import get_tokenizer
 from mamba2_jax.data.synthetic import copy_stream, pairs_for
 from mamba2_jax.eval import criteria, io, streaming
-from mamba2_jax.eval.task_configs import resolve_train_len
+from mamba2_jax.eval.tasks import resolve_train_len
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from mamba2_jax.data import get_tokenizer
 from mamba2_jax.eval import criteria, io, prompts, streaming
-from mamba2_jax.eval.task_configs import resolve_train_len
+from mamba2_jax.eval.tasks import resolve_train_len
 
 log = logging.getLogger(__name__)
 

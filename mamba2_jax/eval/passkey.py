@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from mamba2_jax.data import get_tokenizer
 from mamba2_jax.eval import criteria, io, streaming
-from mamba2_jax.eval.task_configs import resolve_train_len
+from mamba2_jax.eval.tasks import resolve_train_len
 from mamba2_jax.generate import decode_tokens
 
 log = logging.getLogger(__name__)

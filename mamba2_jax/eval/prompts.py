@@ -10,6 +10,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from mamba2_jax.data import get_tokenizer, load_documents
+from mamba2_jax.data.synthetic import copy_prompt
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +146,6 @@ def iter_prompts(
       separator=separator,
     )
   if kind == "copy":  # synthetic copy-task streams: BOS + fresh pairs [S S] (vocab = tokenizer's)
-    from mamba2_jax.data.synthetic import copy_prompt  # pylint: disable=g-import-not-at-top
-
     return num_prompts, (
       repeat_to(copy_prompt(tokenizer.vocab_size, span, length, seed + i)[0], length)
       for i in range(num_prompts)
@@ -161,7 +160,7 @@ def build_prompts(kind: str, tokenizer, **kwargs) -> np.ndarray:
 
 
 def config_prompts(cfg, tokenizer) -> tuple[int, Iterator[np.ndarray]]:
-  """`iter_prompts` of a task config with the prompt fields (task_configs._prompt_fields)."""
+  """`iter_prompts` of a task config with the prompt fields (configs/evaluate.py: _prompt_fields)."""
   tok = get_tokenizer(tokenizer)
   sep = tok.eos_id if cfg.separator == "eos" else None
   return iter_prompts(

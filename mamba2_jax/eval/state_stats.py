@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from mamba2_jax.data import get_tokenizer
 from mamba2_jax.eval import introspect, io
 from mamba2_jax.eval.prompts import config_prompts
-from mamba2_jax.eval.task_configs import resolve_train_len
+from mamba2_jax.eval.tasks import resolve_train_len
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ MITIGATION_FIELDS = (
 # "off": the config's own defaults (every mitigation is off by default)
 _OFF = {f.name: f.default for f in dataclasses.fields(Mamba2Config) if f.name in MITIGATION_FIELDS}
 
-# Named settings (paper.md §3). Every preset sets all mitigation fields (others off), so
+# Named settings (paper §3, docs/mitigations.md). Every preset sets all mitigation fields (others off), so
 # presets do not stack by accident; override single fields with keyword arguments.
 PRESETS: dict[str, dict[str, Any]] = {
   "off": {},

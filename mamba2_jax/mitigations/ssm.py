@@ -11,7 +11,7 @@ arguments and cache updates:
                     ``log_decay_offset``)
   ssd_window        the op's ``window``; across prefill pieces and decode steps window_cache.py
   state_norm        "token": the op's reference scan with `normalize_state` as state hook;
-                    "chunk": `block_normalized_ssd` (state_norm.py)
+                    "chunk": `block_normalized_ssd` (mitigations/state_norm.py)
 
 Imports the SSD op and the leaf modules of this package, never the model.
 """

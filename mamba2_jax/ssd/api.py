@@ -239,6 +239,7 @@ def ssd(
 
     fn = sharded_ssd(
       mesh,
+      ssd,
       impl=name,
       dt_softplus=dt_softplus,
       dt_limit=dt_limit,

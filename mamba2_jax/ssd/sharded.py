@@ -21,7 +21,7 @@ the unsharded gradients in tests/ssd/test_ssd_sharded.py).
 context (``jax.set_mesh``) without manual axes; inside the shard_map the axes are manual, so the
 per-shard call runs the kernel directly. Direct use::
 
-    f = sharded_ssd(mesh, impl="pallas_tpu", chunk_size=256, return_final_state=True)
+    f = sharded_ssd(mesh, ssd, impl="pallas_tpu", chunk_size=256, return_final_state=True)
     y, h = f(x, dt, A, B, C, D=D, dt_bias=dt_bias, initial_state=h0, segment_ids=seg)
 """
 
@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as PS
 
-from .api import ssd
 
 __all__ = ["sharded_ssd"]
 
@@ -43,9 +42,10 @@ def _axis_size(mesh, axes):
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def sharded_ssd(mesh, *, batch_axes=("data", "fsdp"), head_axis="tensor", **ssd_kwargs):
+def sharded_ssd(mesh, ssd, *, batch_axes=("data", "fsdp"), head_axis="tensor", **ssd_kwargs):
   """Returns ``f(x, dt, A, B, C, *, D=None, dt_bias=None, initial_state=None,
-  segment_ids=None)`` computing :func:`mamba2_jax.ssd.ssd` (with ``ssd_kwargs``) per shard.
+  segment_ids=None)`` computing ``ssd`` (:func:`mamba2_jax.ssd.ssd`, passed in: the op calls
+  this wrapper, so the wrapper does not import the op) with ``ssd_kwargs`` per shard.
 
   Axes of ``batch_axes`` / ``head_axis`` missing from the mesh are ignored (treated as
   size 1). Raises ValueError when the batch or the heads do not divide the axis sizes.

@@ -23,6 +23,8 @@ import json
 import re
 from typing import Any
 
+from mamba2_jax.checkpoints.workdir import train_len
+
 __all__ = ["Run", "EvalSpec", "CURVE_TASKS", "expand", "eval_specs", "format_value"]
 
 # evaluation tasks whose bucketed loss curve carries the forgetting test (collapse)
@@ -49,9 +51,7 @@ class Run:
 
   def train_len(self) -> int | None:
     """T_train of the run, seq_len x tbptt_segments (None without seq_len)."""
-    if self.value("seq_len") is None:
-      return None
-    return int(self.value("seq_len")) * int(self.value("tbptt_segments", 1) or 1)
+    return train_len(dict(self.overrides))
 
 
 def format_value(v) -> str:
@@ -121,7 +121,7 @@ def expand(sweep) -> list[Run]:
     over.update(values)
     tps = int(sweep.get("tokens_per_step", 0) or 0)
     if tps:
-      rows = int(over.get("seq_len", 0)) * int(over.get("tbptt_segments", 1))
+      rows = train_len(over) or 0  # tokens per batch row
       if rows <= 0:
         raise ValueError("sweep: tokens_per_step needs seq_len in the grid or train_overrides")
       over["global_batch_size"] = max(1, tps // rows)

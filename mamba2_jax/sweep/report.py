@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from mamba2_jax.checkpoints import workdir as workdir_lib
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.sweep import capacity
 from mamba2_jax.sweep.grid import CURVE_TASKS
@@ -63,15 +64,13 @@ def collect(workdir) -> dict[str, Any]:
   runs = []
   for r in meta["runs"]:
     d = workdir / "runs" / r["name"]
-    cfg = _read(d / "train" / "config.json", {})
+    cfg = workdir_lib.read_run_config(d / "train", {})
     model = cfg.get("model")
     entry = {
       "name": r["name"],
       "values": r["values"],
       "status": _read(d / "status.json", {}),
-      "train_len": (
-        int(cfg["seq_len"]) * int(cfg.get("tbptt_segments") or 1) if cfg.get("seq_len") else None
-      ),
+      "train_len": workdir_lib.train_len(cfg),
       "state_size": Mamba2Config.from_dict(model).state_size if model else None,
       "params": Mamba2Config.from_dict(model).num_params() if model else None,
       "evals": {},

@@ -1,177 +1,34 @@
-"""Training checkpoints: orbax CheckpointManager, checksums, fallback to the last good step.
+"""Writing training checkpoints: orbax CheckpointManager, async saves, retention, and the
+verified restore for resuming, falling back past damaged steps.
 
-Layout of a training workdir:
-
-  WORKDIR/config.json             resolved training config of the run (written once)
-  WORKDIR/checkpoints/<step>/     one orbax Composite per step, items:
-      params/      model parameters (nnx pure dict), float arrays, any sharding
-      opt_state/   {"opt_state": optax state, "step": int32}
-      data_iter/   grain iterator state, one JSON per process
-      meta/        JSON: step, tokens_seen, config, model, tokenizer identity, stream
-                   fingerprint, checksums of params/opt_state, time
-  WORKDIR/train_complete          written by the trainer after the final step (JSON)
-
-Orbax writes each step into a temporary directory and renames it when complete, so a step
-that is still being written is never listed. It does not validate what it reads back, so
-`meta["checksums"]` stores a layout-independent fingerprint of every saved array (see
-`fingerprint`) and every restore recomputes and compares it; a step that fails to restore
-or to verify is reported by number and the previous step is tried.
+The workdir layout, the step listing, the metadata readers and `CheckpointError` are
+`mamba2_jax.checkpoints.workdir`; the checksums are `mamba2_jax.checkpoints.checksums`
+(`meta["checksums"]` stores a layout-independent fingerprint of every saved array and every
+restore recomputes and compares it; a step that fails to restore or to verify is reported by
+number and the previous step is tried). Evaluation reads checkpoints through
+`mamba2_jax.checkpoints.load_model`, never through this module.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from mamba2_jax.config import Mamba2Config
-from mamba2_jax.model import Mamba2LM
-
-CHECKPOINT_DIR = "checkpoints"
-CONFIG_FILE = "config.json"
-TRAIN_COMPLETE = "train_complete"
-ITEMS = ("params", "opt_state", "data_iter", "meta")
+from mamba2_jax.checkpoints.checksums import fingerprint, verify
+from mamba2_jax.checkpoints.workdir import (
+  ITEMS,
+  CheckpointError,
+  checkpoint_dir,
+  read_data_states,
+  read_meta,
+)
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint step cannot be used (missing item, unreadable, or checksum mismatch)."""
-
-
-# ------------------------------------------------------------------------------------------------
-# Checksums
-_MUL1, _MUL2 = np.uint32(0x9E3779B1), np.uint32(0x85EBCA77)
-
-
-def _as_u32(x):
-  """Bit pattern of x as uint32 words (64-bit types give 2 words per element)."""
-  x = jnp.asarray(x)
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  bits = x.dtype.itemsize * 8
-  if bits == 64:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # (..., 2)
-  u = jax.lax.bitcast_convert_type(x, {8: jnp.uint8, 16: jnp.uint16, 32: jnp.uint32}[bits])
-  return u.astype(jnp.uint32)
-
-
-def _flat_index(shape):
-  """Row-major element index as uint32 (wrapping mod 2**32), built from per-axis iotas."""
-  idx = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for ax in range(len(shape) - 1, -1, -1):
-    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, ax) * np.uint32(stride % 2**32)
-    stride *= shape[ax]
-  return idx
-
-
-def _leaf_fingerprint(x):
-  u = _as_u32(x)
-  i = _flat_index(u.shape)
-  w1 = (i * _MUL1) | np.uint32(1)  # odd weights: any change of one word changes h1
-  w2 = ((i + np.uint32(7)) * _MUL2) | np.uint32(1)
-  rot = (u << np.uint32(13)) | (u >> np.uint32(19))
-  return jnp.stack([jnp.sum(u * w1, dtype=jnp.uint32), jnp.sum(rot * w2, dtype=jnp.uint32)])
-
-
-_fingerprint_jit = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
-
-
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
-
-
-def fingerprint(tree) -> dict[str, str]:
-  """{leaf path: "shape dtype hash"} for every array leaf of `tree`.
-
-  The hash is two wrapping uint32 sums of the leaf's bit pattern with position-dependent odd
-  weights, computed on device as global reductions, so it is independent of the sharding and
-  of the device count (a checkpoint restored onto another mesh verifies against the same
-  values), and any change of a single element changes it.
-  """
-  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  arrays = {_path_str(p): v for p, v in leaves if hasattr(v, "shape")}
-  hashes = jax.device_get(_fingerprint_jit(arrays))
-  return {
-    k: f"{tuple(v.shape)} {jnp.dtype(v.dtype).name} {int(h[0]):08x}{int(h[1]):08x}"
-    for (k, v), h in zip(arrays.items(), (hashes[k] for k in arrays))
-  }
-
-
-def verify(tree, expected: dict[str, str], what: str, step: int) -> None:
-  """Raises CheckpointError naming the step and the first mismatching leaves."""
-  got = fingerprint(tree)
-  bad = sorted(k for k in set(got) | set(expected) if got.get(k) != expected.get(k))
-  if bad:
-    detail = "; ".join(f"{k}: saved {expected.get(k)}, restored {got.get(k)}" for k in bad[:3])
-    raise CheckpointError(
-      f"checkpoint step {step}: {what} checksum mismatch in {len(bad)} array(s) ({detail})"
-    )
-
-
-# ------------------------------------------------------------------------------------------------
-# Workdir helpers (also used by the evaluation jobs)
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
-
-
-def complete_steps(workdir: str) -> list[int]:
-  """Finalized checkpoint steps in ascending order (never a step still being written)."""
-  d = checkpoint_dir(workdir)
-  if not os.path.isdir(d):
-    return []
-  steps = []
-  for name in os.listdir(d):
-    # orbax writes <step>.orbax-checkpoint-tmp-* and renames it to <step> when complete
-    if name.isdigit() and os.path.isdir(os.path.join(d, name)):
-      steps.append(int(name))
-  return sorted(steps)
-
-
-def is_train_complete(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, TRAIN_COMPLETE))
-
-
-def mark_train_complete(workdir: str, info: dict[str, Any]) -> None:
-  """Writes WORKDIR/train_complete atomically (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, TRAIN_COMPLETE)
-  with open(path + ".tmp", "w") as f:
-    json.dump({**info, "time": time.time()}, f, indent=2)
-  os.replace(path + ".tmp", path)
-
-
-def read_meta(workdir: str, step: int) -> dict[str, Any]:
-  """The JSON metadata item of one step (raises CheckpointError when missing/unreadable)."""
-  path = os.path.join(checkpoint_dir(workdir), str(step), "meta", "metadata")
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"checkpoint step {step}: meta item unreadable ({e})") from None
-
-
-def read_data_states(workdir: str, step: int) -> dict[str, Any]:
-  """All processes' data-iterator states of one step merged: {logical shard: state}."""
-  d = os.path.join(checkpoint_dir(workdir), str(step), "data_iter")
-  files = sorted(f for f in os.listdir(d) if f.startswith("process_") and f.endswith(".json"))
-  if not files:
-    raise ValueError(f"no process_*.json iterator files in {d}")
-  merged: dict[str, Any] = {}
-  for f in files:
-    with open(os.path.join(d, f)) as fh:
-      merged.update(json.load(fh))
-  return merged
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,51 +194,3 @@ class Checkpointer:
   def close(self) -> None:
     self.mngr.wait_until_finished()
     self.mngr.close()
-
-
-# ------------------------------------------------------------------------------------------------
-# Evaluation-side loading
-def _abstract_params(config: Mamba2Config, shardings=None):
-  abstract = nnx.eval_shape(lambda: Mamba2LM(config, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  target = nnx.to_pure_dict(state)
-  if shardings is None:
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), target)
-  else:
-    target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target, shardings
-    )
-  return graphdef, state, target
-
-
-def load_eval_model(
-  workdir: str, step: int | None = None, *, shardings=None
-) -> tuple[Mamba2LM, dict[str, Any]]:
-  """The model of a training workdir at `step` (default: newest), parameters verified.
-
-  Returns (Mamba2LM, meta); meta has "step", "tokens_seen", "tokenizer" (identity dict),
-  "config" (the training config as a dict; "seq_len" is the training length) and "model".
-  Raises CheckpointError for a missing or damaged step.
-  """
-  steps = complete_steps(workdir)
-  if not steps:
-    raise CheckpointError(f"{workdir}: no complete checkpoint under {checkpoint_dir(workdir)}")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
-    raise CheckpointError(f"{workdir}: no complete checkpoint step {step} (have {steps})")
-  meta = read_meta(workdir, step)
-  config = Mamba2Config.from_dict(meta["model"])
-  graphdef, state, target = _abstract_params(config, shardings)
-  path = os.path.join(checkpoint_dir(workdir), str(step), "params")
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(path, target)
-  except Exception as e:  # noqa: BLE001
-    raise CheckpointError(
-      f"checkpoint step {step}: params unreadable "
-      f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
-    ) from e
-  verify(params, meta.get("checksums", {}).get("params", {}), "params", step)
-  return nnx.merge(graphdef, params), meta

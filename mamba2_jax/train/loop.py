@@ -23,6 +23,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mamba2_jax.cache import Mamba2Cache
+from mamba2_jax.checkpoints import workdir as workdir_lib
+from mamba2_jax.checkpoints.hub import from_pretrained, load_config
 from mamba2_jax.config import ConfigError
 from mamba2_jax.data.pipeline import check_stream_fingerprint, make_global_batch
 from mamba2_jax.flops import model_flops_per_token
@@ -72,7 +74,7 @@ class _Preemption:
 
 def _check_workdir_config(workdir: str, cfg_json: dict, allow_change: bool) -> None:
   """Refuses to resume a workdir whose saved config differs in fields that matter."""
-  path = os.path.join(workdir, ckpt_lib.CONFIG_FILE)
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
@@ -89,7 +91,7 @@ def _check_workdir_config(workdir: str, cfg_json: dict, allow_change: bool) -> N
       log.warning("resuming %s with a changed config: %s", workdir, "; ".join(diffs))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    marker = os.path.join(workdir, ckpt_lib.TRAIN_COMPLETE)
+    marker = os.path.join(workdir, workdir_lib.TRAIN_COMPLETE)
     if os.path.exists(marker):  # a finished run continued to more steps is no longer complete
       with open(marker) as f:
         if json.load(f).get("step", 0) < cfg_json["total_steps"]:
@@ -141,8 +143,6 @@ class Setup:
   def state_from_pretrained(self, path: str) -> dict:
     """Parameters from an official / HF / converted checkpoint (its shape-defining fields must
     equal the model config), a fresh optimizer state; every process builds its own shards."""
-    from mamba2_jax.pretrained import from_pretrained, load_config  # pylint: disable=g-import-not-at-top
-
     ckpt_cfg, _ = load_config(path)
     shape_fields = (
       "d_model",
@@ -379,8 +379,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if last:
       _require_finite(last, last["step"], ckpt)
     ckpt.wait()
-    if not preempt.requested and int(state["step"]) >= config.total_steps:
-      ckpt_lib.mark_train_complete(
+    if (
+      not preempt.requested
+      and int(state["step"]) >= config.total_steps
+      and jax.process_index() == 0
+    ):
+      workdir_lib.mark_train_complete(
         workdir, {"step": config.total_steps, "tokens_seen": config.total_steps * tokens_per_step}
       )
   finally:

@@ -15,7 +15,7 @@ from flax import nnx
 
 from mamba2_jax import ConfigError, from_pretrained
 from mamba2_jax.generate import decode_step
-from mamba2_jax.pretrained import config_from_official, load_config
+from mamba2_jax.checkpoints.hub import config_from_official, load_config
 from tests.paths import FIXTURES
 
 FIX = str(FIXTURES)

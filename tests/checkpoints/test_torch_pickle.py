@@ -1,4 +1,5 @@
-"""mamba2_jax.torch_pickle: torch-free checkpoint reading (run with the main venv, no torch).
+"""mamba2_jax.checkpoints.torch_pickle and weight_files: torch-free checkpoint reading (run with
+the main venv, no torch).
 
 Fixtures come from tests/fixtures/make_torch_pickles.py and make_golden.py (torch venv).
 """
@@ -19,16 +20,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mamba2_jax import torch_pickle as tp
-from mamba2_jax.torch_pickle import (
-  CheckpointError,
+from mamba2_jax.checkpoints import torch_pickle as tp
+from mamba2_jax.checkpoints.torch_pickle import (
+  UnreadableCheckpointError,
   UnsafeCheckpointError,
   UnsupportedCheckpointError,
-  load_safetensors,
-  load_state_dict,
   load_torch_pickle,
   load_torch_state_dict,
 )
+from mamba2_jax.checkpoints.weight_files import load_safetensors, load_state_dict
 from tests.paths import FIXTURES
 
 FIX = str(FIXTURES)
@@ -318,7 +318,7 @@ def test_allowed_global_misuse_is_a_clean_error(tmp_path):
   ]
   for i, pkl in enumerate(cases):
     p = _write_archive(tmp_path / f"bad{i}.pt", pkl)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(UnreadableCheckpointError):
       load_torch_pickle(p)
   # the shared stand-ins are untouched and later loads still work
   assert tp._ALLOWED_GLOBALS[("torch", "FloatStorage")].dtype == np.float32
@@ -349,7 +349,7 @@ def test_allowed_global_misuse_is_a_clean_error(tmp_path):
 )
 def test_corrupt_archives(tmp_path, entry, records, msg):
   p = _write_archive(tmp_path / "c.pt", _tensor_pickle([entry]), records)
-  with pytest.raises(CheckpointError, match=msg):
+  with pytest.raises(UnreadableCheckpointError, match=msg):
     load_torch_state_dict(p)
 
 
@@ -361,7 +361,7 @@ def test_same_storage_two_dtypes_rejected(tmp_path):
     ),
     {"0": b"\0" * 8},
   )
-  with pytest.raises(CheckpointError, match="referenced as"):
+  with pytest.raises(UnreadableCheckpointError, match="referenced as"):
     load_torch_state_dict(p)
 
 
@@ -405,7 +405,7 @@ def test_nested_checkpoint_needs_load_torch_pickle(tmp_path):
   ok = _tensor_pickle([("w", "FloatStorage", "0", 1, 0, (1,), (1,))])
   nested = b"\x80\x02}(" + _u("model") + ok[2:-1] + _u("step") + _i(5) + b"u."
   p = _write_archive(tmp_path / "n.pt", nested, {"0": np.ones(1, np.float32).tobytes()})
-  with pytest.raises(CheckpointError, match="load_torch_pickle"):
+  with pytest.raises(UnreadableCheckpointError, match="load_torch_pickle"):
     load_torch_state_dict(p)
   obj = load_torch_pickle(p)
   assert obj["step"] == 5 and obj["model"]["w"].tolist() == [1.0]
@@ -470,11 +470,11 @@ def test_sharded_safetensors_index(tmp_path):
     np.testing.assert_array_equal(sd["c"], c)
   idx["weight_map"]["d"] = "model-00002-of-00002.safetensors"
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps(idx))
-  with pytest.raises(CheckpointError, match="lacks"):
+  with pytest.raises(UnreadableCheckpointError, match="lacks"):
     load_state_dict(str(tmp_path))
   idx["weight_map"] = {"a": "../outside.safetensors"}
   (tmp_path / "model.safetensors.index.json").write_text(json.dumps(idx))
-  with pytest.raises(CheckpointError, match="escapes"):
+  with pytest.raises(UnreadableCheckpointError, match="escapes"):
     load_state_dict(str(tmp_path))
 
 

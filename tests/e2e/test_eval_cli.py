@@ -1,5 +1,5 @@
 """The evaluation binary and its model sources, mitigations and --mode=latest|all|watch (against
-the real mamba2_jax.train.checkpoint interface, on workdirs written by its Checkpointer)."""
+the real mamba2_jax.checkpoints reading side, on workdirs written by the trainer's Checkpointer)."""
 
 import json
 import os
@@ -14,7 +14,11 @@ from flax import nnx
 
 from mamba2_jax import Mamba2Config, Mamba2LM
 from mamba2_jax.data import get_tokenizer
-from mamba2_jax.eval import get_task_config, runner, sources
+from configs.evaluate import get_config
+from mamba2_jax.checkpoints import workdir as workdir_lib
+from mamba2_jax.checkpoints.load import check_vocab, load_model
+from mamba2_jax.eval import jobs
+from mamba2_jax.mitigations import spec as mitigation_spec
 from tests.paths import ROOT
 
 SMALL = {
@@ -26,7 +30,7 @@ SMALL = {
 
 
 def _cfg(task, **over):
-  cfg = get_task_config(task)
+  cfg = get_config(task)
   with cfg.unlocked():
     cfg.update(progress=False, **SMALL[task], **over)
   return cfg
@@ -80,64 +84,69 @@ def test_cli_end_to_end_random_tiny(tmp_path):
 
 @pytest.mark.parametrize("task", ["passkey", "state_stats", "forgetting_curve"])
 def test_evaluate_source_each_task(task, tmp_path):
-  lines = runner.evaluate_source("random:tiny", task, _cfg(task, train_len=128), tmp_path)
+  lines = jobs.evaluate_source("random:tiny", task, _cfg(task, train_len=128), tmp_path)
   assert len(lines) == 1 and lines[0]["task"] == task
   assert json.loads((tmp_path / "results.json").read_text())["task"] == task
   assert _pngs(tmp_path)
 
 
 def test_converted_checkpoint_dir(tmp_path):
-  from mamba2_jax.checkpoint_io import save_params
-  from mamba2_jax.pretrained import OUR_CONFIG, OUR_PARAMS
+  from mamba2_jax.checkpoints.hub import OUR_CONFIG, OUR_PARAMS
+  from mamba2_jax.checkpoints.params import save_params
 
   model = Mamba2LM(Mamba2Config.preset("tiny"), rngs=nnx.Rngs(5))
   ckpt = tmp_path / "ckpt"
   ckpt.mkdir()
   save_params(str(ckpt / OUR_PARAMS), model)
   (ckpt / OUR_CONFIG).write_text(model.config.to_json())
-  loaded = sources.load_model(str(ckpt), tokenizer="byte")
+  loaded = load_model(str(ckpt), tokenizer="byte")
   assert loaded.tokenizer.name == "byte"
-  runner.evaluate_source(
+  jobs.evaluate_source(
     str(ckpt), "ppl_by_position", _cfg("ppl_by_position"), tmp_path / "o", tokenizer="byte"
   )
   assert (tmp_path / "o" / "results.json").exists()
   with pytest.raises(FileNotFoundError):
-    sources.load_model(str(tmp_path / "nothing"))
+    load_model(str(tmp_path / "nothing"))
   with pytest.raises(ValueError, match="only 259"):  # a tokenizer larger than the model's vocab
-    sources.check_vocab(model, type("T", (), {"vocab_size": 50277, "name": "big"})())
+    check_vocab(model, type("T", (), {"vocab_size": 50277, "name": "big"})())
 
 
 def test_parse_mitigation():
-  assert sources.parse_mitigation("") == (None, {})
-  assert sources.parse_mitigation("rri") == ("rri", {})
-  assert sources.parse_mitigation("rri_decay_scale=0.9999, ssd_window=2048,state_norm=chunk") == (
+  assert mitigation_spec.parse_mitigation("") == (None, {})
+  assert mitigation_spec.parse_mitigation("rri") == ("rri", {})
+  assert mitigation_spec.parse_mitigation(
+    "rri_decay_scale=0.9999, ssd_window=2048,state_norm=chunk"
+  ) == (
     None,
     {"rri_decay_scale": 0.9999, "ssd_window": 2048, "state_norm": "chunk"},
   )
-  assert sources.parse_mitigation("state_norm,calibrate=2") == ("state_norm", {"calibrate": 2})
+  assert mitigation_spec.parse_mitigation("state_norm,calibrate=2") == (
+    "state_norm",
+    {"calibrate": 2},
+  )
   with pytest.raises(ValueError, match="two presets"):
-    sources.parse_mitigation("rri,longmamba")
+    mitigation_spec.parse_mitigation("rri,longmamba")
 
 
 def test_empty_mitigation_returns_the_model():
   model = object()
-  assert sources.apply_mitigation(model, "") is model
+  assert mitigation_spec.apply_mitigation(model, "") is model
 
 
 def test_mitigations_applied_through_with_mitigations(tmp_path):
   pytest.importorskip("mamba2_jax.mitigations", reason="no mamba2_jax.mitigations in this checkout")
   base = Mamba2LM(Mamba2Config.preset("tiny"), rngs=nnx.Rngs(0))
-  m = sources.apply_mitigation(base, "rri")
+  m = mitigation_spec.apply_mitigation(base, "rri")
   assert (m.config.rri_decay_scale, m.config.rri_insert_scale) == (0.9999, 0.75)
-  m = sources.apply_mitigation(base, "rri_decay_scale=0.999,dt_scale=0.5")
+  m = mitigation_spec.apply_mitigation(base, "rri_decay_scale=0.999,dt_scale=0.5")
   assert (m.config.rri_decay_scale, m.config.dt_scale) == (0.999, 0.5)
-  m = sources.apply_mitigation(base, "state_norm,calibrate=2,calibrate_len=64")
+  m = mitigation_spec.apply_mitigation(base, "state_norm,calibrate=2,calibrate_len=64")
   tau = np.asarray(m.layers.mixer.state_norm_tau[...])
   assert m.config.state_norm == "chunk" and np.isfinite(tau).all() and (tau > 0).all()
   with pytest.raises(ValueError, match="calibrate"):
-    sources.apply_mitigation(base, "rri,calibrate=2")
+    mitigation_spec.apply_mitigation(base, "rri,calibrate=2")
   cfg = _cfg("ppl_by_position", mitigation="rri_decay_scale=0.9999,rri_insert_scale=0.75")
-  lines = runner.evaluate_source("random:tiny", "ppl_by_position", cfg, tmp_path)
+  lines = jobs.evaluate_source("random:tiny", "ppl_by_position", cfg, tmp_path)
   assert lines[0]["mitigation"] == "rri_decay_scale=0.9999,rri_insert_scale=0.75"
 
 
@@ -186,7 +195,7 @@ def _save_steps(workdir, steps, seq_len=128, tbptt=2):
 
 
 def _damage(workdir, step):
-  """Breaks a step's params checksum (load_eval_model raises CheckpointError); returns undo."""
+  """Breaks a step's params checksum (load_model raises CheckpointError); returns undo."""
   path = Path(workdir) / "checkpoints" / str(step) / "meta" / "metadata"
   good = path.read_text()
   meta = json.loads(good)
@@ -204,20 +213,20 @@ def test_modes_latest_and_all(tmp_path):
   wd, out = tmp_path / "wd", tmp_path / "out"
   _save_steps(wd, [10, 20])
   cfg = _cfg("ppl_by_position")
-  lines = runner.evaluate_source(str(wd), "ppl_by_position", cfg, out, mode="latest")
+  lines = jobs.evaluate_source(str(wd), "ppl_by_position", cfg, out, mode="latest")
   assert [l["step"] for l in lines] == [20] and lines[0]["tokens_seen"] == 20000
   res = json.loads((out / "step_20" / "results.json").read_text())
   assert res["train_len"] == 256  # seq_len 128 x 2 TBPTT segments
   assert _pngs(out / "step_20")
-  assert runner.evaluate_source(str(wd), "ppl_by_position", cfg, out, mode="latest") == []
-  lines = runner.evaluate_source(str(wd), "ppl_by_position", cfg, out, mode="all")
+  assert jobs.evaluate_source(str(wd), "ppl_by_position", cfg, out, mode="latest") == []
+  lines = jobs.evaluate_source(str(wd), "ppl_by_position", cfg, out, mode="all")
   assert [l["step"] for l in lines] == [10]
-  assert runner.evaluate_source(str(wd), "ppl_by_position", cfg, out, mode="all") == []
+  assert jobs.evaluate_source(str(wd), "ppl_by_position", cfg, out, mode="all") == []
   assert [m["step"] for m in _metrics(out)] == [20, 10]
-  ledger = json.loads((out / runner.LEDGER).read_text())
+  ledger = json.loads((out / jobs.LEDGER).read_text())
   assert sorted(ledger["evaluated"]) == ["10", "20"] and ledger["failed"] == {}
   with pytest.raises(ValueError, match="one output directory per task"):
-    runner.evaluate_source(str(wd), "passkey", _cfg("passkey"), out, mode="all")
+    jobs.evaluate_source(str(wd), "passkey", _cfg("passkey"), out, mode="all")
 
 
 def test_mode_watch_follows_training_and_retries_damaged_steps(tmp_path):
@@ -232,9 +241,9 @@ def test_mode_watch_follows_training_and_retries_damaged_steps(tmp_path):
       undo()
       _save_steps(wd, [30])
     elif len(sleeps) == 2:
-      ckpt_lib.mark_train_complete(str(wd), {"step": 30})
+      workdir_lib.mark_train_complete(str(wd), {"step": 30})
 
-  lines = runner.evaluate_source(
+  lines = jobs.evaluate_source(
     str(wd),
     "ppl_by_position",
     _cfg("ppl_by_position"),
@@ -244,12 +253,12 @@ def test_mode_watch_follows_training_and_retries_damaged_steps(tmp_path):
     sleep=fake_sleep,
   )
   assert [l["step"] for l in lines] == [10, 20, 30] and sleeps == [7, 7]
-  ledger = json.loads((out / runner.LEDGER).read_text())
+  ledger = json.loads((out / jobs.LEDGER).read_text())
   assert sorted(ledger["evaluated"], key=int) == ["10", "20", "30"] and ledger["failed"] == {}
   assert [m["step"] for m in _metrics(out)] == [10, 20, 30]
   # a restarted watcher finds everything done and stops at once
   assert (
-    runner.evaluate_source(
+    jobs.evaluate_source(
       str(wd), "ppl_by_position", _cfg("ppl_by_position"), out, mode="watch", sleep=fake_sleep
     )
     == []
@@ -261,9 +270,9 @@ def test_mode_watch_gives_up_after_training_completes(tmp_path):
   wd, out = tmp_path / "wd", tmp_path / "out"
   _save_steps(wd, [10, 20])
   _damage(wd, 10)
-  ckpt_lib.mark_train_complete(str(wd), {"step": 20})
+  workdir_lib.mark_train_complete(str(wd), {"step": 20})
   sleeps = []
-  lines = runner.evaluate_source(
+  lines = jobs.evaluate_source(
     str(wd),
     "ppl_by_position",
     _cfg("ppl_by_position"),
@@ -273,8 +282,8 @@ def test_mode_watch_gives_up_after_training_completes(tmp_path):
     sleep=sleeps.append,
   )
   assert [l["step"] for l in lines] == [20] and len(sleeps) == 1
-  failed = json.loads((out / runner.LEDGER).read_text())["failed"]
+  failed = json.loads((out / jobs.LEDGER).read_text())["failed"]
   assert failed["10"]["attempts"] == 2 and "CheckpointError" in failed["10"]["error"]
   with pytest.raises(RuntimeError, match="latest step"):  # latest = 20 done; damage it too
     _damage(wd, 20)
-    runner.evaluate_source(str(wd), "ppl_by_position", _cfg("ppl_by_position"), tmp_path / "o2")
+    jobs.evaluate_source(str(wd), "ppl_by_position", _cfg("ppl_by_position"), tmp_path / "o2")

@@ -11,9 +11,10 @@ from flax import nnx
 from mamba2_jax import Mamba2Config, Mamba2LM
 from mamba2_jax.data import get_tokenizer, load_documents, make_train_iterator, open_documents
 from mamba2_jax.data import synthetic
-from mamba2_jax.eval import get_task_config, streaming
+from configs.evaluate import get_config
+from mamba2_jax.eval import streaming
 from mamba2_jax.eval.copy_task import run_copy_task
-from mamba2_jax.eval.sources import apply_mitigation
+from mamba2_jax.mitigations.spec import apply_mitigation
 
 
 def test_parse_and_documents():
@@ -71,7 +72,7 @@ def _model(vocab=64):
 
 def test_copy_task_equals_direct_masked_scores(tmp_path):
   model = _model()
-  cfg = get_task_config("copy_task")
+  cfg = get_config("copy_task")
   with cfg.unlocked():
     cfg.span, cfg.max_len, cfg.num_prompts, cfg.batch_size = 4, 129, 3, 2
     cfg.bucket_size, cfg.chunk_len, cfg.progress = 16, 48, False

@@ -9,11 +9,12 @@ from flax import nnx
 from mamba2_jax import Mamba2Config, Mamba2LM
 from mamba2_jax.data import get_tokenizer
 from mamba2_jax.eval import forgetting_curve as fc
-from mamba2_jax.eval import get_task_config, prompts, run_forgetting_curve
+from configs.evaluate import get_config
+from mamba2_jax.eval import prompts, run_forgetting_curve
 
 
 def _cfg(**over):
-  cfg = get_task_config("forgetting_curve")
+  cfg = get_config("forgetting_curve")
   with cfg.unlocked():
     cfg.update(progress=False, **over)
   return cfg

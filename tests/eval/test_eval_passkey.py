@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from mamba2_jax import Mamba2Config, Mamba2LM
-from mamba2_jax.eval import get_task_config, passkey, run_passkey
-from mamba2_jax.eval.task_configs import (
+from configs.evaluate import get_config
+from mamba2_jax.eval import passkey, run_passkey
+from configs.evaluate import (
   PASSKEY_BLOCK,
   PASSKEY_NEEDLE,
   PASSKEY_PREFIX,
@@ -28,7 +29,7 @@ def _builder(**kw):
 
 
 def _cfg(**over):
-  cfg = get_task_config("passkey")
+  cfg = get_config("passkey")
   with cfg.unlocked():
     cfg.update(progress=False, **over)
   return cfg

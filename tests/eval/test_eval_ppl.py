@@ -8,7 +8,8 @@ from flax import nnx
 
 from mamba2_jax import Mamba2Config, Mamba2LM
 from mamba2_jax.data import get_tokenizer
-from mamba2_jax.eval import criteria, get_task_config, prompts, run_ppl_by_position, streaming
+from configs.evaluate import get_config
+from mamba2_jax.eval import criteria, prompts, run_ppl_by_position, streaming
 from mamba2_jax.eval.ppl_by_position import prompt_bucket_sums
 
 
@@ -124,7 +125,7 @@ def test_prompt_bucket_sums(model):
 
 
 def test_run_ppl_by_position_docs(model, tmp_path):
-  cfg = get_task_config("ppl_by_position")
+  cfg = get_config("ppl_by_position")
   with cfg.unlocked():
     cfg.update(
       prompt="docs",

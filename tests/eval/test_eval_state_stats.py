@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from mamba2_jax import Mamba2Config, Mamba2LM
-from mamba2_jax.eval import get_task_config, introspect, run_state_stats, state_stats
+from configs.evaluate import get_config as get_task_config
+from mamba2_jax.eval import introspect, run_state_stats, state_stats
 from mamba2_jax.ssd import ssd
 
 CFG = Mamba2Config.preset("tiny", chunk_size=8, ngroups=2, n_layer=3, vocab_size=100)

@@ -59,7 +59,7 @@ def _vg(mesh_shape, impl):
   if mesh_shape is None:
     fn = functools.partial(ssd, **kw)
   else:
-    fn = sharded_ssd(_mesh(mesh_shape), batch_axes=("data", "fsdp"), head_axis="tensor", **kw)
+    fn = sharded_ssd(_mesh(mesh_shape), ssd, batch_axes=("data", "fsdp"), head_axis="tensor", **kw)
   return jax.jit(jax.value_and_grad(functools.partial(_loss, fn), has_aux=True))
 
 
@@ -100,7 +100,9 @@ def test_sharded_matches_unsharded(case):
 def test_sharded_output_is_sharded_and_y_only():
   mesh = _mesh((2, 1, 4))
   inp, _, _ = _inputs(0, 2, 9, 8, 4, 4, 8)
-  f = jax.jit(lambda x, dt, A, B, C: sharded_ssd(mesh, impl="xla", chunk_size=8)(x, dt, A, B, C))
+  f = jax.jit(
+    lambda x, dt, A, B, C: sharded_ssd(mesh, ssd, impl="xla", chunk_size=8)(x, dt, A, B, C)
+  )
   y = f(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"])
   yr = ssd(inp["x"], inp["dt"], inp["A"], inp["B"], inp["C"], chunk_size=8, impl="xla")
   np.testing.assert_allclose(np.asarray(y), np.asarray(yr), rtol=2e-5, atol=2e-5)
@@ -110,7 +112,7 @@ def test_sharded_output_is_sharded_and_y_only():
 def test_sharded_errors():
   mesh = _mesh((2, 1, 4))
   inp, _, _ = _inputs(0, 2, 9, 6, 4, 2, 8)  # 6 heads over tensor=4
-  f = sharded_ssd(mesh, impl="xla")
+  f = sharded_ssd(mesh, ssd, impl="xla")
   with pytest.raises(
     ValueError, match="nheads 6 is not divisible by the size 4 of head axis 'tensor'"
   ):

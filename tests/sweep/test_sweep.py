@@ -14,7 +14,8 @@ import pytest
 
 from mamba2_jax.sweep import capacity
 from mamba2_jax.sweep.grid import eval_specs, expand
-from mamba2_jax.sweep.runner import check_collapse_buckets, eval_command, run_sweep, train_command
+from configs.evaluate import get_config as eval_task_config
+from mamba2_jax.sweep.launch import check_collapse_buckets, eval_command, run_sweep, train_command
 
 
 def _sweep(**kw):
@@ -58,7 +59,7 @@ def test_collapse_eval_needs_a_bucket_within_every_training_length(tmp_path):
     r"leaves no bucket within the training length 32 of run "
     r"'d_state-8_seq_len-32'.*set bucket_size <= 16",
   ):
-    run_sweep(sweep, tmp_path / "sw", launcher="print")
+    run_sweep(sweep, tmp_path / "sw", task_config=eval_task_config, launcher="print")
   assert not (tmp_path / "sw").exists()  # nothing started
 
 
@@ -84,7 +85,7 @@ def test_shipped_sweeps_expand_and_resolve_their_forgetting_test(config):
   sweep = mod.get_config(arg)
   runs, evals = expand(sweep), eval_specs(sweep)
   assert runs and evals
-  check_collapse_buckets(sweep, runs, evals)
+  check_collapse_buckets(sweep, runs, evals, eval_task_config)
 
 
 def test_grid_errors():
@@ -160,7 +161,7 @@ def _calls(log):
 def test_local_launcher_runs_skips_done_and_records_failures(tmp_path, capsys):
   py, log = _fake_python(tmp_path, fail_on="d_state-16_seq_len-32")
   s = _sweep()
-  out = run_sweep(s, tmp_path / "sw", python=py)
+  out = run_sweep(s, tmp_path / "sw", task_config=eval_task_config, python=py)
   assert out["failed"] == ["d_state-16_seq_len-32"]
   assert len(out["done"]) == 3
   calls = _calls(log)
@@ -174,7 +175,7 @@ def test_local_launcher_runs_skips_done_and_records_failures(tmp_path, capsys):
   assert "step 1/3 loss 1.0" in capsys.readouterr().out  # progress is echoed
   # second invocation: done runs are skipped, the failed one is retried
   py2, log2 = _fake_python(tmp_path / "again" if (tmp_path / "again").mkdir() is None else tmp_path)
-  out = run_sweep(s, tmp_path / "sw", python=py2)
+  out = run_sweep(s, tmp_path / "sw", task_config=eval_task_config, python=py2)
   assert sorted(out["skipped"]) == sorted(
     ["d_state-8_seq_len-32", "d_state-8_seq_len-16", "d_state-16_seq_len-16"]
   )
@@ -186,10 +187,10 @@ def test_local_launcher_runs_skips_done_and_records_failures(tmp_path, capsys):
 
 def test_print_and_script_launchers(tmp_path, capsys):
   s = _sweep()
-  run_sweep(s, tmp_path / "p", launcher="print", python="py")
+  run_sweep(s, tmp_path / "p", task_config=eval_task_config, launcher="print", python="py")
   lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("py ")]
   assert len(lines) == 4 and all(line.count(" && ") == 2 for line in lines)
-  run_sweep(s, tmp_path / "s", launcher="script", python="py")
+  run_sweep(s, tmp_path / "s", task_config=eval_task_config, launcher="script", python="py")
   launch = (tmp_path / "s" / "launch_all.sh").read_text()
   assert launch.count("run.sh") == 4
   script = (tmp_path / "s" / "runs" / "d_state-8_seq_len-16" / "run.sh").read_text()
@@ -200,9 +201,9 @@ def test_evaluation_only_sweep_of_a_checkpoint(tmp_path):
   s = _sweep(checkpoint="ckpts/mamba2-130m", grid=(("model.d_state", (8,)),), tokens_per_step=0)
   py, log = _fake_python(tmp_path)
   with pytest.raises(ValueError, match="max_len_factor needs seq_len"):
-    run_sweep(s, tmp_path / "e", python=py)
+    run_sweep(s, tmp_path / "e", task_config=eval_task_config, python=py)
   s.evals.ppl.max_len_factor = 0
-  run_sweep(s, tmp_path / "e", python=py)
+  run_sweep(s, tmp_path / "e", task_config=eval_task_config, python=py)
   calls = _calls(log)
   assert len(calls) == 2 and all("experiments.evaluate" in c for c in calls)
   assert all("--checkpoint=ckpts/mamba2-130m" in c for c in calls)

@@ -21,6 +21,8 @@ from flax import nnx
 
 from configs import train as train_configs
 from mamba2_jax.config import ConfigError
+from mamba2_jax import checkpoints
+from mamba2_jax.checkpoints import workdir as workdir_lib
 from mamba2_jax.train import checkpoint as ckpt_lib
 from mamba2_jax.train.config import validate
 from mamba2_jax.train.loop import TrainingDiverged, build, train_and_evaluate
@@ -226,8 +228,8 @@ def _train(tmp_path, **kw):
 
 def test_run_writes_workdir_and_eval_loader(tmp_path):
   config, last = _train(tmp_path, eval_every=3, eval_batches=1)
-  assert ckpt_lib.complete_steps(tmp_path) == [2, 4, 6]
-  assert ckpt_lib.is_train_complete(tmp_path)
+  assert checkpoints.complete_steps(tmp_path) == [2, 4, 6]
+  assert checkpoints.is_train_complete(tmp_path)
   lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
   steps = [x["step"] for x in lines if "loss" in x]
   assert steps == list(range(1, 7)) and all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
@@ -235,7 +237,7 @@ def test_run_writes_workdir_and_eval_loader(tmp_path):
   train = [x for x in lines if "loss" in x]
   assert train[-1]["loss"] < train[0]["loss"]
   assert os.listdir(tmp_path / "tensorboard")
-  model, meta = ckpt_lib.load_eval_model(str(tmp_path))
+  model, meta = checkpoints.load_workdir_model(str(tmp_path))
   assert meta["step"] == 6 and meta["config"]["seq_len"] == 32
   assert meta["tokenizer"]["name"] == "byte" and meta["tokens_seen"] == 6 * 8 * 32
   logits = model(jnp.zeros((1, 5), jnp.int32))
@@ -279,7 +281,7 @@ def test_corrupted_byte_is_detected_and_falls_back(tmp_path, caplog):
   data = bytearray(open(path, "rb").read())
   data[len(data) // 2] ^= 0xFF
   open(path, "wb").write(bytes(data))
-  with pytest.raises(ckpt_lib.CheckpointError, match="checkpoint step 6"):
+  with pytest.raises(checkpoints.CheckpointError, match="checkpoint step 6"):
     _restore(tmp_path, config, (8, 1, 1), step=6)
   _, out = _restore(tmp_path, config, (8, 1, 1))
   assert out[0] == 4
@@ -293,7 +295,7 @@ def test_silently_wrong_bytes_fail_the_checksum(tmp_path):
   setup = _setup(config, (8, 1, 1))
   ck = ckpt_lib.Checkpointer(str(tmp_path), save_every=1)
   p, o, _ = ck.restore(6, setup.abstract_params, setup.abstract_opt)
-  meta = ckpt_lib.read_meta(str(tmp_path), 6)
+  meta = workdir_lib.read_meta(str(tmp_path), 6)
   tampered = jax.tree.map(lambda x: x, p)
   tampered["norm_f"] = p["norm_f"].at[3].add(1e-3)
   ck.mngr.save(
@@ -307,11 +309,11 @@ def test_silently_wrong_bytes_fail_the_checksum(tmp_path):
   )
   ck.wait()
   with pytest.raises(
-    ckpt_lib.CheckpointError, match=r"step 8: params checksum mismatch in 1 array\(s\) \(norm_f"
+    checkpoints.CheckpointError, match=r"step 8: params checksum mismatch in 1 array\(s\) \(norm_f"
   ):
     ck.restore(8, setup.abstract_params, setup.abstract_opt)
   ck.close()
-  assert ckpt_lib.fingerprint({"a": jnp.arange(8.0)}) != ckpt_lib.fingerprint(
+  assert checkpoints.fingerprint({"a": jnp.arange(8.0)}) != checkpoints.fingerprint(
     {"a": jnp.arange(8.0)[::-1]}
   )  # position-dependent
 
@@ -325,7 +327,7 @@ def test_deleted_newest_step_falls_back(tmp_path):
   assert out[0] == 4
   # the trainer resumes from step 4, moves the damaged step aside and trains again up to 6
   train_and_evaluate(tiny_config(), str(tmp_path))
-  assert ckpt_lib.complete_steps(tmp_path)[-1] == 6
+  assert checkpoints.complete_steps(tmp_path)[-1] == 6
   assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_damaged").iterdir()] == ["6"]
   assert "opt_state" in os.listdir(tmp_path / "checkpoints" / "6")
 
@@ -343,10 +345,10 @@ def test_nan_stops_with_last_good_checkpoint(tmp_path):
   ) as e:
     train_and_evaluate(config, str(tmp_path))
   bad = int(str(e.value).split(" at step ")[1].split(";")[0])
-  steps = ckpt_lib.complete_steps(tmp_path)
+  steps = checkpoints.complete_steps(tmp_path)
   assert steps and max(steps) == bad - 1
-  assert not ckpt_lib.is_train_complete(tmp_path)
-  _, meta = ckpt_lib.load_eval_model(str(tmp_path))
+  assert not checkpoints.is_train_complete(tmp_path)
+  _, meta = checkpoints.load_workdir_model(str(tmp_path))
   assert meta["step"] == bad - 1
 
 
@@ -355,7 +357,7 @@ def test_init_from_pretrained_checkpoint(tmp_path):
   from flax import nnx
 
   from configs import base
-  from mamba2_jax.pretrained import from_pretrained, load_config
+  from mamba2_jax.checkpoints.hub import from_pretrained, load_config
 
   path = str(FIXTURES / "hf_tiny_g2")
   ref = nnx.to_pure_dict(nnx.state(from_pretrained(path)))
@@ -375,7 +377,7 @@ def test_init_from_pretrained_checkpoint(tmp_path):
   for a, b in zip(jax.tree.leaves(_host(state["params"])), jax.tree.leaves(ref)):
     np.testing.assert_array_equal(a, np.asarray(b))
   train_and_evaluate(config, str(tmp_path))
-  assert ckpt_lib.complete_steps(tmp_path)[-1] == 2
+  assert checkpoints.complete_steps(tmp_path)[-1] == 2
   bad = tiny_config(init_checkpoint=path)
   with pytest.raises(ConfigError, match="init_checkpoint .* the model shapes differ .*d_model"):
     _setup(bad, (1, 1, 1), jax.devices()[:1]).state_from_pretrained(path)

@@ -5,7 +5,10 @@ Formats (see `from_pretrained`):
   HF transformers:      config.json {model_type: mamba2, hidden_size, ...} + model.safetensors
                         (or sharded *.safetensors with an index, or pytorch_model.bin)
   mamba2_jax (ours):    mamba2_jax_config.json + params/ (orbax), written by experiments.convert_hf
-`.bin` files are read without torch by a restricted unpickler (mamba2_jax.torch_pickle).
+`.bin` files are read without torch by a restricted unpickler (mamba2_jax.checkpoints.torch_pickle;
+every weight file goes through mamba2_jax.checkpoints.weight_files).
+Evaluation, the demo and sweeps load every kind of model source through
+`mamba2_jax.checkpoints.load_model`, which calls `from_pretrained` for these directories.
 """
 
 from __future__ import annotations
@@ -19,16 +22,11 @@ import numpy as np
 from flax import nnx
 
 from mamba2_jax.config import ConfigError, Mamba2Config
+from mamba2_jax.checkpoints.weight_files import WEIGHT_FILES, load_state_dict
 from mamba2_jax.model import Mamba2LM
 
 OUR_CONFIG = "mamba2_jax_config.json"
 OUR_PARAMS = "params"
-WEIGHT_FILES = (
-  "model.safetensors.index.json",
-  "model.safetensors",
-  "pytorch_model.bin.index.json",
-  "pytorch_model.bin",
-)
 
 
 def _decode_float(v):
@@ -271,10 +269,8 @@ def from_pretrained(path: str, **config_overrides) -> Mamba2LM:
   if config_overrides:
     cfg = cfg.replace(**config_overrides)
   if fmt == "mamba2_jax":
-    from mamba2_jax.checkpoint_io import restore_params  # orbax only when needed
+    from mamba2_jax.checkpoints.params import restore_params  # orbax only when needed
 
     return restore_params(os.path.join(path, OUR_PARAMS), cfg)
-  from mamba2_jax.torch_pickle import load_state_dict
-
   sd = load_state_dict(_find_weights(path))
   return model_from_params(cfg, params_from_state_dict(sd, cfg))

@@ -1,4 +1,4 @@
-"""Running a sweep: each run's training command, then its evaluation commands.
+"""Launching a sweep: each run's training command, then its evaluation commands.
 
     WORKDIR/sweep.json               the resolved sweep config and its runs
     WORKDIR/runs/<name>/train/       the trainer's workdir (checkpoints, metrics.jsonl, ...)
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 from mamba2_jax.sweep.grid import CURVE_TASKS, EvalSpec, Run, cli_value, eval_specs, expand, to_json
 
@@ -118,11 +119,12 @@ def _run_logged(cmd: list[str], log_path: Path, echo_prefix: str) -> None:
     raise CommandFailed(f"exit code {rc} (log: {log_path}):\n" + "".join(tail[-15:]))
 
 
-def check_collapse_buckets(sweep, runs: list[Run], evals: list[EvalSpec]) -> None:
+def check_collapse_buckets(
+  sweep, runs: list[Run], evals: list[EvalSpec], task_config: Callable[[str], Any]
+) -> None:
   """Fails before any work if a run's collapse evaluation would have no loss bucket inside its
-  training length (the forgetting test's reference; the test would be undetermined)."""
-  from mamba2_jax.eval.task_configs import get_config as task_config  # pylint: disable=g-import-not-at-top
-
+  training length (the forgetting test's reference; the test would be undetermined).
+  `task_config(task)` is the task's default config (configs/evaluate.py:get_config)."""
   name = sweep.get("collapse_eval") or ""
   for spec in evals:
     if spec.task not in CURVE_TASKS or (
@@ -148,17 +150,20 @@ def run_sweep(
   sweep,
   workdir,
   *,
+  task_config: Callable[[str], Any],
   launcher: str = "local",
   python: str = sys.executable,
   only: tuple[str, ...] = (),
 ) -> dict:
-  """Runs (or prints / scripts) every run of `sweep`; returns {"done", "failed", "skipped"}."""
+  """Runs (or prints / scripts) every run of `sweep`; returns {"done", "failed", "skipped"}.
+  `task_config(task)` is an evaluation task's default config (configs/evaluate.py:get_config),
+  for the checks made before any work."""
   if launcher not in LAUNCHERS:
     raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {launcher!r}")
   workdir = Path(workdir).resolve()
   runs = [r for r in expand(sweep) if not only or r.name in only]
   evals = eval_specs(sweep)
-  check_collapse_buckets(sweep, runs, evals)
+  check_collapse_buckets(sweep, runs, evals, task_config)
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "sweep.json").write_text(
     json.dumps(

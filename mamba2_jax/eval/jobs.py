@@ -1,7 +1,7 @@
-"""Evaluating a model source once, or every step of a training workdir (--mode=latest|all|watch).
+"""Evaluation jobs: one model source, or each step of a training workdir (--mode=latest|all|watch).
 
-Built on `mamba2_jax.train.checkpoint` (complete_steps, is_train_complete, load_eval_model,
-CheckpointError). Output layout for a workdir:
+Built on `mamba2_jax.checkpoints` (load_model, and the workdir's complete_steps,
+is_train_complete, CheckpointError). Output layout for a workdir:
   OUT/step_<N>/             the task's results.json + PNGs (+ task files) for step N
   OUT/metrics.jsonl         one line per evaluation {"step", "task", "tokens_seen", ...summary}
   OUT/evaluated_steps.json  the ledger {"task", "evaluated": {N: {...}}, "failed": {N: {...}}}
@@ -23,19 +23,23 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from mamba2_jax.eval import get_task_runner, io, sources
+from mamba2_jax.checkpoints.load import RANDOM_PREFIX, LoadedModel, is_workdir, load_model
+from mamba2_jax.checkpoints.workdir import CheckpointError, complete_steps, is_train_complete
+from mamba2_jax.eval import get_task_runner, io
+from mamba2_jax.mitigations.spec import apply_mitigation
 
 log = logging.getLogger(__name__)
 
 MODES = ("latest", "all", "watch")
 LEDGER = "evaluated_steps.json"
 METRICS = "metrics.jsonl"
+_RETRYABLE = (CheckpointError, FileNotFoundError, OSError)  # a step still being written, damaged
 
 
-def evaluate_model(loaded: sources.LoadedModel, task: str, cfg, out_dir) -> dict:
+def evaluate_model(loaded: LoadedModel, task: str, cfg, out_dir) -> dict:
   """Applies cfg.mitigation and runs the task; T_train = cfg.train_len or the checkpoint's."""
   train_len = cfg.train_len or loaded.meta.get("train_len") or None
-  model = sources.apply_mitigation(
+  model = apply_mitigation(
     loaded.model, cfg.mitigation, tokenizer=loaded.tokenizer, train_len=train_len
   )
   results = get_task_runner(task)(model, loaded.tokenizer, cfg, out_dir, train_len=train_len)
@@ -88,19 +92,13 @@ class Ledger:
     io.write_json(self.path, self.data)
 
 
-def _retryable():
-  from mamba2_jax.train.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-
-  return (CheckpointError, FileNotFoundError, OSError)
-
-
 def evaluate_step(
   workdir: str, step: int, task: str, cfg, out: Path, ledger: Ledger, *, tokenizer: str = ""
 ) -> dict | None:
   """Evaluates one step into OUT/step_<N>; returns the metrics line, None on a load failure."""
   try:
-    loaded = sources.load_step(workdir, step, tokenizer=tokenizer, model_dtype=cfg.model_dtype)
-  except _retryable() as e:
+    loaded = load_model(workdir, step=step, tokenizer=tokenizer, model_dtype=cfg.model_dtype)
+  except _RETRYABLE as e:
     log.warning("step %d of %s could not be loaded (will retry): %s", step, workdir, e)
     ledger.record_failure(step, e)
     return None
@@ -124,28 +122,26 @@ def evaluate_source(
   timeout_s: float = 0.0,
   sleep: Callable[[float], None] = time.sleep,
 ) -> list[dict]:
-  """Evaluates `spec` (see sources) with `task`; returns the metrics lines written."""
+  """Evaluates `spec` (see mamba2_jax.checkpoints.load) with `task`; returns the metrics lines written."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   # watch may start before the trainer has created its workdir
   pending_workdir = (
-    mode == "watch" and not spec.startswith(sources.RANDOM_PREFIX) and not os.path.exists(spec)
+    mode == "watch" and not spec.startswith(RANDOM_PREFIX) and not os.path.exists(spec)
   )
-  if not (sources.is_workdir(spec) or pending_workdir):
+  if not (is_workdir(spec) or pending_workdir):
     if mode != "latest":
       log.info("--mode=%s applies to training workdirs; %s is evaluated once", mode, spec)
-    loaded = sources.load_model(spec, tokenizer=tokenizer, model_dtype=cfg.model_dtype)
+    loaded = load_model(spec, tokenizer=tokenizer, model_dtype=cfg.model_dtype)
     results = evaluate_model(loaded, task, cfg, out)
     return [log_metrics(out, task, loaded.meta, results)]
-
-  from mamba2_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
 
   ledger = Ledger(out, task)
   lines: list[dict] = []
   if mode == "latest":
-    steps = ckpt.complete_steps(spec)
+    steps = complete_steps(spec)
     if not steps:
       raise FileNotFoundError(f"{spec}: no complete checkpoint step yet")
     step = max(steps)
@@ -159,8 +155,8 @@ def evaluate_source(
 
   start = time.monotonic()
   while True:
-    complete = ckpt.is_train_complete(spec)  # before listing: then the list below is final
-    steps = sorted(ckpt.complete_steps(spec))
+    complete = is_train_complete(spec)  # before listing: then the list below is final
+    steps = sorted(complete_steps(spec))
     for step in steps:
       if ledger.done(step) or (complete and ledger.attempts(step) >= max_attempts):
         continue

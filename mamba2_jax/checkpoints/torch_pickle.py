@@ -16,10 +16,8 @@ needs resolve (to local stand-ins, never to torch or to anything importable); ev
 global -- ``os.system``, ``builtins.eval``, a custom class, ... -- raises
 :class:`UnsafeCheckpointError` before anything is called. Nothing from the file is executed.
 
-``load_state_dict(path)`` dispatches on the path: ``.safetensors`` (``safetensors.numpy``, plus
-a small reader for bfloat16 / float8, which that API cannot represent), ``.bin`` / ``.pt`` /
-``.pth`` / ``.ckpt`` (this unpickler), a sharded index (``*.index.json``), or a directory
-holding one of ``model.safetensors[.index.json]`` / ``pytorch_model.bin[.index.json]``.
+Every weight-file format (this one, safetensors, sharded indexes) is read through
+``load_state_dict`` of ``mamba2_jax.checkpoints.weight_files``.
 
 bfloat16 tensors come back as ``ml_dtypes.bfloat16`` arrays. Tensors are returned as
 independent C-contiguous numpy arrays: a tensor that is exactly its whole storage is a view of
@@ -32,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import io
-import json
 import math
 import os
 import pickle
@@ -44,25 +41,24 @@ import ml_dtypes
 import numpy as np
 
 __all__ = [
-  "CheckpointError",
+  "UnreadableCheckpointError",
   "UnsafeCheckpointError",
   "UnsupportedCheckpointError",
   "load_torch_pickle",
   "load_torch_state_dict",
-  "load_safetensors",
-  "load_state_dict",
 ]
 
 
-class CheckpointError(ValueError):
-  """A checkpoint could not be read."""
+class UnreadableCheckpointError(ValueError):
+  """A weight file could not be read (a damaged training step is a different error:
+  `mamba2_jax.checkpoints.workdir.CheckpointError`)."""
 
 
-class UnsupportedCheckpointError(CheckpointError):
+class UnsupportedCheckpointError(UnreadableCheckpointError):
   """The file is not in a format this reader supports (legacy torch format, TorchScript, ...)."""
 
 
-class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+class UnsafeCheckpointError(UnreadableCheckpointError, pickle.UnpicklingError):
   """The pickle references a global outside the allow-list (possibly malicious)."""
 
 
@@ -76,12 +72,12 @@ class _Frozen:
   __slots__ = ()
 
   def __setattr__(self, name, value):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt or malicious checkpoint: tries to set attribute {name!r} on {self!r}"
     )
 
   def __delattr__(self, name):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt or malicious checkpoint: tries to delete attribute {name!r} on {self!r}"
     )
 
@@ -142,7 +138,7 @@ class _Storage:
 
 def _as_int(v: Any, what: str) -> int:
   if isinstance(v, bool) or not isinstance(v, int):
-    raise CheckpointError(f"corrupt checkpoint: tensor {what} is {v!r}, expected an int")
+    raise UnreadableCheckpointError(f"corrupt checkpoint: tensor {what} is {v!r}, expected an int")
   return v
 
 
@@ -151,7 +147,7 @@ def _rebuild_tensor_v2(
 ):
   """numpy version of torch._utils._rebuild_tensor_v2 (strided view into a storage)."""
   if not isinstance(storage, _Storage):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt checkpoint: tensor storage is {type(storage).__name__}, "
       "expected a persistent storage reference"
     )
@@ -160,12 +156,12 @@ def _rebuild_tensor_v2(
     or not isinstance(stride, (tuple, list))
     or len(size) != len(stride)
   ):
-    raise CheckpointError(f"corrupt checkpoint: tensor size {size!r} / stride {stride!r}")
+    raise UnreadableCheckpointError(f"corrupt checkpoint: tensor size {size!r} / stride {stride!r}")
   offset = _as_int(storage_offset, "storage_offset")
   size = tuple(_as_int(s, "size") for s in size)
   stride = tuple(_as_int(s, "stride") for s in stride)
   if offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt checkpoint: negative offset/size/stride ({offset}, {size}, {stride})"
     )
   buf = storage.array
@@ -175,7 +171,7 @@ def _rebuild_tensor_v2(
     return np.zeros(size, dtype=dtype)
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if last >= buf.size:  # never let as_strided read outside the storage
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"corrupt checkpoint: tensor (offset {offset}, size {size}, stride {stride}) reaches element "
       f"{last} of storage '{storage.key}' which holds only {buf.size} elements"
     )
@@ -263,13 +259,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
       or not isinstance(pid[1], _StorageType)
       or not isinstance(pid[2], str)
     ):
-      raise CheckpointError(f"{self._path}: unsupported persistent id {pid!r}")
+      raise UnreadableCheckpointError(f"{self._path}: unsupported persistent id {pid!r}")
     _, stype, key, _location, numel = pid
     numel = _as_int(numel, "storage numel")
     st = self._storages.get(key)
     if st is not None:
       if st.array.dtype != stype.dtype:
-        raise CheckpointError(
+        raise UnreadableCheckpointError(
           f"{self._path}: storage '{key}' referenced as {st.array.dtype} and {stype.dtype}"
         )
       return st
@@ -282,10 +278,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     try:
       info = self._zf.getinfo(name)
     except KeyError:
-      raise CheckpointError(f"{self._path}: storage record '{name}' is missing") from None
+      raise UnreadableCheckpointError(f"{self._path}: storage record '{name}' is missing") from None
     nbytes = numel * dtype.itemsize
     if info.file_size < nbytes:
-      raise CheckpointError(
+      raise UnreadableCheckpointError(
         f"{self._path}: storage '{name}' has {info.file_size} bytes, "
         f"expected {nbytes} ({numel} x {dtype})"
       )
@@ -299,7 +295,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
           break
         got += n
     if got != nbytes:
-      raise CheckpointError(f"{self._path}: short read of '{name}' ({got} of {nbytes} bytes)")
+      raise UnreadableCheckpointError(
+        f"{self._path}: short read of '{name}' ({got} of {nbytes} bytes)"
+      )
     arr = raw.view(dtype)
     if self._big_endian and dtype.itemsize > 1:
       arr.view(f"u{dtype.itemsize}").byteswap(inplace=True)
@@ -324,10 +322,12 @@ def _prescan(data: bytes, path: str) -> None:
           f"refusing to load {path}: its pickle uses the {op.name} opcode (copyreg extension "
           "registry), which torch checkpoints never use; the file may be malicious."
         )
-  except CheckpointError:
+  except UnreadableCheckpointError:
     raise
   except Exception as e:  # malformed opcode stream
-    raise CheckpointError(f"{path}: data.pkl is not a valid pickle: {type(e).__name__}: {e}") from e
+    raise UnreadableCheckpointError(
+      f"{path}: data.pkl is not a valid pickle: {type(e).__name__}: {e}"
+    ) from e
 
 
 def _check_not_legacy(path: str) -> None:
@@ -385,14 +385,14 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
     if prefix + "byteorder" in names:
       order = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
       if order not in ("little", "big"):
-        raise CheckpointError(f"{path}: unknown byteorder record {order!r}")
+        raise UnreadableCheckpointError(f"{path}: unknown byteorder record {order!r}")
       big_endian = order == "big"
     data = zf.read(pkls[0])
     _prescan(data, path)
     unpickler = _RestrictedUnpickler(io.BytesIO(data), zf, prefix, path, big_endian)
     try:
       return unpickler.load()
-    except CheckpointError:
+    except UnreadableCheckpointError:
       raise
     except (
       pickle.UnpicklingError,
@@ -403,21 +403,23 @@ def load_torch_pickle(path: str | os.PathLike) -> Any:
       IndexError,
       KeyError,
     ) as e:
-      raise CheckpointError(f"{path}: could not unpickle data.pkl: {type(e).__name__}: {e}") from e
+      raise UnreadableCheckpointError(
+        f"{path}: could not unpickle data.pkl: {type(e).__name__}: {e}"
+      ) from e
 
 
 def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Read a torch.save'd state dict (zipfile format) as ``{name: np.ndarray}``, without torch."""
   obj = load_torch_pickle(path)
   if not isinstance(obj, Mapping):
-    raise CheckpointError(
+    raise UnreadableCheckpointError(
       f"{os.fspath(path)}: top-level object is a {type(obj).__name__}, not a state dict"
     )
   out: dict[str, np.ndarray] = {}
   seen: set[int] = set()
   for k, v in obj.items():
     if not isinstance(k, str) or not isinstance(v, np.ndarray):
-      raise CheckpointError(
+      raise UnreadableCheckpointError(
         f"{os.fspath(path)}: entry {k!r} is a {type(v).__name__}, not a tensor; use load_torch_pickle "
         "for nested checkpoints (e.g. {'model': state_dict, 'optimizer': ...})"
       )
@@ -426,138 +428,3 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     seen.add(id(v))
     out[k] = v
   return out
-
-
-# --------------------------------------------------------------------------------------------
-# safetensors
-# --------------------------------------------------------------------------------------------
-_ST_EXTRA_DTYPES = {
-  "BF16": ml_dtypes.bfloat16,
-  "F8_E4M3": ml_dtypes.float8_e4m3fn,
-  "F8_E5M2": ml_dtypes.float8_e5m2,
-}
-_ST_DTYPES = {
-  "F64": np.float64,
-  "F32": np.float32,
-  "F16": np.float16,
-  "I64": np.int64,
-  "U64": np.uint64,
-  "I32": np.int32,
-  "U32": np.uint32,
-  "I16": np.int16,
-  "U16": np.uint16,
-  "I8": np.int8,
-  "U8": np.uint8,
-  "BOOL": np.bool_,
-  **_ST_EXTRA_DTYPES,
-}
-
-
-def _safetensors_header(path: str) -> tuple[dict, int]:
-  with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    if n <= 0 or n > 100 * 2**20:
-      raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
-    header = json.loads(f.read(n))
-  return header, 8 + n
-
-
-def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """``safetensors.numpy.load_file``, with a direct reader for dtypes numpy lacks (BF16, F8)."""
-  path = os.fspath(path)
-  header, start = _safetensors_header(path)
-  needs_raw = any(
-    isinstance(v, dict) and v.get("dtype") in _ST_EXTRA_DTYPES for v in header.values()
-  )
-  if not needs_raw:
-    from safetensors.numpy import load_file
-
-    return dict(load_file(path))
-  out: dict[str, np.ndarray] = {}
-  with open(path, "rb") as f:
-    for name, meta in header.items():
-      if name == "__metadata__":
-        continue
-      dt = _ST_DTYPES.get(meta["dtype"])
-      if dt is None:
-        raise UnsupportedCheckpointError(
-          f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}"
-        )
-      dt = np.dtype(dt).newbyteorder("<")
-      b, e = meta["data_offsets"]
-      shape = tuple(meta["shape"])
-      if e - b != math.prod(shape) * dt.itemsize:
-        raise CheckpointError(
-          f"{path}: tensor {name!r} byte range {b}:{e} does not match shape {shape}"
-        )
-      f.seek(start + b)
-      arr = np.frombuffer(f.read(e - b), dtype=dt).reshape(shape)
-      out[name] = arr.astype(dt.newbyteorder("="), copy=True)
-  return out
-
-
-# --------------------------------------------------------------------------------------------
-# Dispatch
-# --------------------------------------------------------------------------------------------
-_TORCH_EXTS = (".bin", ".pt", ".pth", ".ckpt")
-_DIR_CANDIDATES = (
-  "model.safetensors.index.json",
-  "model.safetensors",
-  "pytorch_model.bin.index.json",
-  "pytorch_model.bin",
-)
-
-
-def _load_index(path: str) -> dict[str, np.ndarray]:
-  with open(path) as f:
-    index = json.load(f)
-  weight_map = index.get("weight_map")
-  if not isinstance(weight_map, dict) or not weight_map:
-    raise CheckpointError(f"{path}: no 'weight_map' in the shard index")
-  base = os.path.dirname(path)
-  shards: dict[str, list[str]] = {}
-  for name, shard in weight_map.items():
-    shards.setdefault(shard, []).append(name)
-  out: dict[str, np.ndarray] = {}
-  for shard, names in shards.items():
-    if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
-      raise CheckpointError(f"{path}: shard path {shard!r} escapes the checkpoint directory")
-    part = load_state_dict(os.path.join(base, shard))
-    missing = [n for n in names if n not in part]
-    if missing:
-      raise CheckpointError(
-        f"{path}: shard {shard} lacks {missing[:5]}{'...' if len(missing) > 5 else ''}"
-      )
-    for n in names:
-      out[n] = part[n]
-  return out
-
-
-def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Load a checkpoint as ``{name: np.ndarray}`` without torch.
-
-  ``path`` may be a ``.safetensors`` file, a torch ``.bin``/``.pt``/``.pth``/``.ckpt`` file
-  (zipfile format, restricted unpickler), a sharded index ``*.index.json`` (shards are merged;
-  only the tensors its weight_map names are returned) or a directory containing one of
-  model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json,
-  pytorch_model.bin (first found wins).
-  """
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    for cand in _DIR_CANDIDATES:
-      p = os.path.join(path, cand)
-      if os.path.isfile(p):
-        return load_state_dict(p)
-    raise FileNotFoundError(f"{path}: none of {', '.join(_DIR_CANDIDATES)} found")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(path)
-  lower = path.lower()
-  if lower.endswith(".index.json"):
-    return _load_index(path)
-  if lower.endswith(".safetensors"):
-    return load_safetensors(path)
-  if lower.endswith(_TORCH_EXTS) or zipfile.is_zipfile(path):
-    return load_torch_state_dict(path)
-  raise UnsupportedCheckpointError(
-    f"{path}: unknown checkpoint type (expected .safetensors, .bin/.pt/.pth/.ckpt, *.index.json or a directory)"
-  )

@@ -1,40 +1,45 @@
-"""Where evaluated models come from, and the training-free mitigations applied to them.
+"""Where models come from: `load_model(spec)` for every kind of model source.
 
-Model sources (`--checkpoint`):
+Model sources (`--checkpoint` of experiments.evaluate / experiments.demo, a sweep's
+`checkpoint`):
   random:<preset>[:seed]   a randomly initialised Mamba2LM(Mamba2Config.preset(preset))
                            (benchmarks, tests); default tokenizer byte
   DIR with config.json or mamba2_jax_config.json
-                           an official / HF / converted checkpoint (mamba2_jax.from_pretrained);
-                           default tokenizer neox
-  any other DIR            a training workdir of this project (mamba2_jax.train.checkpoint:
-                           complete_steps / load_eval_model); see mamba2_jax.eval.runner
+                           an official / HF checkpoint (mamba2_jax.checkpoints.hub) or a converted
+                           one (mamba2_jax.checkpoints.params), via from_pretrained; default
+                           tokenizer neox
+  any other DIR            a training workdir of this project (mamba2_jax.checkpoints.workdir):
+                           one complete step (default: the newest), its parameters verified
+                           against the checksums saved with them (`load_workdir_model`); default
+                           tokenizer: the one the run was trained with
 
-Mitigation specs (`--config.mitigation`): "" (none), or comma-separated items: at most one
-preset name of `mamba2_jax.mitigations.PRESETS` (rri, rri_decay, longmamba, window_2k,
-state_norm, ...) and `field=value` items with `Mamba2Config` mitigation fields (rri_decay_scale,
-rri_insert_scale, dt_scale, ssd_window, state_norm, state_norm_chunk, state_norm_threshold),
-e.g. "rri", "rri_decay_scale=0.9999,rri_insert_scale=0.75", "state_norm,calibrate=2". They go
-to `mamba2_jax.mitigations.with_mitigations(model, preset=..., **fields)`. With state
-normalization on and no explicit state_norm_threshold, the thresholds are calibrated by
-`calibrate_state_norm(model, newline prompt, multiplier=calibrate (default 1))`; the newline
-prompt has `calibrate_len` tokens (default T_train, else 8192).
+A damaged or missing workdir step raises `CheckpointError`; the evaluation jobs
+(mamba2_jax.eval.jobs) retry it and fall back to the steps that load.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any
 
+import jax
 from flax import nnx
 
-from mamba2_jax import Mamba2Config, Mamba2LM, from_pretrained
+from mamba2_jax.checkpoints.checksums import verify
+from mamba2_jax.checkpoints.hub import OUR_CONFIG, from_pretrained
+from mamba2_jax.checkpoints.params import param_target, read_params
+from mamba2_jax.checkpoints.weight_files import WEIGHT_FILES
+from mamba2_jax.checkpoints.workdir import (
+  CheckpointError,
+  checkpoint_dir,
+  complete_steps,
+  read_meta,
+  train_len,
+)
+from mamba2_jax.config import Mamba2Config
 from mamba2_jax.data import get_tokenizer
-from mamba2_jax.mitigations import apply_mitigation, parse_mitigation  # noqa: F401 (re-exported)
-from mamba2_jax.pretrained import OUR_CONFIG, WEIGHT_FILES
-
-log = logging.getLogger(__name__)
+from mamba2_jax.model import Mamba2LM
 
 RANDOM_PREFIX = "random:"
 
@@ -67,8 +72,18 @@ def _overrides(model_dtype: str) -> dict:
   return {"dtype": model_dtype} if model_dtype else {}
 
 
-def load_model(spec: str, *, tokenizer: str = "", model_dtype: str = "") -> LoadedModel:
-  """A model from `random:<preset>[:seed]` or a pretrained directory (workdirs: `load_step`)."""
+def load_model(
+  spec: str, *, step: int | None = None, tokenizer: str = "", model_dtype: str = ""
+) -> LoadedModel:
+  """The model, tokenizer and metadata of any model source (see the module docstring).
+
+  `step` picks a training workdir's step (default: the newest complete one); `tokenizer`
+  overrides the source's default tokenizer; `model_dtype` (e.g. "bfloat16") the compute dtype.
+  """
+  if is_workdir(spec):
+    return _load_workdir(spec, step, tokenizer=tokenizer, model_dtype=model_dtype)
+  if step is not None:
+    raise ValueError(f"--checkpoint {spec!r}: a step applies to training workdirs only")
   if spec.startswith(RANDOM_PREFIX):
     parts = spec[len(RANDOM_PREFIX) :].split(":")
     if not parts[0] or len(parts) > 2:
@@ -92,14 +107,9 @@ def load_model(spec: str, *, tokenizer: str = "", model_dtype: str = "") -> Load
   return LoadedModel(model, tok, meta)
 
 
-def load_step(
-  workdir: str, step: int, *, tokenizer: str = "", model_dtype: str = ""
-) -> LoadedModel:
-  """One step of a training workdir via mamba2_jax.train.checkpoint.load_eval_model. Raises
-  its CheckpointError for a damaged step."""
-  from mamba2_jax.train import checkpoint as ckpt  # pylint: disable=g-import-not-at-top
-
-  model, meta = ckpt.load_eval_model(workdir, step)
+def _load_workdir(workdir: str, step, *, tokenizer: str, model_dtype: str) -> LoadedModel:
+  """One step of a training workdir; raises CheckpointError for a damaged step."""
+  model, meta = load_workdir_model(workdir, step)
   if model_dtype and model.config.dtype != model_dtype:
     model = _with_config(model, dtype=model_dtype)
   tok_identity = meta.get("tokenizer")
@@ -122,18 +132,44 @@ def load_step(
   meta.update(
     source=os.path.abspath(workdir),
     step=int(meta.get("step", step)),
-    train_len=train_len_of(meta.get("config") or {}),
+    train_len=train_len(meta.get("config") or {}),
   )
   return LoadedModel(model, tok, meta)
 
 
-def train_len_of(train_config: dict) -> int | None:
-  """T_train of a training config: seq_len x tbptt_segments (the state is passed across the
-  TBPTT segments, so the model is trained on contexts of that many tokens; docs/sweeps.md §5)."""
-  seq_len = train_config.get("seq_len")
-  if not seq_len:
-    return None
-  return int(seq_len) * int(train_config.get("tbptt_segments") or 1)
+def load_workdir_model(
+  workdir: str, step: int | None = None, *, shardings=None
+) -> tuple[Mamba2LM, dict[str, Any]]:
+  """The model of a training workdir at `step` (default: newest), parameters verified.
+
+  Returns (Mamba2LM, meta); meta has "step", "tokens_seen", "tokenizer" (identity dict),
+  "config" (the training config as a dict; "seq_len" is the training length), "model" and
+  "checksums". The parameters go onto `shardings` (a tree matching the model's parameters),
+  by default the first local device. Raises CheckpointError for a missing or damaged step.
+  """
+  steps = complete_steps(workdir)
+  if not steps:
+    raise CheckpointError(f"{workdir}: no complete checkpoint under {checkpoint_dir(workdir)}")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise CheckpointError(f"{workdir}: no complete checkpoint step {step} (have {steps})")
+  meta = read_meta(workdir, step)
+  config = Mamba2Config.from_dict(meta["model"])
+  graphdef, _, target = param_target(config, shardings)
+  if shardings is None:
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), target)
+  path = os.path.join(checkpoint_dir(workdir), str(step), "params")
+  try:
+    params = read_params(path, target)
+  except Exception as e:  # noqa: BLE001
+    raise CheckpointError(
+      f"checkpoint step {step}: params unreadable "
+      f"({type(e).__name__}: {str(e).splitlines()[0][:300]})"
+    ) from e
+  verify(params, meta.get("checksums", {}).get("params", {}), "params", step)
+  return nnx.merge(graphdef, params), meta
 
 
 def check_vocab(model, tok) -> None:
