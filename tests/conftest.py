@@ -30,8 +30,8 @@ AREAS = (
 )
 
 
-# Not in the quick run (`-m quick`, under 5 minutes on a 2-core machine): end-to-end processes,
-# the ahead-of-time compile checks and tests marked slow.
+# Not in the quick run (`-m quick`): end-to-end processes, the ahead-of-time compile checks and
+# tests marked slow.
 NOT_QUICK = ("slow", "e2e", "compile")
 
 
