@@ -137,12 +137,14 @@ def _kernel_kwargs(name: str, interpret) -> dict:
 
 
 def _shard_mesh(name: str):
-  """The mesh to run impl ``name`` per shard under, or None: a Pallas impl (which XLA cannot
-  partition) under a multi-device mesh context outside a shard_map (no manual axes)."""
+  """The mesh to run impl ``name`` per shard under, or None, under a multi-device mesh context
+  outside a shard_map (no manual axes): a Pallas impl (which XLA cannot partition), or any impl
+  when the mesh splits the sequence (a "context" axis of size > 1: the shards pass states)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if name in PALLAS_IMPLS and not mesh.empty and mesh.size > 1 and not mesh.manual_axes:
-    return mesh
-  return None
+  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+    return None
+  context = dict(zip(mesh.axis_names, mesh.axis_sizes)).get("context", 1) > 1
+  return mesh if (name in PALLAS_IMPLS or context) else None
 
 
 def resolve_impl(impl: str, *, window: int | None = None) -> str:

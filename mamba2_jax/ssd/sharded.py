@@ -3,10 +3,12 @@
 Mosaic (and Triton) kernels cannot be auto-partitioned by XLA's SPMD partitioner, so the
 SSD runs per shard inside ``jax.shard_map``:
 
-  x (b,L,H,P), dt (b,L,H)          -> batch over ``batch_axes``, heads over ``head_axis``
+  x (b,L,H,P), dt (b,L,H)          -> batch over ``batch_axes``, sequence over ``context_axis``
+                                      (contiguous slices in order; context.py passes the
+                                      state between them), heads over ``head_axis``
   A, dt_bias (H,), D (H,) / (H,P)  -> heads over ``head_axis``
   initial_state (b,H,P,N), y, final_state -> batch and heads
-  segment_ids (b,L)                -> batch
+  segment_ids (b,L)                -> batch and sequence
   B, C (b,L,G,N)                   -> groups over ``head_axis`` when G is divisible by its size
                                       (head h uses group h // (H/G), which stays local); otherwise
                                       replicated over ``head_axis`` and every shard gathers the
@@ -34,6 +36,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as PS
 
+from .context import context_ssd
+
 
 __all__ = ["sharded_ssd"]
 
@@ -42,13 +46,23 @@ def _axis_size(mesh, axes):
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def sharded_ssd(mesh, ssd, *, batch_axes=("data", "fsdp"), head_axis="tensor", **ssd_kwargs):
+def sharded_ssd(
+  mesh,
+  ssd,
+  *,
+  batch_axes=("data", "fsdp"),
+  head_axis="tensor",
+  context_axis="context",
+  **ssd_kwargs,
+):
   """Returns ``f(x, dt, A, B, C, *, D=None, dt_bias=None, initial_state=None,
   segment_ids=None)`` computing ``ssd`` (:func:`mamba2_jax.ssd.ssd`, passed in: the op calls
   this wrapper, so the wrapper does not import the op) with ``ssd_kwargs`` per shard.
 
-  Axes of ``batch_axes`` / ``head_axis`` missing from the mesh are ignored (treated as
-  size 1). Raises ValueError when the batch or the heads do not divide the axis sizes.
+  Axes of ``batch_axes`` / ``head_axis`` / ``context_axis`` missing from the mesh are ignored
+  (treated as size 1). With a ``context_axis`` of size > 1 the sequence is split over it in
+  order and the shards pass their states (:func:`mamba2_jax.ssd.context.context_ssd`).
+  Raises ValueError when the batch, the heads or the length do not divide the axis sizes.
   """
   names = tuple(mesh.axis_names)
   if isinstance(batch_axes, str):
@@ -58,6 +72,8 @@ def sharded_ssd(mesh, ssd, *, batch_axes=("data", "fsdp"), head_axis="tensor", *
   bspec = (baxes if len(baxes) > 1 else baxes[0]) if baxes else None
   nb = _axis_size(mesh, baxes)
   tp = mesh.shape[hax] if hax else 1
+  cax = context_axis if (context_axis in names and mesh.shape[context_axis] > 1) else None
+  cp = mesh.shape[cax] if cax else 1
   return_final = bool(ssd_kwargs.get("return_final_state", False))
 
   def f(x, dt, A, B, C, *, D=None, dt_bias=None, initial_state=None, segment_ids=None):
@@ -73,20 +89,25 @@ def sharded_ssd(mesh, ssd, *, batch_axes=("data", "fsdp"), head_axis="tensor", *
       )
     if G < 1 or H % G:
       raise ValueError(f"sharded_ssd: nheads ({H}) must be divisible by ngroups ({G})")
+    if L % cp:
+      raise ValueError(
+        f"sharded_ssd: sequence length {L} is not divisible by the size {cp} of context axis "
+        f"{cax!r}"
+      )
     Hl = H // tp
     R = H // G
     split_groups = G % tp == 0
     one_group = (not split_groups) and R % Hl == 0  # all of a shard's heads share a group
 
     spec = {
-      "x": PS(bspec, None, hax, None),
-      "dt": PS(bspec, None, hax),
+      "x": PS(bspec, cax, hax, None),
+      "dt": PS(bspec, cax, hax),
       "A": PS(hax),
-      "BC": PS(bspec, None, hax if split_groups else None, None),
+      "BC": PS(bspec, cax, hax if split_groups else None, None),
       "D": None if D is None else (PS(hax) if jnp.ndim(D) == 1 else PS(hax, None)),
       "dt_bias": PS(hax),
       "h0": PS(bspec, hax, None, None),
-      "seg": PS(bspec, None),
+      "seg": PS(bspec, cax),
     }
     args = {"x": x, "dt": dt, "A": A, "B": B, "C": C}
     specs = {"x": spec["x"], "dt": spec["dt"], "A": spec["A"], "B": spec["BC"], "C": spec["BC"]}
@@ -115,9 +136,11 @@ def sharded_ssd(mesh, ssd, *, batch_axes=("data", "fsdp"), head_axis="tensor", *
           Bl = jnp.take(Bl, idx, axis=2)
           Cl = jnp.take(Cl, idx, axis=2)
       xl, dtl, Al = kw.pop("x"), kw.pop("dt"), kw.pop("A")
+      if cax is not None:
+        return context_ssd(ssd, xl, dtl, Al, Bl, Cl, axis_name=cax, **kw, **ssd_kwargs)
       return ssd(xl, dtl, Al, Bl, Cl, **kw, **ssd_kwargs)
 
-    out_y = PS(bspec, None, hax, None)
+    out_y = PS(bspec, cax, hax, None)
     out_specs = (out_y, PS(bspec, hax, None, None)) if return_final else out_y
     fn = jax.shard_map(
       local,
