@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from mamba2_jax import Mamba2Config, Mamba2LM
-from mamba2_jax.loss import lm_head_nll, model_nll
+from mamba2_jax.loss import lm_head_nll, loss_passes, model_nll
 
 
 def _reference(h, w, targets, vocab_major, weights):
@@ -20,16 +20,17 @@ def _reference(h, w, targets, vocab_major, weights):
 
 @pytest.mark.parametrize("vocab_major", [True, False])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
-def test_matches_log_softmax(vocab_major, dtype, tol):
+@pytest.mark.parametrize("passes", [1, 4])
+def test_matches_log_softmax(vocab_major, dtype, tol, passes):
   k = jax.random.split(jax.random.key(0), 4)
-  b, L, d, V = 2, 37, 24, 80
+  b, L, d, V = 2, 36, 24, 80
   h = jax.random.normal(k[0], (b, L, d)).astype(dtype)
   w = jax.random.normal(k[1], (V, d) if vocab_major else (d, V)) * 0.5
   targets = jax.random.randint(k[2], (b, L), 0, V)
   weights = (jax.random.uniform(k[3], (b, L)) > 0.3).astype(jnp.float32)  # a loss mask
 
   def fused(h, w):
-    return jnp.sum(lm_head_nll(h, w, targets, vocab_major=vocab_major) * weights)
+    return jnp.sum(lm_head_nll(h, w, targets, vocab_major=vocab_major, passes=passes) * weights)
 
   want, (gh_want, gw_want) = jax.value_and_grad(
     lambda h, w: _reference(h, w, targets, vocab_major, weights), argnums=(0, 1)
@@ -43,6 +44,32 @@ def test_matches_log_softmax(vocab_major, dtype, tol):
   assert abs(float(got - want)) <= tol * abs(float(want))
   assert rel(gh, gh_want) <= tol
   assert rel(gw, gw_want) <= tol
+
+
+def test_passes_divide_the_logits_memory():
+  """Strided passes save only the log-sum-exp: the compiled gradient's temporaries shrink with
+  the pass count (64 MiB of float32 logits at 1 pass), and the value is unchanged."""
+  T, d, V = 4096, 32, 4096
+  k = jax.random.split(jax.random.key(0), 3)
+  h = jax.random.normal(k[0], (1, T, d))
+  w = jax.random.normal(k[1], (V, d)) * 0.1
+  targets = jax.random.randint(k[2], (1, T), 0, V)
+  temps, values = {}, {}
+  for passes in (1, 8):
+    f = jax.jit(jax.value_and_grad(lambda h, w: jnp.sum(lm_head_nll(h, w, targets, passes=passes))))
+    temps[passes] = f.lower(h, w).compile().memory_analysis().temp_size_in_bytes
+    values[passes] = float(f(h, w)[0])
+  assert temps[8] < temps[1] / 3, temps
+  assert abs(values[8] - values[1]) <= 1e-5 * abs(values[1])
+
+
+def test_loss_passes_choice_and_errors():
+  assert loss_passes((4, 2048), 1024) == 1  # 32 MiB of logits: one pass
+  assert loss_passes((1, 262144), 50288) == 32  # 53 GB -> 1.6 GB per pass
+  assert loss_passes((1, 12), 10**9) == 4  # L = 12 allows no more than 4
+  h, w, t = jnp.zeros((1, 10, 4)), jnp.zeros((8, 4)), jnp.zeros((1, 10), jnp.int32)
+  with pytest.raises(ValueError, match="passes=4 must be an int >= 1 dividing L"):
+    lm_head_nll(h, w, t, passes=4)
 
 
 @pytest.mark.parametrize("tie", [True, False])
