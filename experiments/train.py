@@ -8,7 +8,8 @@ the flags below or the environment (TPU VMs and SLURM are detected by JAX itself
   python -m experiments.train ... --coordinator_address=10.0.0.1:1234 --num_processes=2 \
       --process_id=0
 
-The run resumes from WORKDIR's newest good checkpoint; SIGTERM saves and exits 0; a non-finite
+The run resumes from WORKDIR's newest good checkpoint; SIGTERM or Ctrl-C (SIGINT) saves the
+current step and exits 0 (a second Ctrl-C aborts without saving, exit code 130); a non-finite
 loss stops it (exit code 3) with the last good checkpoint kept; WORKDIR/train_complete marks
 the end. Outputs: WORKDIR/{config.json, metrics.jsonl, tensorboard/, checkpoints/}.
 """
@@ -50,6 +51,9 @@ def main(argv):
   except TrainingDiverged as e:
     print(f"training stopped: {e}", file=sys.stderr)
     sys.exit(3)
+  except KeyboardInterrupt:
+    print("interrupted: the same command resumes from the newest checkpoint", file=sys.stderr)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import signal
 from typing import Any, Mapping
 
 import numpy as np
@@ -339,9 +340,17 @@ def make_train_dataset(
     ds = ds.mp_prefetch(
       grain.MultiprocessingOptions(
         num_workers=cfg.num_workers, per_worker_buffer_size=cfg.worker_buffer
-      )
+      ),
+      worker_init_fn=_ignore_sigint,
     )
   return ds
+
+
+def _ignore_sigint(worker_index: int, worker_count: int) -> None:
+  """Worker processes ignore Ctrl-C (a terminal sends SIGINT to the whole process group): the
+  trainer handles it, saving a checkpoint, and closes the workers itself."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_train_iterator(

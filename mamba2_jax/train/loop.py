@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -45,41 +46,58 @@ class TrainingDiverged(RuntimeError):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly at the next step."""
+  """SIGTERM or SIGINT (Ctrl-C) sets a flag; the loop saves a checkpoint at the current step
+  and exits cleanly. A second SIGINT aborts at once (KeyboardInterrupt), without saving."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handler)
+    self.requested: str | None = None  # the name of the first signal received
+    self._old = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
   def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    if not self.requested:
+      self.requested = signal.Signals(signum).name
+      msg = "saving a checkpoint at the current step, then exiting"
+      if signum == signal.SIGINT:
+        msg += " (Ctrl-C again aborts without saving)"
+      os.write(sys.stderr.fileno(), f"{self.requested}: {msg}\n".encode())  # reentrant-safe
 
   def agreed(self, ckpt: ckpt_lib.Checkpointer, step: int, sync: bool) -> bool:
-    """Whether every process should stop now (orbax's preemption notice or a SIGTERM)."""
+    """Whether every process should stop now (orbax's preemption notice or a signal)."""
     if ckpt.reached_preemption(step):
       return True
     if jax.process_count() == 1:
-      return self.requested
+      return bool(self.requested)
     if not sync:
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    flags = multihost_utils.process_allgather(np.int32(bool(self.requested)))
     return bool(np.any(flags))
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    for s, old in self._old.items():
+      signal.signal(s, old)
 
 
 def _check_workdir_config(workdir: str, cfg_json: dict, allow_change: bool) -> None:
-  """Refuses to resume a workdir whose saved config differs in fields that matter."""
+  """Refuses to resume a workdir whose saved config differs in fields that matter. A workdir
+  binds its config only once it holds a checkpoint: before that (e.g. after a failed first
+  start) a different config replaces config.json."""
   path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)
     diffs = resume_diff(saved, cfg_json)
-    if diffs and not allow_change:
+    if diffs and not workdir_lib.complete_steps(workdir):
+      if jax.process_index() == 0:
+        log.warning("%s holds no checkpoint: its config.json is replaced by this config", workdir)
+    elif diffs and not allow_change:
       raise ConfigError(
         f"workdir {workdir} holds a run with a different config: "
         + "; ".join(diffs[:12])
@@ -87,7 +105,7 @@ def _check_workdir_config(workdir: str, cfg_json: dict, allow_change: bool) -> N
         + ". Use a new --workdir, or pass "
         "--config.allow_config_change=True to resume it with the new config."
       )
-    if diffs:
+    elif diffs:
       log.warning("resuming %s with a changed config: %s", workdir, "; ".join(diffs))
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -309,6 +327,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     peak_flops=peak_flops(),
     tokens_per_step=tokens_per_step,
     total_steps=config.total_steps,
+    start_step=start,
   )
   profiler = Profiler(workdir, config.profile_start, config.profile_steps)
   preempt = _Preemption()
@@ -346,7 +365,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logger.write_eval(step, {"eval/loss": total / max(count, 1.0)})
 
   # 6. The loop.
-  last = {}
+  last, stopped_at = {}, None
   try:
     for step in range(start + 1, config.total_steps + 1):
       profiler.step(step)
@@ -373,12 +392,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if config.eval_every and step % config.eval_every == 0:
         evaluate(step, state["params"])
       if stop:
-        log.warning("preemption requested: saved step %d, exiting", step)
+        stopped_at = step
         break
     last = logger.flush() or last
     if last:
       _require_finite(last, last["step"], ckpt)
     ckpt.wait()
+    if stopped_at is not None:
+      log.warning(
+        "%s: saved step %d in %s; the same command resumes the run",
+        preempt.requested or "preemption notice",
+        stopped_at,
+        ckpt.directory,
+      )
     if (
       not preempt.requested
       and int(state["step"]) >= config.total_steps

@@ -3,6 +3,11 @@
 Metrics of step N are device arrays; `MetricsLogger.push(step, metrics)` keeps them and
 materialises the previous step's, so reading them never stalls the device (the step N+1 is
 already dispatched when step N's values are fetched). Only process 0 writes.
+
+A run resumed from step S never writes a step twice: `truncate_metrics` drops the rows of
+metrics.jsonl past S (written after the checkpoint, before a crash), and the TensorBoard
+writer starts a new event file with `purge_step=S + 1`, whose SessionLog.START tells
+TensorBoard to discard the older events of steps > S.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ import jax
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsLogger", "Profiler", "peak_flops"]
+__all__ = ["METRICS_FILE", "MetricsLogger", "Profiler", "peak_flops", "truncate_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
 
 # Dense bf16 peak FLOP/s per chip (datasheets), by jax device_kind prefix.
 _PEAK = {
@@ -58,8 +65,33 @@ def peak_flops() -> float:
   return 2 * 2048**3 / min(ts)
 
 
+def truncate_metrics(path: str, last_step: int) -> int:
+  """Rewrites the JSONL file `path` (atomically) without its rows of steps > `last_step` and
+  any unreadable (torn) lines; returns how many rows were dropped (0: the file is unchanged)."""
+  if not os.path.exists(path):
+    return 0
+  keep, dropped = [], 0
+  with open(path) as f:
+    for line in f:
+      try:
+        step = json.loads(line).get("step", 0)
+      except (ValueError, AttributeError):
+        step = None
+      if step is None or step > last_step:
+        dropped += 1
+      else:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    with open(path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(path + ".tmp", path)
+  return dropped
+
+
 class MetricsLogger:
-  """One-step-late metrics: progress line every `log_every` steps, JSONL + TensorBoard."""
+  """One-step-late metrics: progress line every `log_every` steps, JSONL + TensorBoard.
+  `start_step`: the step the run starts after (the restored step, 0 for a fresh run); what
+  the workdir holds past it is dropped."""
 
   def __init__(
     self,
@@ -70,6 +102,7 @@ class MetricsLogger:
     peak_flops: float,
     tokens_per_step: int,
     total_steps: int,
+    start_step: int = 0,
     enabled: bool | None = None,
   ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -83,11 +116,19 @@ class MetricsLogger:
     self.tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      path = os.path.join(workdir, METRICS_FILE)
+      dropped = truncate_metrics(path, start_step)
+      if dropped:
+        log.info(
+          "%s: dropped %d rows past step %d (replayed from there)", path, dropped, start_step
+        )
+      self.jsonl = open(path, "a")
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
 
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        # a new event file starting with SessionLog.START at start_step + 1: TensorBoard
+        # discards the events of steps >= start_step + 1 from the older files
+        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
       except ImportError:  # optional: JSONL still has everything
         log.warning("tensorboardX is not installed: no TensorBoard event files")
 

@@ -1,5 +1,7 @@
-"""The training binary as real processes: SIGKILL + restart replays the exact losses, SIGTERM
-saves and exits 0, and two processes joined by jax.distributed (127.0.0.1) train like one.
+"""The training binary as real processes: SIGKILL + restart replays the exact losses (and
+metrics.jsonl holds each step once), Ctrl-C (SIGINT to the process group) and SIGTERM save the
+current step and exit 0 quietly, and two processes joined by jax.distributed (127.0.0.1) train
+like one.
 
 Each run is `python -m experiments.train` with the tiny config shrunk further (seq 32, batch 4,
 d_model 32) and a constant learning rate, so `total_steps` can change between a killed run and
@@ -40,9 +42,16 @@ def _env(devices=1):
 
 
 def _start(workdir, *extra, devices=1):
+  """The run in a new session (process group), as a shell runs a foreground job."""
   cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *ARGS, *extra]
   return subprocess.Popen(
-    cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    cmd,
+    cwd=ROOT,
+    env=_env(devices),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
   )
 
 
@@ -53,14 +62,24 @@ def _run(workdir, *extra, devices=1, timeout=300):
   return out
 
 
+def _train_steps(workdir):
+  """The steps of metrics.jsonl's training rows, in file order."""
+  with open(Path(workdir) / "metrics.jsonl") as f:
+    return [rec["step"] for rec in map(json.loads, f) if "loss" in rec]
+
+
 def _losses(workdir):
-  """{step: loss} with the last value written for each step (a resumed run rewrites some)."""
+  """{step: loss} of metrics.jsonl's training rows."""
   out = {}
   for line in open(Path(workdir) / "metrics.jsonl"):
     rec = json.loads(line)
     if "loss" in rec:
       out[rec["step"]] = rec["loss"]
   return out
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(s) for s in os.listdir(Path(workdir) / "checkpoints") if s.isdigit())
 
 
 def _wait_for(pred, proc, timeout=240):
@@ -92,24 +111,43 @@ def test_sigkill_then_resume_replays_identical_losses(tmp_path):
   _run(run, "--config.total_steps=16")
   assert json.load(open(run / "train_complete"))["step"] == 16
   want, got = _losses(ref), _losses(run)
-  assert sorted(got) == list(range(1, 17)) and killed_at < 16
+  # the rows of the replayed steps 9..killed_at were dropped on resume, then written once
+  assert _train_steps(run) == list(range(1, 17)) and killed_at < 16
   assert got == want  # bit-identical: same batches, same state after resume
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_ctrl_c_and_sigterm_save_the_current_step_and_exit_quietly(tmp_path):
+  """Ctrl-C (SIGINT to the process group), then the same command resumes and gets a SIGTERM:
+  each saves the step it was at (off the 1000-step interval), exits 0 without a traceback, and
+  metrics.jsonl holds every step once."""
   run = tmp_path / "run"
-  p = _start(run, "--config.total_steps=100000", "--config.checkpoint_every=1000")
-  _wait_for(lambda: _steps_logged(run) >= 5, p)
+  # a data worker process too: Ctrl-C reaches it as well (it must stay quiet)
+  args = (
+    "--config.total_steps=100000",
+    "--config.checkpoint_every=1000",
+    "--config.data.num_workers=1",
+  )
+  p = _start(run, *args)
+  _wait_for(lambda: _steps_logged(run) >= 3, p)
+  os.killpg(p.pid, signal.SIGINT)
+  _, err = p.communicate(timeout=120)
+  assert p.returncode == 0, err[-3000:]
+  assert "Traceback" not in err and len(err.splitlines()) <= 12, err
+  assert "SIGINT" in err and "Ctrl-C again" in err
+  first = _checkpoint_steps(run)
+  assert len(first) == 1 and first[0] == _steps_logged(run) >= 3
+  assert not (run / "train_complete").exists()
+
+  p = _start(run, *args)  # resumes after the saved step
+  _wait_for(lambda: _steps_logged(run) >= first[0] + 2, p)
   p.send_signal(signal.SIGTERM)
   _, err = p.communicate(timeout=120)
   assert p.returncode == 0, err[-3000:]
-  steps = sorted(int(s) for s in os.listdir(run / "checkpoints") if s.isdigit())
-  assert len(steps) == 1 and steps[0] >= 5  # off the 1000-step interval: the preemption save
+  assert "Traceback" not in err, err
+  steps = _checkpoint_steps(run)
+  assert steps[0] == first[0] and len(steps) == 2 and steps[1] == _steps_logged(run)
+  assert _train_steps(run) == list(range(1, steps[1] + 1))
   assert not (run / "train_complete").exists()
-  # the continuation starts after the saved step
-  _run(run, f"--config.total_steps={steps[0] + 2}", "--config.checkpoint_every=1000")
-  got = _losses(run)
-  assert max(got) == steps[0] + 2
 
 
 def _free_port():

@@ -208,8 +208,16 @@ def test_config_errors_name_the_field(field, value, match):
     validate(tiny_config(**{field: value}), num_devices=8)
 
 
-def test_incompatible_workdir_refuses_to_resume(tmp_path):
+def test_incompatible_workdir_refuses_to_resume(tmp_path, caplog):
+  # a first start that fails before any checkpoint (vocab below the byte tokenizer's) leaves
+  # config.json, which binds nothing: the corrected command starts, replacing it
+  with pytest.raises(ConfigError, match="model.vocab_size"):
+    train_and_evaluate(tiny_config(**{"model.vocab_size": 100}), str(tmp_path))
+  assert json.load(open(tmp_path / "config.json"))["model"]["vocab_size"] == 100
   train_and_evaluate(tiny_config(total_steps=2), str(tmp_path))
+  assert "holds no checkpoint: its config.json is replaced" in caplog.text
+  assert json.load(open(tmp_path / "config.json"))["model"]["vocab_size"] == 259
+  # with a checkpoint the workdir is bound to its config
   with pytest.raises(
     ConfigError, match=r"different config: seq_len: 32 -> 64.*allow_config_change"
   ):
