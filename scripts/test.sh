@@ -24,6 +24,9 @@ for f in $(find tests -name "test_*.py" | sort); do
 done
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# One XLA compilation cache for the run's modules and the binaries they start (tests/paths.py):
+# what several tests compile alike compiles once.
+export MAMBA2_JAX_TEST_XLA_CACHE=$tmp/xla-cache
 
 run_one() {
   local f=$1 log start rc=0

@@ -14,6 +14,12 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+from tests.paths import CACHE_MIN_SECONDS, XLA_CACHE  # noqa: E402
+
+if XLA_CACHE:  # one compilation cache per scripts/test.sh run (tests/paths.py)
+  jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(CACHE_MIN_SECONDS))
+
 AREAS = (
   "ssd",
   "kernels",

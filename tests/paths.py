@@ -1,6 +1,30 @@
-"""Paths the tests share: the repository root and the committed fixtures."""
+"""Paths the tests share (the repository root, the committed fixtures) and the environment of
+the subprocesses they start."""
 
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
+
+# scripts/test.sh points every module of one run at one XLA compilation cache (a fresh folder
+# per run, deleted at its end), so the programs that several tests and subprocesses compile
+# alike (the tiny models' train steps, a resumed run's step) compile once per run.
+XLA_CACHE = os.environ.get("MAMBA2_JAX_TEST_XLA_CACHE")
+CACHE_MIN_SECONDS = "0.3"
+
+
+def cpu_env(devices: int | None = None) -> dict:
+  """The environment of a binary run by a test: the caller's, without its XLA_/JAX_ settings,
+  on the CPU (with `devices` simulated devices), importing this checkout, sharing the run's
+  compilation cache."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+  env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  if devices is not None:
+    env["JAX_NUM_CPU_DEVICES"] = str(devices)
+  if XLA_CACHE:
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=XLA_CACHE,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=CACHE_MIN_SECONDS,
+    )
+  return env

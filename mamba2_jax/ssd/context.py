@@ -27,7 +27,6 @@ positions across the shard edge, not a summary) and ``state_hook``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 

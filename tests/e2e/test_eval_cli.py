@@ -19,7 +19,7 @@ from mamba2_jax.checkpoints import workdir as workdir_lib
 from mamba2_jax.checkpoints.load import check_vocab, load_model
 from mamba2_jax.eval import jobs
 from mamba2_jax.mitigations import spec as mitigation_spec
-from tests.paths import ROOT
+from tests.paths import ROOT, cpu_env
 
 SMALL = {
   "ppl_by_position": dict(max_len=300, chunk_len=64, bucket_size=32),
@@ -55,7 +55,7 @@ def test_cli_end_to_end_random_tiny(tmp_path):
     "--config.train_len=128",
     "--config.progress=False",
   ]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env = cpu_env()
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((out / "results.json").read_text())

@@ -8,15 +8,13 @@ passkey, T_forget / T_recall) each run 2 points; a second invocation skips the f
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from tests.paths import ROOT
+from tests.paths import ROOT, cpu_env
 
 
 def _run(*args, timeout=600):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-  env.update(PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  env = cpu_env()
   p = subprocess.run(
     [sys.executable, "-m", *args],
     cwd=ROOT,

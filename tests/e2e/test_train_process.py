@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.paths import ROOT
+from tests.paths import ROOT, cpu_env
 
 ARGS = [
   "--config=configs/train.py:tiny",
@@ -35,19 +35,13 @@ ARGS = [
 ]
 
 
-def _env(devices=1):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-  env.update(PYTHONPATH=str(ROOT), JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
-  return env
-
-
 def _start(workdir, *extra, devices=1):
   """The run in a new session (process group), as a shell runs a foreground job."""
   cmd = [sys.executable, "-m", "experiments.train", f"--workdir={workdir}", *ARGS, *extra]
   return subprocess.Popen(
     cmd,
     cwd=ROOT,
-    env=_env(devices),
+    env=cpu_env(devices),
     stdout=subprocess.PIPE,
     stderr=subprocess.PIPE,
     text=True,

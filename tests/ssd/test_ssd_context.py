@@ -88,9 +88,11 @@ CASES = [
 @pytest.mark.parametrize(
   "case",
   CASES,
-  ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}-L{c[2][1]}-Q{c[3]}"
-  + ("-strong" if c[4] else "")
-  + ("-seg" if c[5] else ""),
+  ids=lambda c: (
+    f"{'x'.join(map(str, c[0]))}-{c[1]}-L{c[2][1]}-Q{c[3]}"
+    + ("-strong" if c[4] else "")
+    + ("-seg" if c[5] else "")
+  ),
 )
 def test_context_sharded_matches_float64_reference(case):
   mesh_shape, impl, (b, L, H, P, G, N), chunk, strong, segments = case
