@@ -2,8 +2,11 @@ r"""Default configs of the evaluation tasks (ml_collections), and their one home
 
   python -m experiments.evaluate --checkpoint=random:tiny --out=/tmp/ev \
       --config=configs/evaluate.py:passkey --config.lengths="(512,1024)" --config.num_samples=10
+  python -m experiments.evaluate --checkpoint=runs/demo/runs/seq_len-64/train --out=/tmp/copy \
+      --config=configs/evaluate.py:copy_task --config.max_len=4096
 
-Tasks: ppl_by_position, passkey, state_stats, forgetting_curve, copy_task (the library's
+Tasks: ppl_by_position, passkey, state_stats, forgetting_curve, copy_task (the synthetic copy
+task, for models trained on synthetic:copy data; the library's
 `mamba2_jax.eval.TASKS`; it checks a config with `mamba2_jax.eval.tasks.check_task_config` and
 never imports this file: experiments.evaluate and experiments.sweep load it and pass the configs
 down). Sentinels: 0 / -1 / "" / () mean "derive it" as documented per field.
@@ -61,10 +64,15 @@ def ppl_by_position() -> ml_collections.ConfigDict:
   c.chunk_len = 8192
   c.num_prompts = 128  # prompts averaged (prompt=docs only)  [§2.4]
   c.batch_size = 8
-  c.bucket_size = 512  # positions per bucket  [§2.3 arguments.py]
+  # positions per bucket; 0 = from T_train: the largest power of two <= T_train / 4, at most
+  # 512 [§2.3 arguments.py] (512 without T_train), so >= 2 buckets lie within T_train
+  c.bucket_size = 0
   c.drop_first_bucket = True  # [§2.3]
   c.drop_last_bucket = True
-  c.forget_factor = 2.0  # FAIL if a bucket loss > factor * max loss within T_train  [§2.4]
+  # FAIL if a bucket loss > factor * max loss within T_train  [§2.4]; "not learned" (no
+  # verdict) if the mean loss within T_train is not clearly below ln(vocab_size)
+  # (mamba2_jax.eval.criteria.LEARNED_MARGIN)
+  c.forget_factor = 2.0
   c.log_x = False
   c.ppl_ymax = 60.0  # y-limit of the perplexity plot (0 = auto)  [§2.3]
   c.loss_ymax = 0.0  # 0 = auto
@@ -135,8 +143,10 @@ def copy_task() -> ml_collections.ConfigDict:
   c.max_len = 8192  # stream length in tokens (BOS + pairs)
   c.num_prompts = 8  # fresh streams averaged
   c.batch_size = 8
-  c.bucket_size = 64  # positions per bucket (one pair for span 32)
-  c.forget_factor = 2.0  # FAIL if a bucket's copied-half loss > factor x max within T_train
+  c.bucket_size = 64  # positions per bucket (one pair for span 32); 0 = from T_train
+  # FAIL if a bucket's copied-half loss > factor x max within T_train; "not learned" (no
+  # verdict) if it is not clearly below chance ln(vocab - 2) within T_train
+  c.forget_factor = 2.0
   return c
 
 

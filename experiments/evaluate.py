@@ -1,4 +1,4 @@
-r"""Evaluation binary: ppl_by_position | passkey | state_stats | forgetting_curve.
+r"""Evaluation binary: ppl_by_position | passkey | state_stats | forgetting_curve | copy_task.
 
   python -m experiments.evaluate --task=ppl_by_position --checkpoint=random:tiny --out=/tmp/ev
   python -m experiments.evaluate --checkpoint=ckpts/mamba2-370m --out=out/pk \
@@ -8,8 +8,10 @@ r"""Evaluation binary: ppl_by_position | passkey | state_stats | forgetting_curv
 
 --checkpoint: random:<preset>[:seed] | an official/HF/converted checkpoint dir | a training
 workdir (then --mode=latest|all|watch; results go to OUT/step_<N>/, metrics to
-OUT/metrics.jsonl, the ledger to OUT/evaluated_steps.json). Config overrides (--config.x=y) need
---config=configs/evaluate.py:<task>; without --config the task's defaults are used.
+OUT/metrics.jsonl, the ledger to OUT/evaluated_steps.json). An --out holds the results of one
+set of settings (config, checkpoint, tokenizer): other settings fail, naming the differences,
+unless --overwrite. Config overrides (--config.x=y) need --config=configs/evaluate.py:<task>;
+without --config the task's defaults are used.
 """
 
 import logging
@@ -42,6 +44,9 @@ MAX_ATTEMPTS = flags.DEFINE_integer(
   "max_attempts", 3, "watch/all: load attempts of a damaged step once training is complete"
 )
 TIMEOUT = flags.DEFINE_float("timeout_s", 0.0, "watch: stop after this long (0 = never)")
+OVERWRITE = flags.DEFINE_bool(
+  "overwrite", False, "if --out holds results of other settings: move them to OUT/superseded/"
+)
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/evaluate.py:<task>")
 
 
@@ -68,6 +73,7 @@ def main(argv):
     poll_interval_s=POLL.value,
     max_attempts=MAX_ATTEMPTS.value,
     timeout_s=TIMEOUT.value,
+    overwrite=OVERWRITE.value,
   )
   for line in lines:
     print({k: v for k, v in line.items() if v is not None})

@@ -5,7 +5,7 @@ returns the results dict:
 
     from configs.evaluate import get_config     # the default task configs
     from mamba2_jax.eval import run_ppl_by_position, run_passkey, run_state_stats
-    from mamba2_jax.eval import run_forgetting_curve
+    from mamba2_jax.eval import run_forgetting_curve, run_copy_task
     res = run_ppl_by_position(model, tokenizer, get_config("ppl_by_position"), "out/ppl",
                               train_len=8192)
 

@@ -6,7 +6,9 @@ the copied halves are predictable from the context, so the loss and the argmax a
 measured on them (chance loss ln(vocab - 2)). A model that never had to forget during training
 (one pair per training sequence) copies inside T_train and fails right after it; one trained on
 several pairs per sequence keeps copying. Per bucket of positions: the mean copied-half loss
-and accuracy over prompts; the paper's forgetting test (§2.4) on the copied-half loss curve.
+and accuracy over prompts; the paper's forgetting test (§2.4) on the copied-half loss curve,
+whose verdict is "not learned" when the copied-half loss within T_train is not clearly below
+chance (`criteria.is_learned`). bucket_size 0 derives it from T_train.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def run_copy_task(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict:
   out.mkdir(parents=True, exist_ok=True)
   train_len = resolve_train_len(train_len, cfg)
   vocab = int(cfg.vocab or tok.vocab_size)
+  bucket = criteria.resolve_bucket_size(cfg.bucket_size, train_len)
   t0 = time.perf_counter()
   loss_s, corr_s, cnt_s = copied_half_scores(
     model,
@@ -84,23 +87,26 @@ def run_copy_task(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict:
     int(cfg.batch_size),
     int(cfg.chunk_len),
     int(cfg.seed),
-    int(cfg.bucket_size),
+    bucket,
     cfg.progress,
   )
   seconds = time.perf_counter() - t0
-  n = loss_s.size * int(cfg.bucket_size)
-  start, end = criteria.bucket_edges(n, int(cfg.bucket_size))
+  n = loss_s.size * bucket
+  start, end = criteria.bucket_edges(n, bucket)
   start, end = start[: loss_s.size], end[: loss_s.size]
   has = cnt_s > 0
   loss = np.where(has, loss_s / np.maximum(cnt_s, 1), np.nan)
   acc = np.where(has, corr_s / np.maximum(cnt_s, 1), np.nan)
   b = criteria.Buckets(start[has], end[has], loss[has])
-  test = criteria.forgetting_test(b, train_len, cfg.forget_factor)
+  chance = math.log(vocab - 2)
+  test = criteria.forgetting_test(b, train_len, cfg.forget_factor, chance)
+  criteria.advise_bucket_size(test, bucket, False)
   within = b.end <= train_len if train_len else np.zeros(b.start.size, bool)
   a = acc[has]
-  chance = math.log(vocab - 2)
   summary = {
+    "forget_verdict": test["verdict"],
     "forget_test_passed": test["passed"],
+    "learned": test["learned"],
     "first_fail_position": test["first_fail_position"],
     "chance_loss": chance,
     "copy_loss_within_train": float(np.mean(b.mean[within])) if within.any() else None,
@@ -114,6 +120,7 @@ def run_copy_task(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict:
     "task": "copy_task",
     "config": cfg,
     "train_len": train_len,
+    "bucket_size": bucket,
     "vocab": vocab,
     "seconds": seconds,
     "summary": summary,
@@ -127,7 +134,7 @@ def run_copy_task(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict:
     summary["copy_loss_within_train"],
     summary["copy_loss_beyond_train"],
     chance,
-    {True: "PASS", False: "FAIL", None: "n/a"}[test["passed"]],
+    criteria.describe(test),
   )
   return results
 

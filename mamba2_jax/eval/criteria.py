@@ -1,5 +1,14 @@
 """Pure-numpy criteria of the tasks: position bucketing, the forgetting test (docs/evaluation.md
-§2.4) and "largest length that passes" (T_recall, memory lengths) under non-monotone curves.
+§2.4), whether a model learned the task at all, and "largest length that passes" (T_recall,
+memory lengths) under non-monotone curves.
+
+"Learned" (the one definition, used by ppl_by_position, copy_task, the sweep report and the
+T_forget fits): the mean loss within T_train is clearly below chance, i.e. at most
+(1 - LEARNED_MARGIN) x chance. Chance is the loss of a uniform prediction over the values the
+scored tokens take: ln(vocab - 2) for the copied halves of the copy task, ln(vocab_size) for
+ppl_by_position (an untrained model scores about that; natural text has no better-defined
+chance level, and a prompt's unigram entropy is 0 for the newlines prompt). A run that did not
+learn has no forgetting verdict: its test says "not learned" (passed None), never a pass.
 """
 
 from __future__ import annotations
@@ -9,6 +18,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 RULES = ("prefix", "any")
+LEARNED_MARGIN = 0.1  # learned iff mean loss within T_train <= (1 - LEARNED_MARGIN) x chance
+DEFAULT_BUCKET_CAP = 512  # the paper's bucket size [§2.3 arguments.py]
+VERDICTS = ("pass", "fail", "not learned", "n/a")
 
 
 class Buckets(NamedTuple):
@@ -21,6 +33,33 @@ class Buckets(NamedTuple):
   @property
   def center(self) -> np.ndarray:
     return (self.start + self.end) / 2.0
+
+
+def default_bucket_size(train_len: int | None, cap: int = DEFAULT_BUCKET_CAP) -> int:
+  """The bucket size when none is set: the largest power of two <= T_train / 4, at most `cap`
+  (`cap` without T_train). With the first bucket dropped that leaves >= 3 buckets within T."""
+  if not train_len:
+    return int(cap)
+  return min(int(cap), 1 << max(0, (int(train_len) // 4).bit_length() - 1))
+
+
+def resolve_bucket_size(bucket_size: int, train_len: int | None) -> int:
+  """`bucket_size` when > 0, else `default_bucket_size(train_len)`."""
+  return (
+    int(bucket_size) if bucket_size and int(bucket_size) > 0 else default_bucket_size(train_len)
+  )
+
+
+def learned_threshold(chance: float, margin: float = LEARNED_MARGIN) -> float:
+  return (1.0 - margin) * float(chance)
+
+
+def is_learned(loss_within, chance, margin: float = LEARNED_MARGIN) -> bool | None:
+  """True iff the loss within T_train is clearly below chance (see the module docstring); None
+  when either is unknown. A NaN loss has not learned."""
+  if loss_within is None or chance is None:
+    return None
+  return bool(float(loss_within) <= learned_threshold(chance, margin))
 
 
 def bucket_edges(n: int, bucket_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,14 +108,19 @@ def add_to_buckets(sums: np.ndarray, start: int, values: np.ndarray, bucket_size
   sums[:, idx[firsts]] += np.add.reduceat(values, firsts, axis=1)
 
 
-def forgetting_test(buckets: Buckets, train_len: int | None, factor: float = 2.0) -> dict:
+def forgetting_test(
+  buckets: Buckets, train_len: int | None, factor: float = 2.0, chance: float | None = None
+) -> dict:
   """The paper's "has it learned to forget" test on a bucketed mean loss curve (1-D `mean`).
 
   Reference = the maximum bucket loss over buckets lying entirely within the first `train_len`
   positions (end <= train_len). FAIL iff the loss of any bucket exceeds factor * reference (a
-  NaN/inf loss counts as exceeding). Returns passed (bool, or None when undetermined: no
-  train_len or no bucket within it), reference, threshold, first_fail_position (start of the
-  first failing bucket, None if passed) and the number of reference buckets.
+  NaN/inf loss counts as exceeding). With `chance` (the chance loss) the test first asks whether
+  the model learned at all (`is_learned` on the mean loss of those buckets): if not, the verdict
+  is "not learned" and passed is None. Returns verdict (one of VERDICTS), passed (bool, or None:
+  not learned, no train_len, no bucket within it), learned (None without `chance`), reason
+  (when passed is None), reference, threshold, first_fail_position (start of the first failing
+  bucket, None if passed or undetermined), the number of reference buckets and their mean loss.
   """
   loss = np.asarray(buckets.mean, np.float64)
   if loss.ndim != 1:
@@ -84,11 +128,16 @@ def forgetting_test(buckets: Buckets, train_len: int | None, factor: float = 2.0
   out = {
     "factor": float(factor),
     "train_len": train_len,
+    "verdict": "n/a",
     "passed": None,
+    "learned": None,
+    "chance_loss": None if chance is None else float(chance),
+    "learned_threshold": None if chance is None else learned_threshold(chance),
     "reference_loss": None,
     "threshold": None,
     "first_fail_position": None,
     "num_reference_buckets": 0,
+    "loss_within_train": None,
     "max_loss": float(np.nanmax(loss)) if loss.size and np.isfinite(loss).any() else None,
   }
   if train_len is None:
@@ -98,17 +147,60 @@ def forgetting_test(buckets: Buckets, train_len: int | None, factor: float = 2.0
   out["num_reference_buckets"] = int(ref.sum())
   if not ref.any():
     out["reason"] = (
-      f"no bucket lies within the first {train_len} positions (bucket size or "
-      "dropped first bucket too large)"
+      f"no bucket within T={train_len} (the bucket size, or the dropped first bucket, is too large)"
+    )
+    return out
+  within = float(np.mean(loss[ref]))
+  out["loss_within_train"] = within
+  out["learned"] = is_learned(within, chance)
+  if out["learned"] is False:
+    out.update(
+      verdict="not learned",
+      reason=(
+        f"the mean loss within T={train_len} is {within:.3g}, not clearly below chance "
+        f"{chance:.3g} (learned: <= {out['learned_threshold']:.3g} = "
+        f"{1 - LEARNED_MARGIN:g} x chance)"
+      ),
     )
     return out
   reference = float(np.max(loss[ref]))
   threshold = factor * reference
   bad = ~(loss <= threshold)  # NaN fails
   out.update(reference_loss=reference, threshold=threshold, passed=not bad.any())
+  out["verdict"] = "pass" if out["passed"] else "fail"
   if bad.any():
     out["first_fail_position"] = int(buckets.start[np.argmax(bad)])
   return out
+
+
+def advise_bucket_size(test: dict, bucket_size: int, drop_first: bool) -> dict:
+  """If `test` is undetermined for want of a bucket within T_train, its reason says which
+  bucket_size to set. Returns `test`."""
+  T = test.get("train_len")
+  if test.get("verdict") == "n/a" and T and not test.get("num_reference_buckets"):
+    test["reason"] = (
+      f"no bucket within T={T} (bucket_size {bucket_size}"
+      + (", the first bucket dropped" if drop_first else "")
+      + f"); set --config.bucket_size={default_bucket_size(T)} (or 0: derived from T)"
+    )
+  return test
+
+
+def describe(test: dict) -> str:
+  """One console line for a `forgetting_test` result: "PASS ...", "FAIL at ...", "not learned:
+  ...", "n/a: <why>"."""
+  v, T = test.get("verdict"), test.get("train_len")
+  if v == "pass":
+    return (
+      f"PASS (every bucket <= {test['factor']:g} x {test['reference_loss']:.3g}, the max loss "
+      f"within T={T})"
+    )
+  if v == "fail":
+    return (
+      f"FAIL at position {test['first_fail_position']} (loss > {test['factor']:g} x "
+      f"{test['reference_loss']:.3g}, the max loss within T={T})"
+    )
+  return f"{v}: {test.get('reason', 'undetermined')}"
 
 
 def largest_passing(lengths: Sequence[float], ok: Sequence[bool], rule: str = "prefix"):

@@ -4,10 +4,14 @@ Built on `mamba2_jax.checkpoints` (load_model, and the workdir's complete_steps,
 is_train_complete, CheckpointError). Output layout for a workdir:
   OUT/step_<N>/             the task's results.json + PNGs (+ task files) for step N
   OUT/metrics.jsonl         one line per evaluation {"step", "task", "tokens_seen", ...summary}
-  OUT/evaluated_steps.json  the ledger {"task", "evaluated": {N: {...}}, "failed": {N: {...}}}
-A non-workdir source (random:..., a pretrained dir) is evaluated once into OUT itself.
+  OUT/evaluated_steps.json  the ledger {"task", "settings_key", "settings", "evaluated": {N: {...}},
+                            "failed": {N: {...}}} (mamba2_jax.eval.ledger)
+A non-workdir source (random:..., a pretrained dir) is evaluated into OUT itself, every time.
 
-The ledger makes every mode idempotent across restarts: a step in "evaluated" is never redone.
+An OUT holds the results of one set of settings (task config, model source, tokenizer; see
+mamba2_jax.eval.ledger): other settings raise SettingsMismatch naming the differences, unless
+`overwrite` moves the earlier results aside. The ledger makes every mode idempotent across
+restarts: a step in "evaluated" (with these settings) is never redone.
 A step that fails to load (CheckpointError, a missing/partial file) is logged in "failed" and
 retried at the next poll; once training is complete, a step with >= `max_attempts` failures is
 given up (logged), so `watch` ends.
@@ -26,24 +30,30 @@ from typing import Callable
 from mamba2_jax.checkpoints.load import RANDOM_PREFIX, LoadedModel, is_workdir, load_model
 from mamba2_jax.checkpoints.workdir import CheckpointError, complete_steps, is_train_complete
 from mamba2_jax.eval import get_task_runner, io
+from mamba2_jax.eval.ledger import LEDGER, METRICS, Ledger, SettingsMismatch, result_settings
+from mamba2_jax.eval.ledger import settings_key
 from mamba2_jax.mitigations.spec import apply_mitigation
 
+__all__ = ["MODES", "LEDGER", "METRICS", "Ledger", "SettingsMismatch", "evaluate_source"]
 log = logging.getLogger(__name__)
 
 MODES = ("latest", "all", "watch")
-LEDGER = "evaluated_steps.json"
-METRICS = "metrics.jsonl"
 _RETRYABLE = (CheckpointError, FileNotFoundError, OSError)  # a step still being written, damaged
 
 
-def evaluate_model(loaded: LoadedModel, task: str, cfg, out_dir) -> dict:
-  """Applies cfg.mitigation and runs the task; T_train = cfg.train_len or the checkpoint's."""
+def evaluate_model(
+  loaded: LoadedModel, task: str, cfg, out_dir, settings: dict | None = None
+) -> dict:
+  """Applies cfg.mitigation and runs the task; T_train = cfg.train_len or the checkpoint's.
+  `settings` (ledger.result_settings) and its key are recorded in results.json."""
   train_len = cfg.train_len or loaded.meta.get("train_len") or None
   model = apply_mitigation(
     loaded.model, cfg.mitigation, tokenizer=loaded.tokenizer, train_len=train_len
   )
   results = get_task_runner(task)(model, loaded.tokenizer, cfg, out_dir, train_len=train_len)
   results["checkpoint"] = loaded.meta
+  if settings is not None:
+    results.update(settings_key=settings_key(settings), settings=settings)
   io.write_json(Path(out_dir) / "results.json", results)
   return results
 
@@ -54,42 +64,11 @@ def log_metrics(out: Path, task: str, meta: dict, results: dict) -> dict:
     "task": task,
     "tokens_seen": meta.get("tokens_seen"),
     "mitigation": results.get("config", {}).get("mitigation", "") or None,
+    "settings_key": results.get("settings_key"),
     **results.get("summary", {}),
   }
   io.append_jsonl(out / METRICS, [line])
   return line
-
-
-class Ledger:
-  """OUT/evaluated_steps.json: which steps of `task` are done or failing."""
-
-  def __init__(self, out: Path, task: str):
-    self.path = out / LEDGER
-    data = io.read_json(self.path, {"task": task, "evaluated": {}, "failed": {}})
-    if data.get("task") != task:
-      raise ValueError(
-        f"{self.path} belongs to task {data.get('task')!r}, not {task!r}; use "
-        "one output directory per task"
-      )
-    self.data = data
-
-  def done(self, step: int) -> bool:
-    return str(step) in self.data["evaluated"]
-
-  def attempts(self, step: int) -> int:
-    return self.data["failed"].get(str(step), {}).get("attempts", 0)
-
-  def record_done(self, step: int, line: dict) -> None:
-    self.data["evaluated"][str(step)] = {"time": time.time(), "metrics": line}
-    self.data["failed"].pop(str(step), None)
-    io.write_json(self.path, self.data)
-
-  def record_failure(self, step: int, error: BaseException) -> None:
-    entry = self.data["failed"].setdefault(str(step), {"attempts": 0})
-    entry.update(
-      attempts=entry["attempts"] + 1, error=f"{type(error).__name__}: {error}", time=time.time()
-    )
-    io.write_json(self.path, self.data)
 
 
 def evaluate_step(
@@ -103,7 +82,7 @@ def evaluate_step(
     ledger.record_failure(step, e)
     return None
   log.info("evaluating %s on step %d of %s", task, step, workdir)
-  results = evaluate_model(loaded, task, cfg, out / f"step_{step}")
+  results = evaluate_model(loaded, task, cfg, out / f"step_{step}", ledger.data["settings"])
   line = log_metrics(out, task, loaded.meta, results)
   ledger.record_done(step, line)
   return line
@@ -120,9 +99,12 @@ def evaluate_source(
   poll_interval_s: float = 60.0,
   max_attempts: int = 3,
   timeout_s: float = 0.0,
+  overwrite: bool = False,
   sleep: Callable[[float], None] = time.sleep,
 ) -> list[dict]:
-  """Evaluates `spec` (see mamba2_jax.checkpoints.load) with `task`; returns the metrics lines written."""
+  """Evaluates `spec` (see mamba2_jax.checkpoints.load) with `task`; returns the metrics lines
+  written. Raises SettingsMismatch if OUT holds results of other settings (task config, source,
+  tokenizer), unless `overwrite` (they are moved to OUT/superseded/<key>/)."""
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
   out = Path(out_dir)
@@ -131,14 +113,17 @@ def evaluate_source(
   pending_workdir = (
     mode == "watch" and not spec.startswith(RANDOM_PREFIX) and not os.path.exists(spec)
   )
+  settings = result_settings(cfg, spec, tokenizer)
+  ledger = Ledger(out, task, settings, overwrite=overwrite)
   if not (is_workdir(spec) or pending_workdir):
     if mode != "latest":
       log.info("--mode=%s applies to training workdirs; %s is evaluated once", mode, spec)
     loaded = load_model(spec, tokenizer=tokenizer, model_dtype=cfg.model_dtype)
-    results = evaluate_model(loaded, task, cfg, out)
-    return [log_metrics(out, task, loaded.meta, results)]
+    results = evaluate_model(loaded, task, cfg, out, settings)
+    line = log_metrics(out, task, loaded.meta, results)
+    ledger.record_done("source", line)
+    return [line]
 
-  ledger = Ledger(out, task)
   lines: list[dict] = []
   if mode == "latest":
     steps = complete_steps(spec)
@@ -146,7 +131,11 @@ def evaluate_source(
       raise FileNotFoundError(f"{spec}: no complete checkpoint step yet")
     step = max(steps)
     if ledger.done(step):
-      log.info("step %d already evaluated (%s)", step, ledger.path)
+      log.info(
+        "step %d already evaluated with these settings: %s",
+        step,
+        out / f"step_{step}" / "results.json",
+      )
       return lines
     line = evaluate_step(spec, step, task, cfg, out, ledger, tokenizer=tokenizer)
     if line is None:

@@ -303,14 +303,15 @@ def run_passkey(model, tokenizer, cfg, out_dir, *, train_len=None) -> dict:
 
 
 def plot(results: dict, out: Path) -> list[str]:
-  """heatmap.png (the paper's plot.py: RdYlGn, vmin -0.2, vmax 1.2, depth rows 0-100 %) and
+  """heatmap.png (the paper's plot.py: RdYlGn, vmin -0.2, vmax 1.2, depth rows 0-100 %; with a
+  colour bar of the accuracy) and
   accuracy.png (accuracy vs length, last-r curves, T_train and T_recall marked)."""
   from mamba2_jax.eval.plotting import fmt_tokens, mark_train_len, plt, save
 
   lengths, grid = results["lengths"], np.asarray(results["grid"], float)
   n_rows = grid.shape[0]
-  fig, ax = plt.subplots(figsize=(max(2.2, 0.25 * len(lengths) + 1.2), 2.2))
-  ax.imshow(
+  fig, ax = plt.subplots(figsize=(max(2.8, 0.25 * len(lengths) + 1.8), 2.2))
+  im = ax.imshow(
     np.ma.masked_invalid(grid),
     cmap="RdYlGn",
     vmin=-0.2,
@@ -326,6 +327,10 @@ def plot(results: dict, out: Path) -> list[str]:
   ax.set_yticks([0, n_rows / 2, n_rows], ["0", "50", "100"], fontsize=7)
   ax.set_xlabel("Context Len.", fontsize=8)
   ax.set_ylabel("Ans. Depth (%)", fontsize=8)
+  bar = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.03)  # the cells' accuracy, 0 .. 1
+  bar.set_ticks([0.0, 0.5, 1.0])
+  bar.ax.tick_params(labelsize=6)
+  bar.set_label("accuracy", fontsize=7)
   paths = [save(fig, out / "heatmap.png", dpi=300)]
 
   fig, ax = plt.subplots(figsize=(5, 3.2))

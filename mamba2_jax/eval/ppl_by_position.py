@@ -5,11 +5,15 @@ prompts, bucketed by position and plotted; the forgetting test FAILs if the buck
 anywhere exceeds `forget_factor` x the maximum bucketed loss within the first T_train positions.
 Positions are the index i of the predicting token (loss[i] scores token i+1 given 0..i), so
 "within T_train" means i < T_train, the positions a model trained on T_train-token sequences saw.
+A model whose mean loss within T_train is not clearly below chance, ln(vocab_size), has no
+verdict: "not learned" (`criteria.is_learned`). bucket_size 0 derives the bucket size from T_train
+(`criteria.default_bucket_size`: at least two buckets within T_train).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Iterable
@@ -73,20 +77,26 @@ def run_ppl_by_position(model, tokenizer, cfg, out_dir, *, train_len=None) -> di
   L = int(cfg.max_len)
   if L < 2:
     raise ValueError(f"max_len must be >= 2, got {L}")
+  bucket = criteria.resolve_bucket_size(cfg.bucket_size, train_len)
+  chance = math.log(tok.vocab_size)
   n, prompt_iter = prompts.config_prompts(cfg, tok)
-  log.info("ppl_by_position: %d prompt(s) of %d tokens (%s)", n, L, cfg.prompt)
+  log.info("ppl_by_position: %d prompt(s) of %d tokens (%s), bucket %d", n, L, cfg.prompt, bucket)
   t0 = time.perf_counter()
   sums = prompt_bucket_sums(
-    model, prompt_iter, n, L, cfg.chunk_len, cfg.batch_size, cfg.bucket_size, cfg.progress
+    model, prompt_iter, n, L, cfg.chunk_len, cfg.batch_size, bucket, cfg.progress
   )
   seconds = time.perf_counter() - t0
   kw = dict(drop_first=cfg.drop_first_bucket, drop_last=cfg.drop_last_bucket)
-  prompt_buckets = criteria.buckets_from_sums(sums, L - 1, cfg.bucket_size, **kw).mean
-  buckets = criteria.buckets_from_sums(sums.mean(axis=0), L - 1, cfg.bucket_size, **kw)
-  test = criteria.forgetting_test(buckets, train_len, cfg.forget_factor)
+  prompt_buckets = criteria.buckets_from_sums(sums, L - 1, bucket, **kw).mean
+  buckets = criteria.buckets_from_sums(sums.mean(axis=0), L - 1, bucket, **kw)
+  test = criteria.forgetting_test(buckets, train_len, cfg.forget_factor, chance)
+  criteria.advise_bucket_size(test, bucket, cfg.drop_first_bucket)
   within = buckets.end <= train_len if train_len else np.zeros(buckets.start.size, bool)
   summary = {
+    "forget_verdict": test["verdict"],
     "forget_test_passed": test["passed"],
+    "learned": test["learned"],
+    "chance_loss": chance,
     "first_fail_position": test["first_fail_position"],
     "max_loss_within_train": test["reference_loss"],
     "max_loss": test["max_loss"],
@@ -101,6 +111,7 @@ def run_ppl_by_position(model, tokenizer, cfg, out_dir, *, train_len=None) -> di
     "task": "ppl_by_position",
     "config": cfg,
     "train_len": train_len,
+    "bucket_size": bucket,
     "num_prompts": n,
     "num_positions": L - 1,
     "seconds": seconds,
@@ -125,10 +136,7 @@ def run_ppl_by_position(model, tokenizer, cfg, out_dir, *, train_len=None) -> di
   results["plots"] = plot(results, out, cfg)
   io.write_json(out / "results.json", results)
   log.info(
-    "ppl_by_position: forget test %s (first fail at %s), %.0f tok/s",
-    {True: "PASS", False: "FAIL", None: "n/a"}[test["passed"]],
-    test["first_fail_position"],
-    summary["tokens_per_s"],
+    "ppl_by_position: forget test %s; %.0f tok/s", criteria.describe(test), summary["tokens_per_s"]
   )
   return results
 
@@ -174,7 +182,7 @@ def plot(results: dict, out: Path, cfg) -> list[str]:
       ax.set_ylim(0, ymax)
     ax.set_xlabel("position (tokens)")
     ax.set_ylabel("loss (nats)" if name == "loss" else "perplexity")
-    ax.set_title(f"{name} by position, {cfg.prompt}, bucket {cfg.bucket_size}")
+    ax.set_title(f"{name} by position, {cfg.prompt}, bucket {results['bucket_size']}")
     ax.legend(fontsize=7)
     paths.append(save(fig, out / f"{name}.png"))
   return paths

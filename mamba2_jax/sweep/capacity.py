@@ -7,7 +7,10 @@ states, the paper's N_S = L·[2dN + (2d + 2N)(d_conv − 1)]):
             (§2.4: the loss never exceeds 2x its maximum within T). None if no run passes.
             It is bracketed, T_forget in (T', T_forget], when a shorter run T' of that state
             size collapsed; otherwise (it is the shortest length that counts) only an upper
-            bound: the fits use bracketed values only (`t_forget_bounds`).
+            bound: the fits use bracketed values only (`t_forget_bounds`). A run that never
+            learned the task (`collapse_verdict`: its loss within T not clearly below chance,
+            mamba2_jax.eval.criteria.is_learned) or whose test is undetermined counts neither
+            as a pass nor as a collapse: it is left out.
   T_recall  the largest context length with passkey accuracy > 95%, maximised over the runs of
             that state size (§4.3).
 Laws fitted over the state sizes (§5.1; the paper in K tokens and M scalars):
@@ -24,7 +27,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from mamba2_jax.eval import criteria
+
 __all__ = [
+  "collapse_verdict",
   "t_forget",
   "t_forget_bounds",
   "t_recall",
@@ -35,10 +41,36 @@ __all__ = [
 ]
 
 
-def t_forget(points: Iterable[tuple[float, int, bool]]) -> dict[float, int | None]:
-  """points: (state_size, train_len, passed) per run -> {state_size: T_forget or None}."""
+def collapse_verdict(summary: dict | None, learned_max_loss: float | None = None):
+  """(verdict, learned) of a collapse evaluation's summary (ppl_by_position / copy_task):
+  verdict one of criteria.VERDICTS, learned True / False / None (unknown).
+
+  learned is False if the loss within T is not clearly below chance (the task's "learned", or
+  criteria.is_learned on its chance_loss for results written without it) or, with a sweep's
+  `learned_max_loss`, above that; then the verdict is "not learned", whatever the test said.
+  """
+  s = summary or {}
+  within = s.get("copy_loss_within_train", s.get("mean_loss_within_train"))
+  learned = s.get("learned")
+  if learned is None:
+    learned = criteria.is_learned(within, s.get("chance_loss"))
+  if learned_max_loss is not None and within is not None:
+    learned = learned is not False and within <= learned_max_loss
+  if learned is False:
+    return "not learned", False
+  passed = s.get("forget_test_passed")
+  verdict = s.get("forget_verdict") or {True: "pass", False: "fail"}.get(passed, "n/a")
+  return verdict, learned
+
+
+def t_forget(points: Iterable[tuple[float, int, bool | None]]) -> dict[float, int | None]:
+  """points: (state_size, train_len, passed) per run -> {state_size: T_forget or None}.
+  passed None (not learned, undetermined) leaves the run out: never a pass, never a collapse."""
   by_state: dict[float, list[tuple[int, bool]]] = {}
   for ns, t, ok in points:
+    if ok is None:
+      by_state.setdefault(ns, [])
+      continue
     by_state.setdefault(ns, []).append((int(t), bool(ok)))
   out = {}
   for ns, runs in sorted(by_state.items()):
@@ -53,7 +85,7 @@ def t_forget(points: Iterable[tuple[float, int, bool]]) -> dict[float, int | Non
 
 
 def t_forget_bounds(
-  points: Iterable[tuple[float, int, bool]],
+  points: Iterable[tuple[float, int, bool | None]],
 ) -> dict[float, tuple[int | None, int | None]]:
   """points as for `t_forget` -> {state_size: (lower, T_forget)}: lower is the longest training
   length below T_forget (a run that collapsed), None if T_forget is the shortest length run (an
@@ -61,7 +93,11 @@ def t_forget_bounds(
   points = list(points)
   out = {}
   for ns, upper in t_forget(points).items():
-    below = [int(t) for n, t, _ in points if n == ns and upper is not None and t < upper]
+    below = [
+      int(t)
+      for n, t, ok in points
+      if n == ns and ok is not None and upper is not None and t < upper
+    ]
     out[ns] = (max(below) if below else None, upper)
   return out
 

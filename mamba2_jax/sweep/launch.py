@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from mamba2_jax.eval import criteria
 from mamba2_jax.sweep.grid import CURVE_TASKS, EvalSpec, Run, cli_value, eval_specs, expand, to_json
 
 __all__ = ["train_command", "eval_command", "run_sweep", "LAUNCHERS", "run_dir"]
@@ -132,10 +133,11 @@ def check_collapse_buckets(
     ):
       continue
     cfg, over = task_config(spec.task), dict(spec.overrides)
-    bucket = int(over.get("bucket_size", cfg.bucket_size))
     drop = bool(over.get("drop_first_bucket", cfg.get("drop_first_bucket", False)))
     for run in runs:
       T = over.get("train_len") or run.train_len()
+      # 0 = derived from T (criteria.default_bucket_size): always leaves buckets within T
+      bucket = criteria.resolve_bucket_size(int(over.get("bucket_size", cfg.bucket_size)), T)
       if T and bucket * (2 if drop else 1) > int(T):
         raise ValueError(
           f"sweep eval {spec.name!r}: bucket_size {bucket}"

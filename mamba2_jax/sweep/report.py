@@ -5,8 +5,10 @@ T = seq_len x tbptt_segments, model -> N_S) and the newest results.json of every
 (runs/<name>/eval/<eval>/step_<N>/ or the eval dir itself). Collapse is judged by the forgetting
 test of the sweep's `collapse_eval` (default: the first ppl_by_position / copy_task eval without
 a mitigation), recall by `recall_eval` (default: the first passkey eval without a mitigation).
-A sweep may set `learned_max_loss`: runs whose loss within T stays above it never learned the
-task, so their forgetting test says nothing and they are left out of T_forget.
+A run whose loss within T is not clearly below chance never learned the task
+(`capacity.collapse_verdict`, mamba2_jax.eval.criteria.is_learned); a sweep may also set
+`learned_max_loss`, a stricter bound on that loss. Such a run's forgetting test says nothing:
+it reads "not learned" and is left out of T_forget.
 Writes WORKDIR/report/{report.md, report.json, *.png}.
 """
 
@@ -22,7 +24,9 @@ import numpy as np
 
 from mamba2_jax.checkpoints import workdir as workdir_lib
 from mamba2_jax.config import Mamba2Config
+from mamba2_jax.eval import criteria
 from mamba2_jax.sweep import capacity
+from mamba2_jax.sweep import plots as plots_lib
 from mamba2_jax.sweep.grid import CURVE_TASKS
 
 __all__ = ["collect", "write_report"]
@@ -105,53 +109,6 @@ def _fmt(v, digits=3):
   return str(v)
 
 
-def _curve_plot(names, out: Path, title: str, key="loss") -> str | None:
-  """One figure: (label, results, train_len) curves of bucketed `key` vs position."""
-  from mamba2_jax.eval.plotting import plt, save  # pylint: disable=g-import-not-at-top
-
-  fig, ax = plt.subplots(figsize=(7, 4))
-  any_line = False
-  for i, (label, res, train_len) in enumerate(names):
-    b = res.get("buckets") or {}
-    if key not in b:
-      continue
-    x = (np.asarray(b["start"], float) + np.asarray(b["end"], float)) / 2
-    color = f"C{i % 10}"
-    ax.plot(x, np.asarray(b[key], float), color=color, linewidth=1.2, label=label)
-    if train_len:
-      ax.axvline(train_len, color=color, linestyle="--", linewidth=0.8)
-    chance = (res.get("summary") or {}).get("chance_loss")
-    if chance and not any_line:
-      ax.axhline(chance, color="0.5", linestyle=":", linewidth=1, label="chance")
-    any_line = True
-  if not any_line:
-    plt.close(fig)
-    return None
-  ax.set_xscale("log")
-  ax.set_xlabel("position (tokens); dashed: each run's training length")
-  ax.set_ylabel("loss (nats)")
-  ax.set_title(title, fontsize=9)
-  ax.legend(fontsize=7)
-  return save(fig, out)
-
-
-def _fit_plot(points: dict, fit, out: Path, ylabel: str) -> str | None:
-  from mamba2_jax.eval.plotting import plt, save  # pylint: disable=g-import-not-at-top
-
-  xs = [k for k, v in points.items() if v is not None]
-  if not xs:
-    return None
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  ax.scatter(xs, [points[k] for k in xs], color="C0", zorder=3, label="measured")
-  if fit is not None:
-    grid = np.linspace(0, max(xs) * 1.1, 200)
-    ax.plot(grid, fit.predict(grid), color="C1", label=f"{fit.formula()}  (R² {fit.r2:.3f})")
-  ax.set_xlabel("state size N_S (scalars)")
-  ax.set_ylabel(ylabel)
-  ax.legend(fontsize=7)
-  return save(fig, out)
-
-
 def _within_beyond(summary: dict):
   return (
     summary.get("copy_loss_within_train", summary.get("mean_loss_within_train")),
@@ -169,7 +126,11 @@ def _mitigation_evals(run, sweep, collapse) -> list[str]:
   ]
 
 
-def _mitigation_table(runs, sweep, collapse) -> list[str]:
+# the report's cell for each forgetting verdict ("no collapse")
+_VERDICT_CELL = {"pass": "yes", "fail": "**no**", "not learned": "not learned", "n/a": "–"}
+
+
+def _mitigation_table(runs, sweep, collapse, learned_max=None) -> list[str]:
   """The collapse eval and its mitigation variants, per run."""
   rows = []
   for r in runs:
@@ -177,9 +138,10 @@ def _mitigation_table(runs, sweep, collapse) -> list[str]:
       res = r["evals"][n]
       s = res.get("summary", {})
       within, beyond = _within_beyond(s)
+      verdict, _ = capacity.collapse_verdict(s, learned_max)
       rows.append(
         f"| {r['name']} | {n} | {res.get('config', {}).get('mitigation') or 'none'} "
-        f"| {_fmt(within)} | {_fmt(beyond)} | {_fmt(s.get('forget_test_passed'))} |"
+        f"| {_fmt(within)} | {_fmt(beyond)} | {_VERDICT_CELL[verdict]} |"
       )
   if len({row.split(" | ")[2] for row in rows}) <= 1:
     return []
@@ -190,7 +152,7 @@ def _mitigation_table(runs, sweep, collapse) -> list[str]:
     "Loss inside / beyond the training length with each "
     "training-free mitigation (config.mitigation of the evaluation):",
     "",
-    "| run | eval | mitigation | loss ≤ T | loss > T | forgetting test passed |",
+    "| run | eval | mitigation | loss ≤ T | loss > T | no collapse |",
     "|---|---|---|---|---|---|",
     *rows,
   ]
@@ -258,18 +220,16 @@ def write_report(workdir, out_dir=None) -> Path:
   forget_pts, recall_pts, rows = [], [], []
   for r in runs:
     cres = r["evals"].get(collapse) if collapse else None
-    passed = (cres or {}).get("summary", {}).get("forget_test_passed")
-    within = _within_beyond((cres or {}).get("summary", {}))[0]
-    r["learned"] = None if learned_max is None or within is None else within <= learned_max
-    if r["learned"] is False:
-      passed = None  # never learned the task within T: no evidence about forgetting
+    verdict, r["learned"] = capacity.collapse_verdict((cres or {}).get("summary"), learned_max)
+    r["verdict"] = verdict if cres is not None else None
+    passed = {"pass": True, "fail": False}.get(verdict)  # not learned / n/a: no evidence
     tr = (r["evals"].get(recall) or {}).get("summary", {}).get("t_recall") if recall else None
     if r["state_size"] is not None and r["train_len"] is not None:
-      if passed is not None:
+      if cres is not None:
         forget_pts.append((r["state_size"], r["train_len"], passed))
       if recall and recall in r["evals"]:
         recall_pts.append((r["state_size"], r["train_len"], tr))
-    rows.append((r, cres, passed, tr))
+    rows.append((r, cres, tr))
 
   bounds = capacity.t_forget_bounds(forget_pts)
   t_forget = {k: v for k, (_, v) in bounds.items()}
@@ -291,53 +251,45 @@ def write_report(workdir, out_dir=None) -> Path:
       else ""
     )
     + "."
-    + (
-      f" A run counts as having learned the task when its loss within T is at most "
-      f"{learned_max:g}; runs that did not are left out of T_forget."
-      if learned_max is not None
-      else ""
-    ),
+    + " A run counts as having learned the task when its loss within T is clearly below chance"
+    f" (at most {1 - criteria.LEARNED_MARGIN:g} x chance)"
+    + (f" and at most {learned_max:g}" if learned_max is not None else "")
+    + '; runs that did not read "not learned" and are left out of T_forget.',
     "",
     "## Runs",
     "",
   ]
-  header = (
-    [
-      "run",
-      "N_S",
-      "params",
-      "T_train",
-      "state",
-      "no collapse",
-      "first fail",
-      "loss ≤ T",
-      "loss > T",
-    ]
-    + (["learned"] if learned_max is not None else [])
-    + (["T_recall"] if recall else [])
-  )
+  header = [
+    "run",
+    "N_S",
+    "params",
+    "T_train",
+    "state",
+    "no collapse",
+    "first fail",
+    "loss ≤ T",
+    "loss > T",
+    "learned",
+  ] + (["T_recall"] if recall else [])
   lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for r, cres, passed, tr in rows:
+  for r, cres, tr in rows:
     s = (cres or {}).get("summary", {})
     within, beyond = _within_beyond(s)
-    cells = (
-      [
-        r["name"],
-        _fmt(r["state_size"]),
-        _fmt(r["params"]),
-        _fmt(r["train_len"]),
-        r["status"].get("state", "not run"),
-        _fmt(passed),
-        _fmt(s.get("first_fail_position")),
-        _fmt(within),
-        _fmt(beyond),
-      ]
-      + ([_fmt(r["learned"])] if learned_max is not None else [])
-      + ([_fmt(tr)] if recall else [])
-    )
+    cells = [
+      r["name"],
+      _fmt(r["state_size"]),
+      _fmt(r["params"]),
+      _fmt(r["train_len"]),
+      r["status"].get("state", "not run"),
+      _VERDICT_CELL.get(r["verdict"], "–"),
+      _fmt(s.get("first_fail_position") if r["verdict"] == "fail" else None),
+      _fmt(within),
+      _fmt(beyond),
+      _fmt(r["learned"]),
+    ] + ([_fmt(tr)] if recall else [])
     lines.append("| " + " | ".join(cells) + " |")
 
-  lines += _mitigation_table(runs, sweep, collapse) + _state_table(runs)
+  lines += _mitigation_table(runs, sweep, collapse, learned_max) + _state_table(runs)
   lines += [
     "",
     "## State capacity",
@@ -368,10 +320,10 @@ def write_report(workdir, out_dir=None) -> Path:
         f"sizes{'; ' + fit.note if fit.note else ''}."
       )
   plots = []
-  p = _fit_plot(dict(f_items), fit_f, out / "t_forget_fit.png", "T_forget (tokens)")
+  p = plots_lib.fit_plot(dict(f_items), fit_f, out / "t_forget_fit.png", "T_forget (tokens)")
   if p:
     plots.append(("T_forget vs state size", p))
-  p = _fit_plot(dict(r_items), fit_r, out / "t_recall_fit.png", "T_recall (tokens)")
+  p = plots_lib.fit_plot(dict(r_items), fit_r, out / "t_recall_fit.png", "T_recall (tokens)")
   if p:
     plots.append(("T_recall vs state size", p))
 
@@ -380,7 +332,7 @@ def write_report(workdir, out_dir=None) -> Path:
     curves = [
       (r["name"], r["evals"][collapse], r["train_len"]) for r in runs if collapse in r["evals"]
     ]
-    p = _curve_plot(
+    p = plots_lib.curve_plot(
       curves, out / "loss_by_position.png", f"{collapse}: loss by position, every run"
     )
     if p:
@@ -396,7 +348,9 @@ def write_report(workdir, out_dir=None) -> Path:
           )
           for n in same
         ]
-        p = _curve_plot(curves, out / f"mitigations_{r['name']}.png", f"{r['name']}: mitigations")
+        p = plots_lib.curve_plot(
+          curves, out / f"mitigations_{r['name']}.png", f"{r['name']}: mitigations"
+        )
         if p:
           plots.append((f"{r['name']}: with and without mitigations", p))
   # per-run plots of the evals (passkey heatmaps, state statistics) copied next to the report
@@ -432,6 +386,7 @@ def write_report(workdir, out_dir=None) -> Path:
         "train_len": r["train_len"],
         "status": r["status"].get("state"),
         "learned": r["learned"],
+        "verdict": r["verdict"],
         "summaries": {n: e.get("summary") for n, e in r["evals"].items()},
       }
       for r in runs

@@ -32,7 +32,7 @@ SMALL = {
 def _cfg(task, **over):
   cfg = get_config(task)
   with cfg.unlocked():
-    cfg.update(progress=False, **SMALL[task], **over)
+    cfg.update({"progress": False, **SMALL[task], **over})
   return cfg
 
 
@@ -80,6 +80,17 @@ def test_cli_end_to_end_random_tiny(tmp_path):
     env=env,
   )
   assert bad.returncode != 0 and "but the config is for" in bad.stderr
+  # the same --out with a setting that changes results: refused (never exit 0 with stale
+  # results), naming the difference; --overwrite evaluates afresh
+  other = [c if c != "--config.max_len=400" else "--config.max_len=300" for c in cmd]
+  stale = subprocess.run(other, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+  assert stale.returncode != 0 and "config.max_len: 400 -> 300" in stale.stderr
+  fresh = subprocess.run(
+    other + ["--overwrite"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env
+  )
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  assert json.loads((out / "results.json").read_text())["config"]["max_len"] == 300
+  assert (out / "superseded").is_dir()
 
 
 @pytest.mark.parametrize("task", ["passkey", "state_stats", "forgetting_curve"])
@@ -227,6 +238,31 @@ def test_modes_latest_and_all(tmp_path):
   assert sorted(ledger["evaluated"]) == ["10", "20"] and ledger["failed"] == {}
   with pytest.raises(ValueError, match="one output directory per task"):
     jobs.evaluate_source(str(wd), "passkey", _cfg("passkey"), out, mode="all")
+
+
+def test_changed_settings_never_reuse_stale_results(tmp_path):
+  """Issue 14 item 2: a workdir evaluated into OUT, then again with another max_len into the same
+  OUT: refused, not "already evaluated"; cosmetic changes reuse; overwrite evaluates afresh."""
+  wd, out = tmp_path / "wd", tmp_path / "out"
+  _save_steps(wd, [20])
+  cfg = _cfg("ppl_by_position")
+  jobs.evaluate_source(str(wd), "ppl_by_position", cfg, out)
+  cosmetic = _cfg("ppl_by_position", chunk_len=32, ppl_ymax=0.0)
+  assert jobs.evaluate_source(str(wd), "ppl_by_position", cosmetic, out) == []
+  shorter = _cfg("ppl_by_position", max_len=200)
+  with pytest.raises(jobs.SettingsMismatch, match="config.max_len: 300 -> 200"):
+    jobs.evaluate_source(str(wd), "ppl_by_position", shorter, out)
+  with pytest.raises(jobs.SettingsMismatch, match="tokenizer: '' -> 'byte'"):
+    jobs.evaluate_source(str(wd), "ppl_by_position", cfg, out, tokenizer="byte")
+  old_key = json.loads((out / "step_20" / "results.json").read_text())["settings_key"]
+  lines = jobs.evaluate_source(str(wd), "ppl_by_position", shorter, out, overwrite=True)
+  res = json.loads((out / "step_20" / "results.json").read_text())
+  assert [l["step"] for l in lines] == [20] and res["config"]["max_len"] == 200
+  assert res["settings_key"] == lines[0]["settings_key"] != old_key
+  assert res["settings"]["config"]["max_len"] == 200 and "progress" not in res["settings"]["config"]
+  old = json.loads((out / "superseded" / old_key / "step_20" / "results.json").read_text())
+  assert old["config"]["max_len"] == 300
+  assert [m["settings_key"] for m in _metrics(out)] == [res["settings_key"]]
 
 
 def test_mode_watch_follows_training_and_retries_damaged_steps(tmp_path):

@@ -90,7 +90,10 @@ def test_copy_task_equals_direct_masked_scores(tmp_path):
     )
   s = res["summary"]
   assert abs(s["chance_loss"] - np.log(62)) < 1e-9
-  assert s["forget_test_passed"] is not None and s["copy_loss_within_train"] > 0
+  # untrained: the copied-half loss within T is about chance (or above): "not learned", no pass
+  assert s["copy_loss_within_train"] > 0.9 * s["chance_loss"]
+  assert s["forget_verdict"] == "not learned" and s["learned"] is False
+  assert s["forget_test_passed"] is None and res["forgetting"]["reason"].startswith("the mean loss")
   saved = json.load(open(tmp_path / "results.json"))
   assert saved["summary"]["copy_loss_beyond_train"] == pytest.approx(s["copy_loss_beyond_train"])
   assert (tmp_path / "copy_task.png").stat().st_size > 1000

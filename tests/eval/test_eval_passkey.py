@@ -1,6 +1,7 @@
 """Passkey: prompt construction in tokens, depth bins, scoring, resume, T_recall, the task."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -186,3 +187,30 @@ def test_greedy_answer_matches_one_shot_generation():
   got = passkey._answer(model, b.tok, ps, 3, 64, 5)  # pylint: disable=protected-access
   want = np.asarray(generate(model, np.stack([p.ids for p in ps]), 5))
   assert got == [b.tok.decode(w) for w in want]
+
+
+def test_heatmap_has_a_colour_bar(tmp_path, monkeypatch):
+  from mamba2_jax.eval import plotting
+
+  figs = {}
+  real_save = plotting.save
+
+  def keep(fig, path, **kw):
+    figs[Path(path).name] = [(a.get_ylabel(), a.get_ylim()) for a in fig.axes]
+    return real_save(fig, path, **kw)
+
+  monkeypatch.setattr(plotting, "save", keep)
+  results = {
+    "lengths": [256, 512, 1024],
+    "grid": [[1.0, 0.5, 0.0], [1.0, float("nan"), 0.0]],
+    "accuracy": [1.0, 0.5, 0.0],
+    "last_r": {},
+    "threshold": 0.95,
+    "train_len": 512,
+    "t_recall": 256,
+  }
+  passkey.plot(results, tmp_path)
+  axes = figs["heatmap.png"]
+  assert len(axes) == 2 and axes[1][0] == "accuracy"  # the heatmap and its colour bar
+  assert axes[1][1] == pytest.approx((-0.2, 1.2))  # the paper's colour range
+  assert (tmp_path / "heatmap.png").stat().st_size > 500

@@ -109,6 +109,49 @@ def test_document_prompts_concatenate_and_cycle(tmp_path):
     prompts.document_prompts(glob, "byte", num_prompts=1, length=5, min_doc_len=100)
 
 
+def test_not_learned_is_never_a_pass():
+  """A curve at (or just below) chance within T has no forgetting verdict, whatever its shape;
+  "clearly below" is (1 - LEARNED_MARGIN) x chance, one definition for every task."""
+  chance = np.log(259)
+  flat = criteria.bucket_means(np.full(2048, chance + 0.2), 64)  # the issue's 5.75 vs 5.55
+  r = criteria.forgetting_test(flat, 512, 2.0, chance)
+  assert r["verdict"] == "not learned" and r["passed"] is None and r["learned"] is False
+  assert r["loss_within_train"] == pytest.approx(chance + 0.2)
+  assert criteria.describe(r).startswith("not learned: the mean loss within T=512 is 5.76")
+  edge = (1 - criteria.LEARNED_MARGIN) * chance
+  for loss, want in ((edge + 1e-6, "not learned"), (edge - 1e-6, "pass"), (2.0, "pass")):
+    b = criteria.bucket_means(np.full(2048, loss), 64)
+    assert criteria.forgetting_test(b, 512, 2.0, chance)["verdict"] == want, loss
+  b, t = _curve(bump_at=3000, bump=5.0)  # learned (2.0 << 0.9 x 5.56) and then collapses
+  r = criteria.forgetting_test(b, t, 2.0, chance)
+  assert (r["verdict"], r["passed"], r["learned"]) == ("fail", False, True)
+  assert criteria.describe(r).startswith("FAIL at position 3008")
+  assert criteria.forgetting_test(b, t, 2.0)["learned"] is None  # no chance given: not asked
+  assert criteria.is_learned(None, chance) is None and criteria.is_learned(np.nan, chance) is False
+
+
+def test_default_buckets_leave_at_least_two_within_train_len():
+  assert criteria.default_bucket_size(None) == 512  # the paper's, without T_train
+  assert criteria.default_bucket_size(512) == 128  # the README's run: T = 512
+  assert criteria.default_bucket_size(8192) == criteria.default_bucket_size(1 << 20) == 512
+  assert criteria.resolve_bucket_size(32, 512) == 32 and criteria.resolve_bucket_size(0, 64) == 16
+  for T in (1, 4, 5, 32, 100, 384, 512, 1000, 4096, 8192, 65536):
+    size = criteria.default_bucket_size(T)
+    b = criteria.bucket_means(np.zeros(4 * T + 7), size)  # first and last bucket dropped
+    assert int(np.sum(b.end <= T)) >= (2 if T >= 4 else 0), (T, size)
+
+
+def test_undetermined_test_says_why():
+  b = criteria.bucket_means(np.full(4096, 1.0), 512)  # 512-token buckets, the first dropped
+  r = criteria.advise_bucket_size(criteria.forgetting_test(b, 512, 2.0, 5.0), 512, True)
+  assert r["verdict"] == "n/a" and r["passed"] is None
+  assert criteria.describe(r) == (
+    "n/a: no bucket within T=512 (bucket_size 512, the first bucket dropped); set "
+    "--config.bucket_size=128 (or 0: derived from T)"
+  )
+  assert criteria.describe(criteria.forgetting_test(b, None)) == "n/a: no training length given"
+
+
 @pytest.fixture(scope="module")
 def model():
   return Mamba2LM(Mamba2Config.preset("tiny", chunk_size=16), rngs=nnx.Rngs(0))
@@ -140,10 +183,35 @@ def test_run_ppl_by_position_docs(model, tmp_path):
     )
   res = run_ppl_by_position(model, "byte", cfg, tmp_path, train_len=256)
   saved = json.loads((tmp_path / "results.json").read_text())
-  assert saved["summary"]["forget_test_passed"] in (True, False)
+  # an untrained model's loss within T is about chance, ln(259): no verdict, never a pass
+  assert (
+    saved["summary"]["forget_verdict"] == "not learned" and saved["summary"]["learned"] is False
+  )
+  assert saved["summary"]["forget_test_passed"] is None
+  assert saved["summary"]["chance_loss"] == pytest.approx(np.log(259))
   assert saved["num_prompts"] == 3 and saved["num_positions"] == 699
   assert len(saved["buckets"]["loss"]) == 9  # 11 buckets, first and last dropped
   assert np.asarray(saved["per_prompt_bucket_loss"]).shape == (3, 9)
   for name in ("loss.png", "ppl.png"):
     assert (tmp_path / name).stat().st_size > 1000
   assert res["forgetting"]["num_reference_buckets"] == 3  # [64, 128) .. [192, 256)
+
+
+def test_default_config_gives_a_verdict_at_the_readme_length(model, tmp_path, caplog):
+  """The README's run (T = 512, default buckets) gets a verdict; the paper's 512-token bucket
+  at T = 512 cannot, and the console line says why and what to set."""
+  cfg = get_config("ppl_by_position")
+  with cfg.unlocked():
+    cfg.update(max_len=1100, chunk_len=1100, batch_size=1, progress=False)
+  res = run_ppl_by_position(model, "byte", cfg, tmp_path / "a", train_len=512)
+  assert res["bucket_size"] == 128 and res["forgetting"]["num_reference_buckets"] == 3
+  assert res["summary"]["forget_verdict"] != "n/a"
+  with cfg.unlocked():
+    cfg.bucket_size = 512
+  with caplog.at_level("INFO", logger="mamba2_jax.eval.ppl_by_position"):
+    res = run_ppl_by_position(model, "byte", cfg, tmp_path / "b", train_len=512)
+  assert res["summary"]["forget_verdict"] == "n/a" and res["summary"]["forget_test_passed"] is None
+  assert (
+    "forget test n/a: no bucket within T=512 (bucket_size 512, the first bucket dropped); "
+    "set --config.bucket_size=128" in caplog.text
+  )

@@ -61,6 +61,8 @@ def test_collapse_eval_needs_a_bucket_within_every_training_length(tmp_path):
   ):
     run_sweep(sweep, tmp_path / "sw", task_config=eval_task_config, launcher="print")
   assert not (tmp_path / "sw").exists()  # nothing started
+  sweep.evals.ppl.overrides = ()  # the default bucket_size 0: derived from each run's T
+  run_sweep(sweep, tmp_path / "sw", task_config=eval_task_config, launcher="print")
 
 
 @pytest.mark.parametrize(
@@ -225,6 +227,24 @@ def test_t_forget_is_the_smallest_length_from_which_all_pass():
   assert capacity.t_forget(pts) == {1e3: 128, 2e3: 256, 3e3: None}
 
 
+def test_runs_that_never_learned_are_neither_passes_nor_collapses():
+  chance = float(np.log(259))
+  at_chance = {"forget_test_passed": True, "mean_loss_within_train": 5.75, "chance_loss": chance}
+  # results written before "learned" existed: judged from the chance level they record
+  assert capacity.collapse_verdict(at_chance) == ("not learned", False)
+  new = {"forget_verdict": "not learned", "forget_test_passed": None, "learned": False}
+  assert capacity.collapse_verdict(new) == ("not learned", False)
+  good = {"forget_test_passed": False, "copy_loss_within_train": 0.2, "chance_loss": 4.13}
+  assert capacity.collapse_verdict(good) == ("fail", True)
+  assert capacity.collapse_verdict(good, learned_max_loss=0.1) == ("not learned", False)
+  assert capacity.collapse_verdict({"forget_test_passed": True}) == ("pass", None)  # no chance
+  assert capacity.collapse_verdict(None) == ("n/a", None)
+  # a None (not learned) between a collapse and a pass neither breaks nor makes a bracket
+  pts = [(1e3, 64, False), (1e3, 128, None), (1e3, 256, True), (2e3, 64, None)]
+  assert capacity.t_forget(pts) == {1e3: 256, 2e3: None}
+  assert capacity.t_forget_bounds(pts) == {1e3: (64, 256), 2e3: (None, None)}
+
+
 def test_t_recall_is_the_best_run_per_state_size():
   pts = [(1e3, 64, None), (1e3, 128, 512), (2e3, 64, 1024), (2e3, 256, 256), (3e3, 64, None)]
   assert capacity.t_recall(pts) == {1e3: 512, 2e3: 1024, 3e3: None}
@@ -335,3 +355,53 @@ def test_t_forget_bounds_bracket_or_bound_from_above():
     (3e3, 128, False),
   ]  # never
   assert capacity.t_forget_bounds(pts) == {1e3: (64, 128), 2e3: (None, 256), 3e3: (None, None)}
+
+
+def test_report_says_not_learned_for_runs_at_chance(tmp_path):
+  """Issue 14 item 3: a run whose loss within T is at chance "passes" the raw forgetting test;
+  the report must say "not learned" and leave it out of T_forget, with or without the sweep's
+  learned_max_loss."""
+  from mamba2_jax.config import Mamba2Config
+  from mamba2_jax.eval import criteria
+  from mamba2_jax.sweep.report import write_report
+
+  wd, runs = tmp_path / "sw", []
+  mc = Mamba2Config.preset("tiny", d_state=16)
+  chance = float(np.log(259))
+  pos = np.arange(0, 4096, 64)
+  for T, level, spike in ((64, 2.0, 6.0), (128, chance + 0.2, 0.0), (256, 2.0, 0.0)):
+    name = f"T{T}"
+    runs.append({"name": name, "values": {"seq_len": T}, "overrides": {}})
+    d = wd / "runs" / name
+    (d / "train").mkdir(parents=True)
+    (d / "train" / "config.json").write_text(
+      json.dumps({"seq_len": T, "tbptt_segments": 1, "model": json.loads(mc.to_json())})
+    )
+    loss = np.full(pos.size, level)
+    loss[pos >= T] += spike
+    test = criteria.forgetting_test(criteria.Buckets(pos, pos + 64, loss), T, 2.0, chance)
+    res = {
+      "task": "ppl_by_position",
+      "summary": {
+        "forget_verdict": test["verdict"],
+        "forget_test_passed": test["passed"],
+        "learned": test["learned"],
+        "chance_loss": chance,
+        "first_fail_position": test["first_fail_position"],
+        "mean_loss_within_train": test["loss_within_train"],
+      },
+      "buckets": {"start": pos.tolist(), "end": (pos + 64).tolist(), "loss": loss.tolist()},
+    }
+    (d / "eval" / "ppl" / "step_3").mkdir(parents=True)
+    (d / "eval" / "ppl" / "step_3" / "results.json").write_text(json.dumps(res))
+  sweep = {"name": "chance", "evals": {"ppl": {"task": "ppl_by_position"}}}
+  (wd / "sweep.json").write_text(json.dumps({"sweep": sweep, "runs": runs}))
+  md = write_report(wd).read_text()
+  rep = json.load(open(wd / "report" / "report.json"))
+  assert [r["verdict"] for r in rep["runs"]] == ["fail", "not learned", "pass"]
+  assert [r["learned"] for r in rep["runs"]] == [True, False, True]
+  row = next(l for l in md.splitlines() if l.startswith("| T128 |"))
+  assert "| not learned |" in row and "| yes |" not in row
+  ns = str(mc.state_size)
+  assert rep["t_forget"] == {ns: 256} and rep["t_forget_lower"] == {ns: 64}
+  assert "0.9 x chance" in md
