@@ -12,15 +12,14 @@ from mamba2_jax.cache import Mamba2Cache
 from mamba2_jax.model import Mamba2LM
 
 
-@nnx.jit
 def prefill(model: Mamba2LM, tokens: jax.Array, cache: Mamba2Cache | None = None):
-  """Jitted `model.prefill`: tokens (b, L) -> (logits (b, L, V), cache)."""
+  """`model.prefill`: tokens (b, L) -> (logits (b, L, V), cache); compiled when called directly
+  (mamba2_jax/compiled.py)."""
   return model.prefill(tokens, cache)
 
 
-@nnx.jit
 def decode_step(model: Mamba2LM, token: jax.Array, cache: Mamba2Cache):
-  """Jitted `model.decode_step`: token (b,) -> (logits (b, V), cache)."""
+  """`model.decode_step`: token (b,) -> (logits (b, V), cache); compiled when called directly."""
   return model.decode_step(token, cache)
 
 
@@ -105,11 +104,15 @@ def generate(
   top_p: float | None = None,
   seed: int = 0,
   prefill_chunk: int | None = None,
-) -> jax.Array:
+  stream: bool = False,
+):
   """Continues prompt (b, Lp) int32 by max_new_tokens tokens -> (b, max_new_tokens) int32.
 
   The prompt is prefilled (in pieces of `prefill_chunk` tokens if given); decoding runs as one
-  jitted scan over the recurrent step, so there is no per-token Python overhead.
+  jitted scan over the recurrent step, so there is no per-token Python overhead. With
+  ``stream=True`` returns an iterator of the new tokens (b,) int32, one per step as it is
+  decoded (one compiled program per token: sample + decode step), equal to the tokens the
+  scan gives for the same seed.
   """
   prompt = jnp.asarray(prompt, jnp.int32)
   if prefill_chunk:
@@ -117,14 +120,30 @@ def generate(
   else:
     logits, cache = prefill(model, prompt)
     last = logits[:, -1]
+  sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p)
+  if stream:
+    return _stream(model, last, cache, jax.random.key(seed), max_new_tokens, sampling)
   toks, _ = decode_tokens(
     model,
     last,
     cache,
     jax.random.key(seed),
     max_new_tokens=max_new_tokens,
-    temperature=float(temperature),
-    top_k=top_k,
-    top_p=top_p,
+    **sampling,
   )
   return toks
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_size", "temperature", "top_k", "top_p"))
+def _sample_jit(logits, key, **kw):
+  return sample_logits(logits, key, **kw)
+
+
+def _stream(model, logits, cache, key, max_new_tokens, sampling):
+  """The body of decode_tokens' scan, one compiled sample and one compiled step per token."""
+  keys = jax.random.split(key, max_new_tokens)
+  for i in range(max_new_tokens):
+    tok = _sample_jit(logits, keys[i], vocab_size=model.config.vocab_size, **sampling)
+    yield tok
+    if i + 1 < max_new_tokens:
+      logits, cache = model.decode_step(tok, cache)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mamba2_jax.cache import Mamba2Cache
+from mamba2_jax.compiled import compiled_method
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.layers import param, rms_norm
 from mamba2_jax.loss import lm_head_logits
@@ -104,6 +105,7 @@ class Mamba2LM(nnx.Module):
       body = jax.checkpoint(body, policy=_REMAT.get(self.config.remat_policy), prevent_cse=False)
     return jax.lax.scan(body, residual, (state, cache), unroll=self.config.scan_unroll)
 
+  @compiled_method
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     return self._logits(self.features(tokens, segment_ids=segment_ids)[0])
 
@@ -134,6 +136,7 @@ class Mamba2LM(nnx.Module):
   def init_cache(self, batch: int) -> Mamba2Cache:
     return Mamba2Cache.zeros(self.config, batch)
 
+  @compiled_method
   def prefill(
     self,
     tokens: jax.Array,
@@ -150,6 +153,7 @@ class Mamba2LM(nnx.Module):
     h, cache = self.features(tokens, segment_ids=segment_ids, cache=cache)
     return self._logits(h), cache
 
+  @compiled_method
   def decode_step(self, token: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
     """One token per sequence: token (b,) int -> (logits (b, padded_vocab) float32, cache)."""
     residual = self._embed(token)
