@@ -16,7 +16,7 @@ Variants (model preset, training length, batch):
           global batch of 64 sequences must divide over data x fsdp):
             .venv-tpu/bin/python -m experiments.train_compile --config=configs/train.py:130m \
                 --topology=v5e:16x16 --config.mesh_shape='(64,1,4)'
-            -> 2.4 GiB of 16 GiB HBM per chip
+            -> 1.89 GiB of 16 GiB HBM per chip (measured 2026-12-06, docs/training.md)
   370m, 780m, 1.3b, 2.7b   the same recipe for the larger published shapes (FSDP over 8 by
           default: --config.mesh_shape='(-1,8,1)'; tensor parallelism with '(-1,1,4)').
 

@@ -11,8 +11,9 @@ import json
 import os
 import shutil
 
-from absl import app, flags, logging
+from absl import flags, logging
 
+from experiments import cli
 from mamba2_jax.checkpoints.hub import OUR_CONFIG, OUR_PARAMS, from_pretrained, load_config
 from mamba2_jax.checkpoints.params import save_params
 
@@ -53,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -3,25 +3,29 @@ r"""Inference smoke demo on CPU: forward, chunked prefill vs full, decode, gener
   python -m experiments.demo --config=configs/demo.py:tiny          # a random tiny model
   python -m experiments.demo --checkpoint=runs/tiny                 # any model source of
                                                                     # mamba2_jax.checkpoints.load_model
-                                                                    # (byte tokenizer)
+                                                                    # (with its tokenizer)
 (The main demo, `bash scripts/demo.sh`, trains models and shows state collapse.)
 """
 
+import logging
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+from experiments import cli
 from mamba2_jax import Mamba2Config, Mamba2LM
 from mamba2_jax.checkpoints import load_model
 from mamba2_jax.data import ByteTokenizer
+from mamba2_jax.errors import InvalidInput
 from mamba2_jax.generate import generate, prefill, prefill_chunked
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "demo config")
+DEFAULT_CONFIG = "configs/demo.py"
+_CONFIG = config_flags.DEFINE_config_file("config", None, f"demo config (default {DEFAULT_CONFIG})")
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint",
   None,
@@ -32,10 +36,14 @@ _CHECKPOINT = flags.DEFINE_string(
 
 def main(argv):
   del argv
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every restore at INFO
   cfg = _CONFIG.value
   tok = ByteTokenizer()
-  if _CHECKPOINT.value:
-    model = load_model(_CHECKPOINT.value, tokenizer="byte").model
+  if _CHECKPOINT.value:  # with its own tokenizer (the run's; neox for hub checkpoints)
+    loaded = load_model(_CHECKPOINT.value)
+    model, tok = loaded.model, loaded.tokenizer
+    if tok.name.startswith("synthetic-"):
+      raise InvalidInput(f"{_CHECKPOINT.value}: {tok.name} has token ids, no text to prompt with")
   else:
     model = Mamba2LM(
       Mamba2Config.preset(cfg.model_preset, vocab_size=tok.vocab_size), rngs=nnx.Rngs(cfg.seed)
@@ -79,4 +87,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, {"config": DEFAULT_CONFIG})

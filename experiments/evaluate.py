@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs.evaluate import get_config
+from experiments import cli
 from mamba2_jax.eval import TASKS
 from mamba2_jax.eval.jobs import MODES, evaluate_source
 
@@ -53,6 +54,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/evaluate.py:<
 def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every restore at INFO
   cfg = _CONFIG.value
   if cfg is None:
     if TASK.value is None:
@@ -63,21 +65,22 @@ def main(argv):
   if MITIGATION.value is not None:
     with cfg.unlocked():
       cfg.mitigation = MITIGATION.value
-  lines = evaluate_source(
-    CHECKPOINT.value,
-    cfg.task,
-    cfg,
-    OUT.value,
-    mode=MODE.value,
-    tokenizer=TOKENIZER.value,
-    poll_interval_s=POLL.value,
-    max_attempts=MAX_ATTEMPTS.value,
-    timeout_s=TIMEOUT.value,
-    overwrite=OVERWRITE.value,
-  )
+  with cli.cleanup_on_failure(OUT.value):  # no empty --out left behind by a failed run
+    lines = evaluate_source(
+      CHECKPOINT.value,
+      cfg.task,
+      cfg,
+      OUT.value,
+      mode=MODE.value,
+      tokenizer=TOKENIZER.value,
+      poll_interval_s=POLL.value,
+      max_attempts=MAX_ATTEMPTS.value,
+      timeout_s=TIMEOUT.value,
+      overwrite=OVERWRITE.value,
+    )
   for line in lines:
     print({k: v for k, v in line.items() if v is not None})
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,8 +16,8 @@ import json
 
 from absl import app, flags
 
+from experiments import cli
 from mamba2_jax.data.prepare import DEFAULT_SHARD_BYTES, prepare
-from mamba2_jax.data.sources import BadInputError
 
 INPUT = flags.DEFINE_multi_string(
   "input", None, "input files / dirs / globs / URLs / builtin:NAME", required=True
@@ -49,24 +49,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   inputs = [p for arg in INPUT.value for p in arg.split(",") if p]
-  try:
-    m = prepare(
-      inputs,
-      TOKENIZER.value,
-      OUT.value,
-      min_doc_tokens=MIN_DOC_TOKENS.value,
-      subset=SUBSET.value,
-      max_docs=MAX_DOCS.value,
-      workers=WORKERS.value,
-      on_error=ON_ERROR.value,
-      shard_bytes=SHARD_MB.value << 20,
-      overwrite=OVERWRITE.value,
-      show_progress=not QUIET.value,
-    )
-  except (BadInputError, FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"prepare_data: error: {e}") from None
-  except KeyboardInterrupt:
-    raise SystemExit(130) from None
+  m = prepare(
+    inputs,
+    TOKENIZER.value,
+    OUT.value,
+    min_doc_tokens=MIN_DOC_TOKENS.value,
+    subset=SUBSET.value,
+    max_docs=MAX_DOCS.value,
+    workers=WORKERS.value,
+    on_error=ON_ERROR.value,
+    shard_bytes=SHARD_MB.value << 20,
+    overwrite=OVERWRITE.value,
+    show_progress=not QUIET.value,
+  )
   c, bad = m["counts"], m["bad_input"]
   print(
     f"{OUT.value}: {m['num_documents']:,} documents, {m['num_tokens']:,} tokens "
@@ -85,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

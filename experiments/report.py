@@ -6,8 +6,9 @@ Writes report.md (tables and plots), report.json (every number) and the PNGs; se
 mamba2_jax/sweep/report.py for the definitions.
 """
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from mamba2_jax.sweep.report import write_report
 
 _SWEEP = flags.DEFINE_string(
@@ -23,4 +24,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

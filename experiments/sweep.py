@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from configs.evaluate import get_config as eval_task_config
+from experiments import cli
 from mamba2_jax.sweep.launch import LAUNCHERS, run_sweep
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -49,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -17,13 +17,15 @@ the end. Outputs: WORKDIR/{config.json, metrics.jsonl, tensorboard/, checkpoints
 import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli
 from mamba2_jax.train import distributed
 
+DEFAULT_CONFIG = "configs/train.py:tiny"
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/train.py:tiny", "training config", lock_config=True
+  "config", None, f"training config (default {DEFAULT_CONFIG})", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "run directory (checkpoints, metrics)", required=True
@@ -34,7 +36,6 @@ distributed.define_flags()
 def main(argv):
   del argv
   distributed.initialize()  # before anything touches a jax backend
-  from mamba2_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   from mamba2_jax.train.loop import TrainingDiverged, train_and_evaluate  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -45,9 +46,6 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
   try:
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
   except TrainingDiverged as e:
     print(f"training stopped: {e}", file=sys.stderr)
     sys.exit(3)
@@ -57,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, {"config": DEFAULT_CONFIG})

@@ -18,12 +18,16 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # silences libtpu's host probing
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # and its hostname error (no pod here)
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments import cli  # noqa: E402
+
+DEFAULT_CONFIG = "configs/train.py:tiny"
 _CONFIG = config_flags.DEFINE_config_file(
-  "config", "configs/train.py:tiny", "training config", lock_config=True
+  "config", None, f"training config (default {DEFAULT_CONFIG})", lock_config=True
 )
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name, e.g. v5e:16x16")
 _HOSTS = flags.DEFINE_integer(
@@ -132,8 +136,12 @@ def _gib(b):
 
 def main(argv):
   del argv
+  from mamba2_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+
   try:
     r = compile_train_step(_CONFIG.value, _TOPOLOGY.value, _HOSTS.value)
+  except UserError:
+    raise  # a config error: one line and exit 2 (experiments.cli)
   except Exception as e:  # noqa: BLE001 - report any compile failure plainly
     print(
       f"train_compile: FAILED for {_TOPOLOGY.value}: {type(e).__name__}: {str(e)[:2000]}",
@@ -163,4 +171,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, {"config": DEFAULT_CONFIG})

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from mamba2_jax.errors import UserError
 from mamba2_jax.mitigations.validate import validate_fields
 
 DTYPES = {
@@ -25,7 +26,7 @@ REMAT_POLICIES = ("none", "full", "save_dots", "save_ssd_inputs")
 SSD_IMPLS = ("auto", "reference", "xla", "pallas_gpu", "pallas_tpu")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
   """A config value is invalid; the message names the field and the rule."""
 
 

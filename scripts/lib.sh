@@ -49,3 +49,18 @@ install_pinned() {
     touch "$stamp"
   fi
 }
+
+# install_project DIR: the project itself into DIR, editable (`pip install -e .`: imports resolve to
+# this checkout from any directory), without dependencies or build isolation (the pinned
+# setuptools already in DIR builds it, offline), unless done for this checkout and pyproject.toml.
+install_project() {
+  local dir=$1 stamp
+  stamp="$dir/.project-$( (pwd; cat pyproject.toml) | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    # (setuptools warns that folders named like the packages in the working directory take
+    # precedence: true of any editable install, and here they are the packages themselves)
+    PYTHONWARNINGS=ignore "$dir/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+    rm -f "$dir"/.project-*
+    touch "$stamp"
+  fi
+}

@@ -12,6 +12,7 @@ Model sources (`--checkpoint` of experiments.evaluate / experiments.demo, a swee
                            one complete step (default: the newest), its parameters verified
                            against the checksums saved with them (`load_workdir_model`); default
                            tokenizer: the one the run was trained with
+  WORKDIR/checkpoints/<N>  that step of the training workdir (`split_step_dir`)
 
 A damaged or missing workdir step raises `CheckpointError`; the evaluation jobs
 (mamba2_jax.eval.jobs) retry it and fall back to the steps that load.
@@ -31,6 +32,7 @@ from mamba2_jax.checkpoints.hub import OUR_CONFIG, from_pretrained
 from mamba2_jax.checkpoints.params import param_target, read_params
 from mamba2_jax.checkpoints.weight_files import WEIGHT_FILES
 from mamba2_jax.checkpoints.workdir import (
+  CHECKPOINT_DIR,
   CheckpointError,
   checkpoint_dir,
   complete_steps,
@@ -39,6 +41,7 @@ from mamba2_jax.checkpoints.workdir import (
 )
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.data import get_tokenizer
+from mamba2_jax.errors import InvalidInput
 from mamba2_jax.model import Mamba2LM
 
 RANDOM_PREFIX = "random:"
@@ -62,10 +65,24 @@ def is_pretrained_dir(path: str) -> bool:
   )
 
 
+def split_step_dir(spec: str) -> tuple[str, int] | None:
+  """(WORKDIR, N) for the directory of one step, WORKDIR/checkpoints/N; else None."""
+  path = os.path.abspath(spec)
+  parent, name = os.path.split(path)
+  if not (name.isdigit() and os.path.basename(parent) == CHECKPOINT_DIR and os.path.isdir(path)):
+    return None
+  return os.path.dirname(parent), int(name)
+
+
 def is_workdir(spec: str) -> bool:
-  """A directory that is not a pretrained checkpoint: a training workdir (possibly still
-  without checkpoints, for --mode=watch started before the trainer)."""
-  return not spec.startswith(RANDOM_PREFIX) and os.path.isdir(spec) and not is_pretrained_dir(spec)
+  """A directory that is not a pretrained checkpoint nor a step's directory: a training workdir
+  (possibly still without checkpoints, for --mode=watch started before the trainer)."""
+  return (
+    not spec.startswith(RANDOM_PREFIX)
+    and os.path.isdir(spec)
+    and not is_pretrained_dir(spec)
+    and split_step_dir(spec) is None
+  )
 
 
 def _overrides(model_dtype: str) -> dict:
@@ -82,12 +99,15 @@ def load_model(
   """
   if is_workdir(spec):
     return _load_workdir(spec, step, tokenizer=tokenizer, model_dtype=model_dtype)
+  step_dir = split_step_dir(spec)
+  if step_dir is not None and step in (None, step_dir[1]):
+    return _load_workdir(step_dir[0], step_dir[1], tokenizer=tokenizer, model_dtype=model_dtype)
   if step is not None:
-    raise ValueError(f"--checkpoint {spec!r}: a step applies to training workdirs only")
+    raise InvalidInput(f"--checkpoint {spec!r}: a step applies to training workdirs only")
   if spec.startswith(RANDOM_PREFIX):
     parts = spec[len(RANDOM_PREFIX) :].split(":")
-    if not parts[0] or len(parts) > 2:
-      raise ValueError(f"--checkpoint {spec!r}: expected random:<preset>[:seed]")
+    if not parts[0] or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+      raise InvalidInput(f"--checkpoint {spec!r}: expected random:<preset>[:seed]")
     seed = int(parts[1]) if len(parts) == 2 else 0
     cfg = Mamba2Config.preset(parts[0], **_overrides(model_dtype))
     model = Mamba2LM(cfg, rngs=nnx.Rngs(seed))
@@ -98,10 +118,11 @@ def load_model(
     tok = get_tokenizer(tokenizer or "neox")
     meta = {"source": os.path.abspath(spec), "step": None, "train_len": None}
   else:
+    what = "is not a directory" if os.path.exists(spec) else "does not exist"
     raise FileNotFoundError(
-      f"--checkpoint {spec!r}: not random:<preset>[:seed], nor a "
-      "checkpoint directory (mamba2_jax_config.json, or config.json and "
-      "weights), nor a training workdir"
+      f"--checkpoint {spec!r} {what}; expected random:<preset>[:seed], a checkpoint directory "
+      "(mamba2_jax_config.json, or config.json and weights), a training workdir or its "
+      "checkpoints/<step> directory"
     )
   check_vocab(model, tok)
   return LoadedModel(model, tok, meta)
@@ -117,16 +138,20 @@ def _load_workdir(workdir: str, step, *, tokenizer: str, model_dtype: str) -> Lo
     tok = get_tokenizer(tokenizer)
   elif isinstance(tok_identity, dict) and tok_identity.get("name") == "byte":
     tok = get_tokenizer("byte")
-  elif isinstance(tok_identity, dict) and tok_identity.get("name") == "gpt-neox-20b":
-    tok = get_tokenizer("neox")
+  elif isinstance(tok_identity, dict) and str(tok_identity.get("name")).startswith("gpt-neox-20b"):
+    tok = get_tokenizer(tok_identity["name"])  # gpt-neox-20b[:vocab=N]
   elif isinstance(tok_identity, dict) and str(tok_identity.get("name")).startswith("synthetic-"):
     tok = get_tokenizer(tok_identity["name"])
   else:
-    raise ValueError(
+    raise InvalidInput(
       f"{workdir} step {step}: cannot pick a tokenizer for identity "
       f"{tok_identity!r}; pass --tokenizer"
     )
-  tok.check_compatible(tok_identity, f"{workdir} step {step}")
+  tok.check_compatible(
+    tok_identity,
+    f"the checkpoint {workdir} step {step}",
+    "Leave --tokenizer out to use the checkpoint's own, or pass the one it was trained with.",
+  )
   check_vocab(model, tok)
   meta = {k: v for k, v in meta.items() if k != "checksums"}
   meta.update(
@@ -174,7 +199,7 @@ def load_workdir_model(
 
 def check_vocab(model, tok) -> None:
   if tok.vocab_size > model.config.vocab_size:
-    raise ValueError(
+    raise InvalidInput(
       f"tokenizer {tok.name!r} has {tok.vocab_size} ids but the model only "
       f"{model.config.vocab_size}; pass the right --tokenizer"
     )

@@ -40,6 +40,8 @@ from typing import Any, Mapping
 import ml_dtypes
 import numpy as np
 
+from mamba2_jax.errors import UserError
+
 __all__ = [
   "UnreadableCheckpointError",
   "UnsafeCheckpointError",
@@ -49,7 +51,7 @@ __all__ = [
 ]
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(UserError, ValueError):
   """A weight file could not be read (a damaged training step is a different error:
   `mamba2_jax.checkpoints.workdir.CheckpointError`)."""
 

@@ -22,13 +22,15 @@ import os
 import time
 from typing import Any, Mapping
 
+from mamba2_jax.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 TRAIN_COMPLETE = "train_complete"
 ITEMS = ("params", "opt_state", "data_iter", "meta")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint step cannot be used (missing item, unreadable, or checksum mismatch)."""
 
 

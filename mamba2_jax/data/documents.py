@@ -21,6 +21,7 @@ import numpy as np
 from mamba2_jax.data import sources as sources_lib
 from mamba2_jax.data import synthetic
 from mamba2_jax.data.tokenizers import get_tokenizer
+from mamba2_jax.errors import InvalidInput
 
 FORMAT = "mamba2_jax.prepared_documents/v1"
 MANIFEST = "manifest.json"
@@ -148,7 +149,7 @@ class PreparedDataset:
       raise FileNotFoundError(f"{self.directory}: not a prepared data directory (no {MANIFEST})")
     self.manifest = json.loads(mpath.read_text())
     if self.manifest.get("format") != FORMAT:
-      raise ValueError(f"{mpath}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+      raise InvalidInput(f"{mpath}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
     self.dtype = np.dtype(self.manifest["dtype"])
     shards = [s for s in self.manifest["shards"] if s["num_documents"] > 0]
     self.paths = [str(self.directory / SHARD_DIR / s["file"]) for s in shards]
@@ -161,7 +162,7 @@ class PreparedDataset:
     )
     self._len = int(self.lengths.size)
     if self._len != self.manifest["num_documents"]:
-      raise ValueError(
+      raise InvalidInput(
         f"{mpath}: {self._len} documents in the shards, manifest says "
         f"{self.manifest['num_documents']}"
       )
@@ -229,7 +230,7 @@ def load_documents(
     if tokenizer is not None:
       get_tokenizer(tokenizer).check_compatible(ds.tokenizer_identity, f"{dir_or_glob}")
     if subset is not None:
-      raise ValueError(
+      raise InvalidInput(
         "subset= applies to raw inputs; prepared data was filtered when prepared"
         f" (manifest filters: {ds.manifest.get('filters')})"
       )
@@ -243,7 +244,7 @@ def load_documents(
       yield ds[i]
     return
   if tokenizer is None:
-    raise ValueError(
+    raise InvalidInput(
       f"load_documents({dir_or_glob!r}): raw inputs need a tokenizer "
       "(e.g. 'byte', 'neox' or a tokenizer.json path)"
     )

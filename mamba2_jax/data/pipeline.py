@@ -40,6 +40,7 @@ import numpy as np
 from mamba2_jax.data import documents as docs_lib
 from mamba2_jax.data import synthetic
 from mamba2_jax.data.tokenizers import get_tokenizer
+from mamba2_jax.errors import InvalidInput
 
 PACKING_MODES = ("concat", "segments")
 _MAX_IN_MEMORY_TOKENS = 1 << 30
@@ -156,7 +157,7 @@ def open_documents(source, tokenizer=None, min_doc_tokens: int = 0):
     arrays.append(ids)
     total += ids.size
     if total > _MAX_IN_MEMORY_TOKENS:
-      raise ValueError(
+      raise InvalidInput(
         f"{source}: more than {_MAX_IN_MEMORY_TOKENS:,} tokens; prepare it first "
         "(python -m experiments.prepare_data) and stream the prepared directory"
       )
@@ -312,16 +313,18 @@ def make_train_dataset(
   else:
     docs, ident = documents
   if len(docs) == 0:
-    raise ValueError(f"{cfg.source}: no documents (after min_doc_tokens={cfg.min_doc_tokens})")
+    raise InvalidInput(f"{cfg.source}: no documents (after min_doc_tokens={cfg.min_doc_tokens})")
   eos = ident.get("eos_id") if cfg.add_eos else None
   bos = ident.get("bos_id") if cfg.add_bos else None
   if cfg.add_eos and eos is None and cfg.packing == "concat":
-    raise ValueError(
+    raise InvalidInput(
       f"tokenizer {ident.get('name')!r} has no EOS id: concat packing needs one "
-      "(use packing='segments' or add_eos=False)"
+      "(use packing='segments' or add_eos=False; in training --config.data.packing=segments)"
     )
   if cfg.add_bos and bos is None:
-    raise ValueError(f"tokenizer {ident.get('name')!r} has no BOS id (set add_bos=False)")
+    raise InvalidInput(
+      f"tokenizer {ident.get('name')!r} has no BOS id (set add_bos=False, --config.data.add_bos=False)"
+    )
   pad = ident.get("pad_id")
   pad = 0 if pad is None else pad
   ds = grain.MapDataset.source(docs)
@@ -431,7 +434,7 @@ def check_stream_fingerprint(saved: dict, current: dict) -> None:
     ]
   if saved.get("process_count") != current.get("process_count"):
     diffs.append(f"process_count: {saved.get('process_count')} -> {current.get('process_count')}")
-  raise ValueError(
+  raise InvalidInput(
     "the saved data-iterator state belongs to a different stream ("
     + "; ".join(diffs or ["fingerprint differs"])
     + "); resuming it would not "

@@ -9,8 +9,10 @@ Layout of OUT:
 
 Work is split into units of consecutive input files (a file larger than `shard_bytes` is a unit
 of its own); each unit becomes one shard, written under a temporary name and renamed, so an
-interrupted run resumes at the first unfinished unit. Re-running with other settings into the
-same OUT is refused (pass overwrite=True / --overwrite). Workers (spawned processes) take whole
+interrupted run resumes at the first unfinished unit. The settings bind OUT once a shard is
+finished: before that, a rerun with other settings starts again; after it, other settings are
+refused (pass overwrite=True / --overwrite), but for `on_error` where the finished shards are the
+same under both (`_check_resumable`). Workers (spawned processes) take whole
 units; HF tokenizers also encode each batch on all cores.
 """
 
@@ -33,6 +35,7 @@ import numpy as np
 from mamba2_jax.data import documents as docs_lib
 from mamba2_jax.data import sources as sources_lib
 from mamba2_jax.data.tokenizers import get_tokenizer
+from mamba2_jax.errors import InvalidInput
 
 DEFAULT_SHARD_BYTES = 256 << 20
 
@@ -175,6 +178,33 @@ def _diff(a: dict, b: dict) -> list[str]:
   return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def _check_resumable(out: Path, state: dict, settings: dict, log) -> None:
+  """Settings bind OUT once a shard is finished. Before that an interrupted or failed run is
+  started again with the new settings; after it, the settings must be the same but for on_error
+  where the finished shards are what the new value gives too: shards finished under "fail" hold
+  no bad input (the hint `--on_error=skip` after a failure resumes), shards finished under "skip"
+  only if they skipped nothing. Raises InvalidInput otherwise."""
+  shard_dir = out / docs_lib.SHARD_DIR
+  done = [s for u in range(len(state["units"])) if (s := _shard_done(shard_dir, u)) is not None]
+  old = state["settings"]
+  if not done:
+    if old != settings:
+      log(f"{out}: no shard was finished; starting again with the new settings")
+      shutil.rmtree(shard_dir, ignore_errors=True)
+    return
+  differ = _diff(old, settings)
+  if differ == ["on_error"]:
+    skipped = sum(s["bad_input"]["total"] for s in done)
+    if old["on_error"] == "fail" or not skipped:
+      return
+  if differ:
+    raise InvalidInput(
+      f"{out}: {len(done)} shard(s) were prepared with other settings (differ: "
+      f"{', '.join(differ)}); use the same settings to resume, another --out, or --overwrite "
+      "to start again"
+    )
+
+
 def _shard_done(shard_dir: Path, unit: int) -> dict | None:
   name = _shard_name(unit)
   j, rec = shard_dir / f"{name}.json", shard_dir / f"{name}.array_record"
@@ -214,17 +244,18 @@ def prepare(
       p.unlink(missing_ok=True)
     shutil.rmtree(out / docs_lib.SHARD_DIR, ignore_errors=True)
   if state_path.exists():
-    old = json.loads(state_path.read_text())["settings"]
-    if old != settings:
-      raise ValueError(
-        f"{out} was prepared with other settings (differ: {', '.join(_diff(old, settings))});"
-        " use another --out, or --overwrite to start again"
-      )
     if manifest_path.exists():
+      old = json.loads(state_path.read_text())["settings"]
+      if old != settings:
+        raise InvalidInput(
+          f"{out} was prepared with other settings (differ: {', '.join(_diff(old, settings))});"
+          " use another --out, or --overwrite to start again"
+        )
       log(f"{out}: already prepared ({manifest_path})")
       return json.loads(manifest_path.read_text())
+    _check_resumable(out, json.loads(state_path.read_text()), settings, log)
   elif out.exists() and any(out.iterdir()):
-    raise ValueError(f"{out} exists and is not a prepare_data directory; choose an empty --out")
+    raise InvalidInput(f"{out} exists and is not a prepare_data directory; choose an empty --out")
   (out / docs_lib.SHARD_DIR).mkdir(parents=True, exist_ok=True)
   _write_json_atomic(
     state_path,

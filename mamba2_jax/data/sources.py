@@ -33,6 +33,8 @@ import logging
 import os
 from typing import Iterator, Sequence
 
+from mamba2_jax.errors import InvalidInput, UserError
+
 JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz")
 SUPPORTED_SUFFIXES = JSONL_SUFFIXES + (".parquet", ".txt")
 BAD_KINDS = (
@@ -47,7 +49,7 @@ BAD_KINDS = (
 MAX_EXAMPLES = 20
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError, ValueError):
   """A problem in an input file; the message starts with `PATH: line N:` / `PATH: row N:`."""
 
   def __init__(self, kind: str, message: str):
@@ -270,7 +272,7 @@ def _classify(path, size_fn, explicit, ignored):
   fmt = _fmt_of(path)
   if fmt is None:
     if explicit:
-      raise ValueError(
+      raise InvalidInput(
         f"input {path}: unsupported file type (supported: {', '.join(SUPPORTED_SUFFIXES)})"
       )
     if ignored is not None and not os.path.basename(path).startswith("."):

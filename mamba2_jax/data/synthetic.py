@@ -21,6 +21,7 @@ import hashlib
 import numpy as np
 
 from mamba2_jax.data.identity import TokenizerMismatchError
+from mamba2_jax.errors import InvalidInput
 
 PREFIX = "synthetic:"
 PAD_ID, BOS_ID = 0, 1
@@ -51,9 +52,9 @@ class CopyTask:
   def __post_init__(self):
     for f in ("vocab", "span", "pairs", "docs"):
       if getattr(self, f) < 1:
-        raise ValueError(f"synthetic:copy: {f} must be >= 1, got {getattr(self, f)}")
+        raise InvalidInput(f"synthetic:copy: {f} must be >= 1, got {getattr(self, f)}")
     if self.vocab < 3:
-      raise ValueError(
+      raise InvalidInput(
         f"synthetic:copy: vocab must be >= 3 (ids 0, 1 are PAD, BOS), got {self.vocab}"
       )
 
@@ -71,13 +72,13 @@ def parse(source: str) -> CopyTask:
   rest = source[len(PREFIX) :]
   kind, _, args = rest.partition(":")
   if kind != "copy":
-    raise ValueError(f"{source}: unknown synthetic source {kind!r}; allowed: 'copy'")
+    raise InvalidInput(f"{source}: unknown synthetic source {kind!r}; allowed: 'copy'")
   kw = {}
   fields = {f.name for f in dataclasses.fields(CopyTask)}
   for item in filter(None, args.split(",")):
     k, sep, v = item.partition("=")
     if not sep or k not in fields:
-      raise ValueError(f"{source}: bad argument {item!r}; allowed keys: {sorted(fields)}")
+      raise InvalidInput(f"{source}: bad argument {item!r}; allowed keys: {sorted(fields)}")
     kw[k] = int(v)
   return CopyTask(**kw)
 
@@ -125,13 +126,14 @@ class SyntheticTokenizer:
       "sha256": hashlib.sha256(self.name.encode()).hexdigest(),
     }
 
-  def check_compatible(self, identity: dict, what: str = "the data") -> None:
+  def check_compatible(self, identity: dict, what: str = "the data", fix: str = "") -> None:
     mine = self.identity()
     if not isinstance(identity, dict) or any(
       identity.get(k) != mine[k] for k in ("name", "vocab_size", "sha256")
     ):
       raise TokenizerMismatchError(
         f"{what} was made with {identity!r}, this run uses {mine['name']!r}"
+        + (f". {fix}" if fix else "")
       )
 
   def encode(self, text: str) -> np.ndarray:

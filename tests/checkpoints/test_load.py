@@ -14,9 +14,15 @@ from mamba2_jax import Mamba2Config, Mamba2LM
 from mamba2_jax.checkpoints import CheckpointError, from_pretrained, load_model
 from mamba2_jax.checkpoints import workdir as workdir_lib
 from mamba2_jax.checkpoints.hub import OUR_CONFIG, OUR_PARAMS
-from mamba2_jax.checkpoints.load import is_pretrained_dir, is_workdir, load_workdir_model
+from mamba2_jax.checkpoints.load import (
+  is_pretrained_dir,
+  is_workdir,
+  load_workdir_model,
+  split_step_dir,
+)
 from mamba2_jax.checkpoints.params import save_params
-from mamba2_jax.data import get_tokenizer
+from mamba2_jax.data import TokenizerMismatchError, get_tokenizer
+from mamba2_jax.errors import InvalidInput, UserError
 from tests.paths import FIXTURES
 
 TINY = Mamba2Config.preset("tiny")
@@ -117,9 +123,29 @@ def test_training_workdir(tmp_path):
     load_model(str(tmp_path / "empty_wd"))
 
 
+def test_step_directory_is_that_step(tmp_path):
+  """--checkpoint=WORKDIR/checkpoints/10 loads step 10 (not the newest, not "no step yet")."""
+  wd = tmp_path / "wd"
+  _write_workdir(wd, [10, 20])
+  step_dir = wd / workdir_lib.CHECKPOINT_DIR / "10"
+  assert split_step_dir(str(step_dir)) == (str(wd), 10) and not is_workdir(str(step_dir))
+  assert split_step_dir(str(wd)) is None and split_step_dir(str(wd / "checkpoints")) is None
+  loaded = load_model(str(step_dir))
+  assert loaded.meta["step"] == 10 and loaded.meta["source"] == str(wd)
+  assert load_model(str(step_dir), step=10).meta["step"] == 10
+  with pytest.raises(InvalidInput, match="a step applies to training workdirs only"):
+    load_model(str(step_dir), step=20)
+  # a wrong --tokenizer for a checkpoint: the fix is about the checkpoint, not "re-prepare data"
+  with pytest.raises(TokenizerMismatchError, match="checkpoint .* Leave --tokenizer out") as e:
+    load_model(str(step_dir), tokenizer="synthetic:copy:vocab=64")
+  assert "re-prepare" not in str(e.value) and isinstance(e.value, UserError)
+
+
 def test_missing_source(tmp_path):
-  with pytest.raises(FileNotFoundError, match="nor a training workdir"):
+  with pytest.raises(FileNotFoundError, match="does not exist; expected random:"):
     load_model(str(tmp_path / "nothing"))
+  with pytest.raises(InvalidInput, match="expected random:<preset>"):
+    load_model("random:tiny:x")
 
 
 def test_workdir_layout_helpers(tmp_path):

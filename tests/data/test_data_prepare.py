@@ -129,6 +129,26 @@ def test_bad_input_fail_and_skip(tmp_path):
   assert m["num_documents"] == 7  # 6 good + "ok"
 
 
+def test_on_error_hint_resumes_into_the_same_out(tmp_path):
+  """The failure's hint (`--on_error=skip`) works as printed, into the same --out: settings bind
+  OUT once a shard is finished, and shards finished under "fail" are what "skip" gives."""
+  raw = tmp_path / "raw"
+  good = testing.write_corpus(raw, "jsonl.zst", TEXTS[:6], files=2)
+  whole = Path(good[0]).read_bytes()
+  testing.write_bytes(raw / "zz-last.jsonl.zst", whole[: len(whole) // 2])  # truncated
+  # one unit (no shard finishes before the failure), then one shard per file
+  for name, shard_bytes in [("one", 1 << 20), ("many", 1)]:
+    with pytest.raises(BadInputError, match="truncated.*--on_error=skip"):
+      _prep(tmp_path, str(raw), name=name, shard_bytes=shard_bytes)
+    m, out = _prep(tmp_path, str(raw), name=name, shard_bytes=shard_bytes, on_error="skip")
+    assert m["bad_input"]["total"] == 1 and m["num_documents"] == 6
+  # skip -> fail after a shard skipped input: that shard is not what "fail" gives; refused
+  (Path(out) / "manifest.json").unlink()
+  (Path(out) / "shards" / "shard-00000.json").unlink()
+  with pytest.raises(ValueError, match="other settings.*on_error"):
+    _prep(tmp_path, str(raw), name="many", shard_bytes=1)
+
+
 def test_tokenizer_identity_is_checked(tmp_path):
   raw = _corpus(tmp_path, "jsonl")
   _, out = _prep(tmp_path, raw)

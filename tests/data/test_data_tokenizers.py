@@ -61,6 +61,39 @@ def test_hf_tokenizer_json(tmp_path):
   assert clone.identity() == tok.identity()
 
 
+def _byte_level_bpe(path, vocab_size=400) -> str:
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  t = Tokenizer(models.BPE())
+  t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  t.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=["<|endoftext|>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
+  t.train_from_iterator(testing.sample_texts(40, seed=1), trainer)
+  t.save(str(path))
+  return str(path)
+
+
+def test_byte_level_bpe_trimmed_vocab(tmp_path):
+  """`PATH:vocab=N` (documented) on a BPE file: the merges of dropped tokens go too."""
+  path = _byte_level_bpe(tmp_path / "bpe.json")
+  full = get_tokenizer(path)
+  text = "The state collapses, naïvely, at 4096 tokens.\n  Indented."
+  for n in (300, 380):
+    tok = get_tokenizer(f"{path}:vocab={n}")
+    ids = tok.encode(text)
+    assert tok.vocab_size == n and ids.max() < n and tok.decode(ids) == text
+    assert len(ids) >= len(full.encode(text))  # fewer merges, no fewer tokens
+    assert (
+      tok.name == f"hf:bpe.json:vocab={n}" and get_tokenizer(tok.spec).identity() == tok.identity()
+    )
+  with pytest.raises(ValueError, match="PATH:vocab=N"):
+    get_tokenizer(f"{path}:vocab=many")
+
+
 def test_get_tokenizer_errors(tmp_path, monkeypatch):
   monkeypatch.setenv("MAMBA2_JAX_CACHE", str(tmp_path))
   with pytest.raises(FileNotFoundError, match="get_neox_tokenizer.sh"):
@@ -87,3 +120,7 @@ def test_neox_from_shared_file(tmp_path, monkeypatch):
   (tmp_path / "tokenizers").mkdir()
   (tmp_path / "tokenizers" / tok_lib.NEOX_FILENAME).write_bytes(NEOX_FILE.read_bytes())
   assert get_tokenizer("neox").identity() == tok.identity()
+  # a trimmed NeoX (BPE: its merges go too), by path or by name, named so that it is found again
+  small = get_tokenizer(f"{NEOX_FILE}:vocab=1000")
+  assert small.name == "gpt-neox-20b:vocab=1000" and small.decode(small.encode(text)) == text
+  assert get_tokenizer(small.name).identity() == small.identity()

@@ -265,6 +265,17 @@ def test_changed_settings_never_reuse_stale_results(tmp_path):
   assert [m["settings_key"] for m in _metrics(out)] == [res["settings_key"]]
 
 
+def test_step_directory_evaluates_that_step(tmp_path):
+  """--checkpoint=WORKDIR/checkpoints/10 evaluates step 10, once, into OUT (it used to say "no
+  complete checkpoint step yet")."""
+  wd, out = tmp_path / "wd", tmp_path / "out"
+  _save_steps(wd, [10, 20])
+  step_dir = str(wd / "checkpoints" / "10")
+  lines = jobs.evaluate_source(step_dir, "ppl_by_position", _cfg("ppl_by_position"), out)
+  assert [l["step"] for l in lines] == [10]
+  assert json.loads((out / "results.json").read_text())["checkpoint"]["step"] == 10
+
+
 def test_mode_watch_follows_training_and_retries_damaged_steps(tmp_path):
   wd, out = tmp_path / "wd", tmp_path / "out"
   _save_steps(wd, [10, 20])
