@@ -82,6 +82,7 @@ def evaluate_step(
     ledger.record_failure(step, e)
     return None
   log.info("evaluating %s on step %d of %s", task, step, workdir)
+  ledger.start()
   results = evaluate_model(loaded, task, cfg, out / f"step_{step}", ledger.data["settings"])
   line = log_metrics(out, task, loaded.meta, results)
   ledger.record_done(step, line)
@@ -119,6 +120,7 @@ def evaluate_source(
     if mode != "latest":
       log.info("--mode=%s applies to training workdirs; %s is evaluated once", mode, spec)
     loaded = load_model(spec, tokenizer=tokenizer, model_dtype=cfg.model_dtype)
+    ledger.start()
     results = evaluate_model(loaded, task, cfg, out, settings)
     line = log_metrics(out, task, loaded.meta, results)
     ledger.record_done("source", line)

@@ -92,8 +92,9 @@ def settings_diff(old: dict | None, new: dict) -> list[str]:
 class Ledger:
   """OUT/evaluated_steps.json: the settings of OUT's results and which steps are done/failing.
 
-  Created (and written at once, before any evaluation, so that partial outputs such as passkey's
-  preds_*.jsonl are covered) for settings `settings`; see the module docstring for a mismatch.
+  Created for settings `settings` and written by `start()`, before any evaluation writes into OUT
+  (so that partial outputs such as passkey's preds_*.jsonl are covered); see the module
+  docstring for a mismatch.
   """
 
   def __init__(self, out, task: str, settings: dict, *, overwrite: bool = False):
@@ -111,12 +112,19 @@ class Ledger:
           )
         diffs = settings_diff((data or {}).get("settings"), settings)
         raise SettingsMismatch(self._message(task, diffs, earlier))
-      if earlier:
+      fresh = {"task": task, "settings_key": self.key, "settings": settings}
+      fresh.update(evaluated={}, failed={})
+      if earlier:  # moved aside: OUT belongs to these settings from now on
         self._move_aside((data or {}).get("settings_key") or "unknown", earlier)
-      data = {"task": task, "settings_key": self.key, "settings": settings}
-      data.update(evaluated={}, failed={})
+        io.write_json(self.path, fresh)
+      data = fresh
     self.data = data
-    io.write_json(self.path, self.data)
+
+  def start(self) -> None:
+    """Writes the ledger before a model's evaluation writes anything into OUT (a run that
+    fails before that, e.g. on a wrong checkpoint path, leaves OUT as it was)."""
+    if not self.path.exists():
+      io.write_json(self.path, self.data)
 
   def _earlier_results(self, data: dict | None) -> list[Path]:
     """OUT's results (step_<N>/ dirs, task files, metrics, the ledger), [] if there are none."""
