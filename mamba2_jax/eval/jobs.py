@@ -141,7 +141,9 @@ def evaluate_source(
       return lines
     line = evaluate_step(spec, step, task, cfg, out, ledger, tokenizer=tokenizer)
     if line is None:
-      raise RuntimeError(f"{spec}: the latest step {step} could not be loaded; see {ledger.path}")
+      raise CheckpointError(
+        f"{spec}: the latest step {step} could not be loaded; see {ledger.path}"
+      )
     return [line]
 
   start = time.monotonic()

@@ -18,6 +18,7 @@ import os
 import time
 from pathlib import Path
 
+from mamba2_jax.errors import InvalidInput
 from mamba2_jax.eval import io
 
 LEDGER = "evaluated_steps.json"
@@ -41,7 +42,7 @@ NON_RESULT_FIELDS = frozenset(
 _OUT_FILES = ("results.json", "preds_*.jsonl", "*.npz", "*.png")
 
 
-class SettingsMismatch(ValueError):
+class SettingsMismatch(InvalidInput):
   """OUT holds results of other settings than the evaluation asked for."""
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mamba2_jax.data import get_tokenizer
+from mamba2_jax.errors import InvalidInput
 from mamba2_jax.eval import criteria, io, streaming
 from mamba2_jax.eval.tasks import resolve_train_len
 from mamba2_jax.generate import decode_tokens
@@ -159,7 +160,7 @@ def evaluate_length(
     if r["ground_truth"] != sample_key(cfg.seed, length, idx) or (
       idx < cfg.num_samples and abs(depth - sample_depth(idx, cfg.num_samples)) > 1e-9
     ):
-      raise ValueError(
+      raise InvalidInput(
         f"{path}: sample {idx} (key {r['ground_truth']}, depth {depth}) was made "
         f"with another seed or num_samples than this config (seed {cfg.seed}, "
         f"num_samples {cfg.num_samples}); use another --out or delete the file"

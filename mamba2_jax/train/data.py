@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 
+from mamba2_jax.errors import InvalidInput
 from mamba2_jax.data.pipeline import (
   StreamConfig,
   make_train_iterator,
@@ -54,7 +55,7 @@ class ShardedStream:
     saved = json.loads(state) if isinstance(state, (bytes, str)) else state
     missing = [s for s in self.shards if str(s) not in saved]
     if missing:
-      raise ValueError(
+      raise InvalidInput(
         f"data iterator state has no entry for logical shard(s) {missing} "
         f"(it holds {sorted(saved, key=int)})"
       )
