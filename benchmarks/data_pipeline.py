@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import mamba2_jax.host_tuning  # noqa: E402,F401  (first: malloc for XLA on CPU hosts)
 from absl import flags  # noqa: E402
 
 flags.FLAGS(sys.argv[:1])  # grain's mp_prefetch reads an absl flag

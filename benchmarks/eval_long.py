@@ -32,13 +32,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mamba2_jax.runtime import tune_cpu_malloc  # noqa: E402  (imports no numpy / jax)
+
+# opt-in here (it blurs the RSS measurement); before numpy and jax start threads
+_MALLOC_TUNED = "--tune_malloc" in sys.argv and tune_cpu_malloc()
+
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mamba2_jax import Mamba2Config, Mamba2LM  # noqa: E402
 from configs.evaluate import get_config  # noqa: E402
 from mamba2_jax.eval import run_ppl_by_position  # noqa: E402
-from mamba2_jax.runtime import tune_cpu_malloc  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -129,8 +133,6 @@ def main():
   p.add_argument("--tune_malloc", action="store_true")
   p.add_argument("--out", default="benchmarks/results/eval_long.json")
   args = p.parse_args()
-  if args.tune_malloc:
-    tune_cpu_malloc()
   load = os.getloadavg()
   print(
     f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs, "

@@ -1,7 +1,7 @@
 r"""Model benchmark on CPU: forward / training-step tokens/s and decode ms/token, vs peers.
 
   .venv/bin/python benchmarks/model_cpu.py [--seq_lens 2048,8192] [--out benchmarks/results/model_cpu.json]
-      [--peers hf,mamba2jax|none] [--chunk_size 256]
+      [--peers hf,mamba2jax|none] [--chunk_size 64] [--scan_unroll 4]
 
 Config (the issue's): d_model 256, 4 layers, d_state 128, headdim 64 (8 heads), expand 2,
 vocab 1024, fp32, batch 1. The training step is forward + backward of the mean next-token
@@ -156,15 +156,20 @@ def main():
   p.add_argument(
     "--chunk_size",
     type=int,
-    default=64,
-    help="our SSD chunk (64 is fastest on CPU); peers use --peer_chunk",
+    default=None,
+    help="our SSD chunk (default: the config's 'auto', 64 on CPU); peers use --peer_chunks",
   )
   p.add_argument(
     "--peer_chunks", default="256,128", help="chunk sizes to run each peer at (256 = their default)"
   )
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--peers", default="hf,mamba2jax")
-  p.add_argument("--scan_unroll", type=int, default=4, help="layers per layer-scan iteration")
+  p.add_argument(
+    "--scan_unroll",
+    type=int,
+    default=None,
+    help="layers per layer-scan iteration (default: the config's 'auto', all 4 on CPU)",
+  )
   p.add_argument(
     "--no_tune_malloc",
     action="store_true",
@@ -176,9 +181,11 @@ def main():
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
 
   malloc_tuned = _MALLOC_TUNED
-  cfg = Mamba2Config.preset("bench-cpu", scan_unroll=args.scan_unroll)
+  cfg = Mamba2Config.preset("bench-cpu")  # chunk_size, scan_unroll: "auto" unless given
   if args.chunk_size:
     cfg = cfg.replace(chunk_size=args.chunk_size)
+  if args.scan_unroll:
+    cfg = cfg.replace(scan_unroll=args.scan_unroll)
   peak = matmul_peak_flops()
   print(
     f"fp32 matmul peak (jax, 2048^3): {peak / 1e9:.0f} GFLOP/s; "
@@ -203,7 +210,7 @@ def main():
     mfu = r["train_model_flops"] / r["train_step_s"] / peak
     r["mfu"] = mfu
     print(
-      f"{'mamba2_jax (ours, chunk %d)' % cfg.chunk_size:28s} {r['seq_len']:6d} "
+      f"{'mamba2_jax (ours, chunk %d)' % cfg.resolved_chunk_size():28s} {r['seq_len']:6d} "
       f"{r['forward_tokens_per_s']:10.0f} {r['train_step_tokens_per_s']:12.0f} {mfu:6.1%}"
     )
   for peer in peers:
@@ -248,6 +255,10 @@ def main():
       "malloc_tuned": malloc_tuned,
     },
     "config": cfg.to_dict(),
+    "resolved": {
+      "chunk_size": cfg.resolved_chunk_size(),
+      "scan_unroll": cfg.resolved_scan_unroll(),
+    },
     "ours": ours,
     "peers": peers,
     "date": time.strftime("%Y-%m-%d"),

@@ -76,6 +76,7 @@ GOAL_BYTES, GOAL_FLOPS = 1.5, 1.25
 if str(ROOT) not in sys.path:  # python benchmarks/ssd_audit.py from anywhere
   sys.path.insert(0, str(ROOT))
 
+import mamba2_jax.host_tuning  # noqa: E402,F401  (first: malloc for XLA on CPU hosts)
 from benchmarks.audit_count import hlo_traffic, kernel_work, pallas_calls  # noqa: E402
 
 

@@ -16,7 +16,7 @@ would let XLA constant-fold dy = 1). Each entry is the median (and min) of
 Usage:
   python benchmarks/ssd_kernels.py --out results.json
   python benchmarks/ssd_kernels.py --quick                 # bench shape only
-  python benchmarks/ssd_kernels.py --shapes bench --chunks 32,64,128 --tune-malloc
+  python benchmarks/ssd_kernels.py --shapes bench --chunks 32,64,128 --no-tune-malloc
 
 Pallas implementations need their accelerator: ``pallas_gpu`` is timed only on a GPU
 backend and ``pallas_tpu`` only on a TPU backend (on CPU they would run in interpret
@@ -24,8 +24,8 @@ mode, which is for tests only); elsewhere they are reported as skipped. On a GPU
 ``pallas_gpu_tf32`` (the same kernels with TF32 instead of IEEE fp32 dots) is timed
 too, and so is the mamba_ssm Triton kernel ``mamba_chunk_scan_combined`` (torch, same
 shapes, fp32) when it is importable (impl name ``mamba_ssm``).
-``--tune-malloc`` sets glibc ``M_MMAP_MAX=0`` / a large ``M_TRIM_THRESHOLD``
-before JAX allocates anything: XLA:CPU temp buffers above glibc's mmap threshold
+On CPU hosts glibc's malloc is tuned before JAX loads (``mamba2_jax.runtime.tune_for_this_host``;
+``--no-tune-malloc`` keeps the defaults): XLA:CPU temp buffers above glibc's mmap threshold
 (max 32 MiB) are otherwise mmap'ed fresh on every call and every page written
 pays a page fault, which on this 2-core CPU made fwd+bwd ~1.5x slower.
 """
@@ -33,7 +33,6 @@ pays a page fault, which on this 2-core CPU made fwd+bwd ~1.5x slower.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -45,6 +44,11 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # allow `python benchmarks/ssd_kernels.py` from anywhere
   sys.path.insert(0, str(_ROOT))
+
+from mamba2_jax.runtime import tune_for_this_host  # noqa: E402  (imports no numpy / jax)
+
+# before numpy and jax start threads (see mamba2_jax/runtime.py)
+_MALLOC_TUNED = "--no-tune-malloc" not in sys.argv and tune_for_this_host()
 
 SHAPES = {
   "130m": dict(H=24, P=64, N=128, G=1),
@@ -61,16 +65,6 @@ DEFAULT_PLAN = [
   ("2.7b", 2048, 256),
   ("2.7b", 8192, 256),
 ]
-
-
-def tune_malloc() -> bool:
-  """glibc only: keep freed memory in the heap instead of mmap/munmap per call."""
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-  return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 34))
 
 
 def parse_args(argv=None):
@@ -97,7 +91,7 @@ def parse_args(argv=None):
   p.add_argument("--ref-shapes", default="bench,130m", help="shapes on which the reference runs")
   p.add_argument("--no-bwd", action="store_true", help="forward only")
   p.add_argument("--quick", action="store_true", help="bench shape, L=2048, chunks 64/128/256 only")
-  p.add_argument("--tune-malloc", action="store_true", help="see module docstring")
+  p.add_argument("--no-tune-malloc", action="store_true", help="keep glibc's default malloc")
   return p.parse_args(argv)
 
 
@@ -188,7 +182,7 @@ def plan_key(e):
 
 def main(argv=None):
   args = parse_args(argv)
-  malloc_tuned = tune_malloc() if args.tune_malloc else False
+  malloc_tuned = _MALLOC_TUNED
 
   import jax
   import jax.numpy as jnp
@@ -250,8 +244,8 @@ def main(argv=None):
     )
     if not malloc_tuned:
       print(
-        "# hint: --tune-malloc stops glibc from mmap'ing XLA:CPU temp buffers afresh on every call "
-        "(page faults); see the module docstring."
+        "# note: malloc not tuned (--no-tune-malloc or MAMBA2_JAX_TUNE_MALLOC=0): glibc mmaps "
+        "XLA:CPU temp buffers afresh on every call (page faults); see the module docstring."
       )
 
   results = []

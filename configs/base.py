@@ -14,7 +14,7 @@ any device work (mamba2_jax/train/config.py); errors name the field and the allo
 import ml_collections
 from ml_collections import config_dict
 
-from mamba2_jax.config import Mamba2Config
+from mamba2_jax.config import AUTO_FIELDS, Mamba2Config
 
 # Logical parameter axes of the model (mamba2_jax/layers.py) -> mesh axes ("data", "fsdp",
 # "tensor"). "batch" is the activations' batch axis.
@@ -33,10 +33,13 @@ DEFAULT_RULES = (
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
-  """All Mamba2Config fields of a preset as a ConfigDict (each overridable)."""
+  """All Mamba2Config fields of a preset as a ConfigDict (each overridable). chunk_size and
+  scan_unroll take an int or "auto" (`--config.model.chunk_size=64` or `=auto`)."""
   d = Mamba2Config.preset(preset, **overrides).to_dict()
   d["A_init_range"] = tuple(d["A_init_range"])
   d["dt_limit"] = tuple(d["dt_limit"])
+  for f in AUTO_FIELDS:
+    d[f] = config_dict.FieldReference(d[f], field_type=object)
   return ml_collections.ConfigDict(d)
 
 

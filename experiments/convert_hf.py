@@ -7,6 +7,8 @@ DST gets `mamba2_jax_config.json` (the Mamba2Config), `params/` (orbax) and `sou
 restricted unpickler, `.safetensors` with safetensors' numpy API.
 """
 
+import mamba2_jax.host_tuning  # noqa: F401  (first: malloc for XLA on CPU hosts; before numpy/jax)
+
 import json
 import os
 import shutil

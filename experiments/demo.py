@@ -7,6 +7,8 @@ r"""Inference smoke demo on CPU: forward, chunked prefill vs full, decode, gener
 (The main demo, `bash scripts/demo.sh`, trains models and shows state collapse.)
 """
 
+import mamba2_jax.host_tuning  # noqa: F401  (first: malloc for XLA on CPU hosts; before numpy/jax)
+
 import logging
 import time
 

@@ -14,6 +14,8 @@ unless --overwrite. Config overrides (--config.x=y) need --config=configs/evalua
 without --config the task's defaults are used.
 """
 
+import mamba2_jax.host_tuning  # noqa: F401  (first: malloc for XLA on CPU hosts; before numpy/jax)
+
 import logging
 
 from absl import app, flags

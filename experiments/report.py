@@ -6,6 +6,8 @@ Writes report.md (tables and plots), report.json (every number) and the PNGs; se
 mamba2_jax/sweep/report.py for the definitions.
 """
 
+import mamba2_jax.host_tuning  # noqa: F401  (first: malloc for XLA on CPU hosts; before numpy/jax)
+
 from absl import flags
 
 from experiments import cli

@@ -11,6 +11,8 @@ and the sweep continues (exit code 1 at the end if any failed). --only=name1,nam
 the sweep to some runs (names as printed).
 """
 
+import mamba2_jax.host_tuning  # noqa: F401  (first: malloc for XLA on CPU hosts; before numpy/jax)
+
 import sys
 
 from absl import app, flags

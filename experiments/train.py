@@ -14,6 +14,8 @@ loss stops it (exit code 3) with the last good checkpoint kept; WORKDIR/train_co
 the end. Outputs: WORKDIR/{config.json, metrics.jsonl, tensorboard/, checkpoints/}.
 """
 
+import mamba2_jax.host_tuning  # noqa: F401  (first: malloc for XLA on CPU hosts; before numpy/jax)
+
 import logging
 import sys
 

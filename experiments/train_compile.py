@@ -12,6 +12,8 @@ HBM, FLOPs (cost_analysis()) and the model's FLOP count, and exits 1 when the st
 compile or does not fit. Topology names: v5e:2x2, v5e:16x16, v5p:4x4x4, v6e:8x8, v4:2x2x2, ...
 """
 
+import mamba2_jax.host_tuning  # noqa: F401  (first: malloc for XLA on CPU hosts; before numpy/jax)
+
 import os
 import sys
 import time
@@ -122,7 +124,7 @@ def compile_train_step(config, topology: str, num_hosts=None) -> dict:
     "hbm_bytes": _hbm(devices[0].device_kind),
     "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
     "model_flops_per_device": 3
-    * model_flops_per_token(model_cfg, config.seq_len)
+    * model_flops_per_token(model_cfg, config.seq_len, "tpu")
     * tokens
     / len(devices),
     "lower_s": t_lower,

@@ -24,6 +24,17 @@ DTYPES = {
 }
 REMAT_POLICIES = ("none", "full", "save_dots", "save_ssd_inputs")
 SSD_IMPLS = ("auto", "reference", "xla", "pallas_gpu", "pallas_tpu")
+# Fields that change speed, not the function: an int >= 1 or "auto", resolved at trace time for
+# the platform compiled for (`resolved_chunk_size`, `resolved_scan_unroll`).
+AUTO_FIELDS = ("chunk_size", "scan_unroll")
+# SSD chunk of chunk_size="auto" by platform ("*": every other). CPU: 64 (the model benchmark's
+# fastest chunk, docs/benchmarks.md); TPU/GPU: 256, the kernels' and official tuning.
+AUTO_CHUNK_SIZE = {"cpu": 64, "*": 256}
+# scan_unroll="auto" on the CPU: models of at most this many layers run fully unrolled (a rolled
+# layer scan copies every saved activation into its stacked buffer and back: 1.5x the training
+# step of the CPU presets); deeper ones, and every model on TPU/GPU, stay rolled (compile time
+# then does not grow with depth).
+AUTO_UNROLL_MAX_LAYERS = 8
 
 
 class ConfigError(UserError, ValueError):
@@ -41,7 +52,7 @@ class Mamba2Config:
   expand: int = 2
   ngroups: int = 1
   d_conv: int = 4
-  chunk_size: int = 256
+  chunk_size: int | str = "auto"  # SSD chunk Q; "auto": by platform (AUTO_CHUNK_SIZE)
   vocab_size: int = 50277
   pad_vocab_size_multiple: int = 16
   tie_embeddings: bool = True
@@ -60,7 +71,8 @@ class Mamba2Config:
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of parameters (A_log is always float32)
   remat_policy: str = "none"  # one of REMAT_POLICIES, applied per layer
-  scan_unroll: int = 1  # layers per iteration of the layer scan (n_layer = fully unrolled)
+  # layers per iteration of the layer scan (n_layer = fully unrolled); "auto": by platform
+  scan_unroll: int | str = "auto"
   fused_in_proj: bool = True  # one matmul for z|x|B|C|dt (set False under tensor parallelism)
   ssd_impl: str = "auto"  # one of SSD_IMPLS; see mamba2_jax.ssd.ssd
   # Training-free state-collapse mitigations (paper §3; mamba2_jax/mitigations/). Defaults = off.
@@ -76,6 +88,10 @@ class Mamba2Config:
     # Tuples arrive as lists from JSON / ml_collections; normalise before validating.
     object.__setattr__(self, "A_init_range", tuple(float(v) for v in self.A_init_range))
     object.__setattr__(self, "dt_limit", tuple(float(v) for v in self.dt_limit))
+    for f in AUTO_FIELDS:  # a command line's "64" is the int 64
+      v = getattr(self, f)
+      if isinstance(v, str) and v.strip().isdigit():
+        object.__setattr__(self, f, int(v))
     if isinstance(self.state_norm_threshold, str):  # JSON has no inf: written as "inf"
       try:
         object.__setattr__(self, "state_norm_threshold", float(self.state_norm_threshold))
@@ -147,6 +163,25 @@ class Mamba2Config:
     )
     return v * d + self.n_layer * per_layer + d + (0 if self.tie_embeddings else v * d)
 
+  # Speed settings, resolved where they are used ----------------------------------------------
+  def resolved_chunk_size(self, platform: str | None = None) -> int:
+    """The SSD chunk: `chunk_size`, or for "auto" AUTO_CHUNK_SIZE of `platform` (None: the
+    platform being compiled for, `mamba2_jax.ssd.platform.target_platform`; call at trace
+    time). Every SSD impl takes any chunk >= 1 (the Pallas cores round it to their tiles)."""
+    if self.chunk_size != "auto":
+      return self.chunk_size
+    platform = platform or _target_platform()
+    return AUTO_CHUNK_SIZE.get(platform, AUTO_CHUNK_SIZE["*"])
+
+  def resolved_scan_unroll(self, platform: str | None = None) -> int:
+    """Layers per layer-scan iteration: `scan_unroll`, or for "auto" n_layer (fully unrolled)
+    on the CPU up to AUTO_UNROLL_MAX_LAYERS layers, else 1; `platform` as in
+    `resolved_chunk_size`."""
+    if self.scan_unroll != "auto":
+      return self.scan_unroll
+    platform = platform or _target_platform()
+    return self.n_layer if platform == "cpu" and self.n_layer <= AUTO_UNROLL_MAX_LAYERS else 1
+
   # Validation -----------------------------------------------------------------------------
   def validate(self) -> None:
     def fail(field, rule):
@@ -160,14 +195,16 @@ class Mamba2Config:
       "expand",
       "ngroups",
       "d_conv",
-      "chunk_size",
       "vocab_size",
       "pad_vocab_size_multiple",
-      "scan_unroll",
     ):
       v = getattr(self, f)
       if not isinstance(v, int) or isinstance(v, bool) or v < 1:
         fail(f, f"must be a positive integer, got {v!r}")
+    for f in AUTO_FIELDS:
+      v = getattr(self, f)
+      if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        fail(f, f"must be a positive integer or 'auto', got {v!r}")
     if self.d_inner % self.headdim:
       fail(
         "headdim",
@@ -251,17 +288,16 @@ PRESETS: dict[str, dict[str, Any]] = {
   "mamba2-780m": dict(d_model=1536, n_layer=48),
   "mamba2-1.3b": dict(d_model=2048, n_layer=48),
   "mamba2-2.7b": dict(d_model=2560, n_layer=64),
-  # Tiny CPU models (byte vocabulary: 256 bytes + BOS/EOS/PAD). Both layers in one scan
-  # iteration: on XLA:CPU a rolled layer scan copies every saved activation into its stacked
-  # residual buffer and back (measured: 1.5x the whole training step of these models).
-  "tiny": dict(
-    d_model=64, n_layer=2, d_state=16, headdim=16, chunk_size=64, vocab_size=259, scan_unroll=2
-  ),
-  "small": dict(
-    d_model=128, n_layer=2, d_state=128, headdim=32, chunk_size=64, vocab_size=259, scan_unroll=2
-  ),
+  # Tiny CPU models (byte vocabulary: 256 bytes + BOS/EOS/PAD). Presets fix shapes only:
+  # chunk_size and scan_unroll stay "auto" (on a CPU: chunk 64, layers fully unrolled).
+  "tiny": dict(d_model=64, n_layer=2, d_state=16, headdim=16, vocab_size=259),
+  "small": dict(d_model=128, n_layer=2, d_state=128, headdim=32, vocab_size=259),
   # The model benchmark's shape (benchmarks/model_cpu.py).
-  "bench-cpu": dict(
-    d_model=256, n_layer=4, d_state=128, headdim=64, chunk_size=256, vocab_size=1024
-  ),
+  "bench-cpu": dict(d_model=256, n_layer=4, d_state=128, headdim=64, vocab_size=1024),
 }
+
+
+def _target_platform() -> str:
+  from mamba2_jax.ssd.platform import target_platform  # pylint: disable=g-import-not-at-top
+
+  return target_platform()

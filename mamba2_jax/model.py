@@ -15,7 +15,7 @@ from mamba2_jax.cache import Mamba2Cache
 from mamba2_jax.compiled import compiled_method
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.layers import param, rms_norm
-from mamba2_jax.loss import lm_head_logits
+from mamba2_jax.loss import lm_head_logits, model_nll
 from mamba2_jax.mixer import Mamba2Mixer
 
 _REMAT = {
@@ -49,7 +49,8 @@ class Mamba2LM(nnx.Module):
   """Mamba-2 language model.
 
   `model(tokens (b, L) int32, segment_ids=None) -> logits (b, L, padded_vocab) float32`.
-  Inference: `init_cache(b)`, `prefill(tokens, cache=None) -> (logits, cache)`,
+  Training: `loss(tokens, targets) -> mean next-token NLL` (the LM head fused with the
+  cross-entropy). Inference: `init_cache(b)`, `prefill(tokens, cache=None) -> (logits, cache)`,
   `decode_step(token (b,), cache) -> (logits (b, padded_vocab), cache)`.
   """
 
@@ -103,11 +104,32 @@ class Mamba2LM(nnx.Module):
 
     if self.config.remat_policy != "none":
       body = jax.checkpoint(body, policy=_REMAT.get(self.config.remat_policy), prevent_cse=False)
-    return jax.lax.scan(body, residual, (state, cache), unroll=self.config.scan_unroll)
+    return jax.lax.scan(body, residual, (state, cache), unroll=self.config.resolved_scan_unroll())
 
   @compiled_method
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:
     return self._logits(self.features(tokens, segment_ids=segment_ids)[0])
+
+  @compiled_method
+  def loss(
+    self,
+    tokens: jax.Array,
+    targets: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    mask: jax.Array | None = None,
+  ) -> jax.Array:
+    """The training loss: mean negative log-likelihood (float32 scalar) of `targets` (b, L)
+    after `tokens` (b, L); with `mask` (b, L) (bool or weights) sum(nll * mask) /
+    max(sum(mask), 1), i.e. the mean over the masked-in tokens and 0 when there are none. The
+    LM head is fused with the cross-entropy (`mamba2_jax.loss.model_nll`): no log-softmax over
+    the vocabulary is materialised, and long sequences go in strided passes. Differentiate it
+    inside a transformation, e.g. `nnx.value_and_grad(lambda m: m.loss(x, y))(model)`."""
+    nll, _ = model_nll(self, tokens, targets, segment_ids=segment_ids)
+    if mask is None:
+      return jnp.mean(nll)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(nll * m) / jnp.maximum(jnp.sum(m), 1.0)
 
   def features(
     self,

@@ -1,4 +1,9 @@
-"""Process-level settings for fast CPU runs."""
+"""Process-level settings for fast CPU runs.
+
+Every binary (experiments/, benchmarks/) starts with `import mamba2_jax.host_tuning`, which calls
+:func:`tune_for_this_host` before numpy or jax are imported; a library user does the same as the
+first line of a program (README). Nothing here imports numpy or jax.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,17 @@ import ctypes
 import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_TUNED: list[bool] = []  # the result of this process's tune_for_this_host(), once called
+
+
+def tune_for_this_host() -> bool:
+  """Applies :func:`tune_cpu_malloc` where :func:`cpu_only_host` (once per process; later calls
+  return the first call's result). Returns whether malloc was tuned. Measured on a 2-core CPU:
+  1.5x the model benchmark's training step (docs/benchmarks.md). MAMBA2_JAX_TUNE_MALLOC=0
+  turns it off (=1 forces it on)."""
+  if not _TUNED:
+    _TUNED.append(cpu_only_host() and tune_cpu_malloc())
+  return _TUNED[0]
 
 
 def tune_cpu_malloc() -> bool:

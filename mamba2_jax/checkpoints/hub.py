@@ -60,7 +60,6 @@ def config_from_hf(cfg: dict[str, Any]) -> Mamba2Config:
     expand=expand,
     ngroups=cfg.get("n_groups", 1),
     d_conv=cfg.get("conv_kernel", 4),
-    chunk_size=cfg.get("chunk_size", 256),
     vocab_size=cfg["vocab_size"],
     pad_vocab_size_multiple=cfg.get("pad_vocab_size_multiple", 16),
     tie_embeddings=cfg.get("tie_word_embeddings", True),
@@ -102,7 +101,6 @@ def config_from_official(cfg: dict[str, Any]) -> Mamba2Config:
     expand=expand,
     ngroups=ssm.get("ngroups", 1),
     d_conv=ssm.get("d_conv", 4),
-    chunk_size=ssm.get("chunk_size", 256),
     vocab_size=cfg["vocab_size"],
     pad_vocab_size_multiple=cfg.get("pad_vocab_size_multiple", 8),
     tie_embeddings=cfg.get("tie_embeddings", True),
@@ -263,7 +261,9 @@ def from_pretrained(path: str, **config_overrides) -> Mamba2LM:
   """Loads a Mamba2LM from an official, HF or mamba2_jax checkpoint directory.
 
   `config_overrides` replace config fields after loading (e.g. dtype="bfloat16",
-  chunk_size=128, ssd_impl="reference"); shape-defining fields cannot change.
+  chunk_size=128, ssd_impl="reference"); shape-defining fields cannot change. The checkpoint's
+  own chunk_size (official / HF configs) is a kernel setting, not part of the model: it is
+  left at "auto", the platform's fast chunk.
   """
   cfg, fmt = load_config(path)
   if config_overrides:

@@ -40,10 +40,9 @@ def initialize() -> None:
   # First, before numpy or jax start threads (see tune_cpu_malloc): XLA:CPU's per-step scratch
   # memory is then reused instead of mapped and page-faulted in afresh on every step. Only on
   # CPU hosts: the tuned heap never returns freed memory to the OS.
-  from mamba2_jax.runtime import cpu_only_host, tune_cpu_malloc  # pylint: disable=g-import-not-at-top
+  from mamba2_jax.runtime import tune_for_this_host  # pylint: disable=g-import-not-at-top
 
-  if cpu_only_host():
-    tune_cpu_malloc()
+  tune_for_this_host()
   import jax  # pylint: disable=g-import-not-at-top
 
   addr = _flag("addr") or os.environ.get("JAX_COORDINATOR_ADDRESS")

@@ -100,3 +100,29 @@ def test_model_features_give_the_logits(tie):
   nll2, cache3 = model_nll(model, tokens[:, 30:], targets[:, 30:], cache=cache_p)
   np.testing.assert_allclose(nll2, want[:, 30:], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(cache3.ssm, cache_full.ssm, rtol=1e-4, atol=1e-5)
+
+
+def test_model_loss_is_the_mean_nll_compiled_and_differentiable():
+  """`Mamba2LM.loss`: the mean (or masked mean) of -log_softmax(model(x))[y], called directly
+  (compiled) or inside a transformation; gradients through it; the model is left unchanged."""
+  model = Mamba2LM(Mamba2Config.preset("tiny", vocab_size=50), rngs=nnx.Rngs(0))
+  k = jax.random.split(jax.random.key(3), 3)
+  x, y = jax.random.randint(k[0], (2, 2, 16), 0, 50)
+  mask = jax.random.uniform(k[2], (2, 16)) > 0.4
+
+  def nll(logits):
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], axis=-1)[..., 0]
+
+  before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  loss = model.loss(x, y)
+  assert loss.shape == () and loss.dtype == jnp.float32
+  np.testing.assert_allclose(loss, jnp.mean(nll(model(x))), rtol=1e-5)
+  want = jnp.sum(nll(model(x)) * mask) / jnp.sum(mask)
+  np.testing.assert_allclose(model.loss(x, y, mask=mask), want, rtol=1e-5)
+  assert float(model.loss(x, y, mask=jnp.zeros_like(mask))) == 0.0  # no token: 0, not NaN
+
+  value, grads = nnx.jit(nnx.value_and_grad(lambda m: m.loss(x, y)))(model)
+  np.testing.assert_allclose(value, loss, rtol=1e-5)
+  assert float(jnp.max(jnp.abs(grads.embedding[...]))) > 0
+  after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  jax.tree.map(np.testing.assert_array_equal, before, after)
