@@ -45,10 +45,13 @@ def lm_head_nll(
 
   h (..., d) hidden states in the compute dtype; w the head weight, (V, d) if `vocab_major`
   (a tied embedding) else (d, V); targets (...) int in [0, V).
+
+  The leading axes are kept as they are (no flattening to (tokens, d)): a (batch, length) pair
+  sharded over the mesh (batch over data, length over "context") flattened into one axis has
+  no tiling XLA can express, and its partitioner would gather the whole sequence onto every
+  device to compute the head.
   """
-  lead = targets.shape
-  nll = _nll(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), vocab_major)
-  return nll.reshape(lead)
+  return _nll(h, w, targets, vocab_major)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -57,23 +60,24 @@ def _nll(h, w, targets, vocab_major):
 
 
 def _nll_fwd(h, w, targets, vocab_major):
-  logits = lm_head_logits(h, w, vocab_major)  # (T, V) float32
+  logits = lm_head_logits(h, w, vocab_major)  # (..., V) float32
   lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return lse - picked, (h, w, targets, logits, lse)
 
 
 def _nll_bwd(vocab_major, res, g):
   h, w, targets, logits, lse = res
-  onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]
-  d = ((jnp.exp(logits - lse[:, None]) - onehot) * g[:, None]).astype(h.dtype)  # (T, V)
+  onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+  d = ((jnp.exp(logits - lse[..., None]) - onehot) * g[..., None]).astype(h.dtype)  # (..., V)
   wc = w.astype(h.dtype)
+  lead = "".join(chr(ord("A") + i) for i in range(h.ndim - 1))  # the leading axes, summed in dW
   if vocab_major:
-    dh = jnp.einsum("tv,vd->td", d, wc, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("tv,td->vd", d, h, preferred_element_type=jnp.float32)
+    dh = jnp.einsum("...v,vd->...d", d, wc, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{lead}v,{lead}d->vd", d, h, preferred_element_type=jnp.float32)
   else:
-    dh = jnp.einsum("tv,dv->td", d, wc, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("td,tv->dv", h, d, preferred_element_type=jnp.float32)
+    dh = jnp.einsum("...v,dv->...d", d, wc, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{lead}d,{lead}v->dv", h, d, preferred_element_type=jnp.float32)
   return dh.astype(h.dtype), dw.astype(w.dtype), None
 
 

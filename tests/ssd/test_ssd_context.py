@@ -89,8 +89,9 @@ CASES = [
 @pytest.mark.parametrize(
   "case",
   CASES,
-  ids=lambda c: f"{'x'.join(map(str, c[0]))}-{c[1]}-L{c[2][1]}-Q{c[3]}"
-  + ("-strong" if c[4] else ""),
+  ids=lambda c: (
+    f"{'x'.join(map(str, c[0]))}-{c[1]}-L{c[2][1]}-Q{c[3]}" + ("-strong" if c[4] else "")
+  ),
 )
 @pytest.mark.parametrize("segments", [False, True], ids=["noseg", "seg"])
 def test_context_sharded_matches_float64_reference(case, segments):
