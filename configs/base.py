@@ -4,7 +4,7 @@ Experiment files import this and edit it (configs/train.py). Every field can be 
 the command line, e.g.
 
   python -m experiments.train --config=configs/train.py:tiny --workdir=runs/tiny \
-      --config.seq_len=4096 --config.optimizer.lr=1e-3 --config.mesh_shape='(2,2,2)'
+      --config.seq_len=4096 --config.optimizer.lr=1e-3 --config.mesh_shape='(2,2,1,2)'
 
 Tuples, not lists (ml_collections cannot override lists). Optional fields are placeholders
 (None until set): `--config.eval_source=...` works on them. The config is validated before
@@ -17,9 +17,11 @@ from ml_collections import config_dict
 from mamba2_jax.config import AUTO_FIELDS, Mamba2Config
 
 # Logical parameter axes of the model (mamba2_jax/layers.py) -> mesh axes ("data", "fsdp",
-# "tensor"). "batch" is the activations' batch axis.
+# "context", "tensor"). "batch" and "length" are the axes of the step's (batch, seq_len) inputs,
+# targets and segment ids; no parameter axis maps to "context" (parameters are replicated there).
 DEFAULT_RULES = (
   ("batch", ("data", "fsdp")),
+  ("length", "context"),
   ("layers", None),
   ("vocab", "tensor"),
   ("embed", "fsdp"),
@@ -57,8 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.tbptt_segments = 1
   c.total_steps = 1000
 
-  # Parallelism: sizes of the mesh axes ("data", "fsdp", "tensor"); -1 = the remaining devices.
-  c.mesh_shape = (-1, 1, 1)
+  # Parallelism: sizes of the mesh axes ("data", "fsdp", "context", "tensor"); -1 = the
+  # remaining devices. Three sizes mean (data, fsdp, tensor) with context 1. "context" splits
+  # every sequence into contiguous slices (seq_len divisible by it; docs/training.md, "Long
+  # sequences").
+  c.mesh_shape = (-1, 1, 1, 1)
   c.logical_axis_rules = DEFAULT_RULES
 
   # Checkpoints, evaluation, logging.

@@ -11,14 +11,17 @@ Variants (model preset, training length, batch):
           seq 8192, 0.5M tokens per step (64 x 8192), AdamW wd 0.1, clip 1.0, WSD with 1000
           warmup steps, bf16 compute with fp32 master params, data-parallel on a pod:
             python -m experiments.train --config=configs/train.py:130m --workdir=gs://BUCKET/130m \
-                --config.data.source=gs://BUCKET/redpajama_neox --config.mesh_shape='(-1,1,1)'
+                --config.data.source=gs://BUCKET/redpajama_neox --config.mesh_shape='(-1,1,1,1)'
           AOT check for a v5e-256 pod from a CPU host (64-way data x 4-way tensor parallel; the
           global batch of 64 sequences must divide over data x fsdp):
             .venv-tpu/bin/python -m experiments.train_compile --config=configs/train.py:130m \
-                --topology=v5e:16x16 --config.mesh_shape='(64,1,4)'
+                --topology=v5e:16x16 --config.mesh_shape='(64,1,1,4)'
             -> 1.89 GiB of 16 GiB HBM per chip (measured 2026-12-06, docs/training.md)
   370m, 780m, 1.3b, 2.7b   the same recipe for the larger published shapes (FSDP over 8 by
-          default: --config.mesh_shape='(-1,8,1)'; tensor parallelism with '(-1,1,4)').
+          default: --config.mesh_shape='(-1,8,1,1)'; tensor parallelism with '(-1,1,1,4)').
+Mesh shapes are (data, fsdp, context, tensor); "context" splits each sequence over devices for
+long sequences (docs/training.md, "Long sequences"), e.g. 64K tokens over 8 chips:
+  --config.seq_len=65536 --config.global_batch_size=8 --config.mesh_shape='(-1,1,8,1)'
 
 Any field can be overridden, e.g. a training-length sweep point:
   --config.seq_len=16384 --config.global_batch_size=32 --config.tbptt_segments=2
@@ -27,11 +30,11 @@ Any field can be overridden, e.g. a training-length sweep point:
 from configs import base
 
 _PAPER = {  # model preset, mesh shape, lr
-  "130m": ("mamba2-130m", (-1, 1, 1), 5e-4),
-  "370m": ("mamba2-370m", (-1, 8, 1), 5e-4),
-  "780m": ("mamba2-780m", (-1, 8, 1), 2e-4),
-  "1.3b": ("mamba2-1.3b", (-1, 8, 1), 2e-4),
-  "2.7b": ("mamba2-2.7b", (-1, 8, 1), 2e-4),
+  "130m": ("mamba2-130m", (-1, 1, 1, 1), 5e-4),
+  "370m": ("mamba2-370m", (-1, 8, 1, 1), 5e-4),
+  "780m": ("mamba2-780m", (-1, 8, 1, 1), 2e-4),
+  "1.3b": ("mamba2-1.3b", (-1, 8, 1, 1), 2e-4),
+  "2.7b": ("mamba2-2.7b", (-1, 8, 1, 1), 2e-4),
 }
 
 

@@ -76,6 +76,7 @@ def causal_conv(
   *,
   context: jax.Array | None = None,
   segment_ids: jax.Array | None = None,
+  context_segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Depthwise causal conv1d that never mixes tokens of different segments.
 
@@ -84,8 +85,11 @@ def causal_conv(
     w: (K, C) taps; tap k multiplies u[t - (K-1) + k].
     bias: (C,) or None.
     context: (b, K-1, C) the K-1 inputs before u[0] (a decode/prefill cache), or None = zeros.
-      The context belongs to the segment of position 0.
+      The context belongs to the segment of position 0 unless `context_segment_ids` says
+      otherwise.
     segment_ids: (b, L) int; tap t-s contributes to t only if both lie in the same segment.
+    context_segment_ids: (b, K-1) int, the segments of the context rows (a halo of the previous
+      sequence shard, mamba2_jax/context_conv.py), or None; used only with `segment_ids`.
   Returns:
     (out (b, L, C) in u.dtype, new_context (b, K-1, C)): the last K-1 inputs, with inputs of
     earlier segments than the last token's zeroed so a continuation cannot see across a boundary.
@@ -96,9 +100,9 @@ def causal_conv(
     context = jnp.zeros((b, K - 1, C), u.dtype)
   full = jnp.concatenate([context.astype(u.dtype), u], axis=1)  # (b, L+K-1, C)
   if segment_ids is not None:
-    seg_full = jnp.concatenate(
-      [jnp.broadcast_to(segment_ids[:, :1], (b, K - 1)), segment_ids], axis=1
-    )
+    if context_segment_ids is None:
+      context_segment_ids = jnp.broadcast_to(segment_ids[:, :1], (b, K - 1))
+    seg_full = jnp.concatenate([context_segment_ids.astype(segment_ids.dtype), segment_ids], 1)
   wf = w.astype(jnp.float32)
   out = full[:, K - 1 :].astype(jnp.float32) * wf[K - 1]
   for k in range(K - 1):

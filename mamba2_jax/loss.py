@@ -76,6 +76,12 @@ def lm_head_nll(
   h (..., L, d) hidden states in the compute dtype; w the head weight, (V, d) if `vocab_major`
   (a tied embedding) else (d, V); targets (..., L) int in [0, V). ``passes``: process the
   tokens in that many strided passes over L (module docstring; None: :func:`loss_passes`).
+
+  The leading axes are kept as they are (no flattening to (tokens, d)): a (batch, length) pair
+  sharded over the mesh (batch over data, length over "context") flattened into one axis has
+  no tiling XLA can express, and its partitioner would gather the whole sequence onto every
+  device to compute the head. The passes split L as (L / k, k) and scan over k, so the L / k
+  axis keeps the sharding of L.
   """
   lead = targets.shape
   vocab = w.shape[0] if vocab_major else w.shape[1]
@@ -83,14 +89,13 @@ def lm_head_nll(
   if not isinstance(k, int) or k < 1 or (lead and lead[-1] % k):
     raise ValueError(f"lm_head_nll: passes={k!r} must be an int >= 1 dividing L={lead[-1:]}")
   if k == 1:
-    nll = _nll(h.reshape(-1, h.shape[-1]), w, targets.reshape(-1), vocab_major)
-    return nll.reshape(lead)
-  # (..., L, d) -> (k, tokens / k, d): pass j holds positions j, j + k, ... of every row
-  d = h.shape[-1]
-  hs = jnp.moveaxis(h.reshape(-1, lead[-1] // k, k, d), 2, 0).reshape(k, -1, d)
-  ts = jnp.moveaxis(targets.reshape(-1, lead[-1] // k, k), 2, 0).reshape(k, -1)
-  nll = _nll_passes(hs, w, ts, vocab_major)  # (k, tokens / k)
-  return jnp.moveaxis(nll.reshape(k, -1, lead[-1] // k), 0, 2).reshape(lead)
+    return _nll(h, w, targets, vocab_major)
+  # (..., L, d) -> (k, ..., L / k, d): pass j holds positions j, j + k, ... of every row
+  L, d = lead[-1], h.shape[-1]
+  hs = jnp.moveaxis(h.reshape(*lead[:-1], L // k, k, d), -2, 0)
+  ts = jnp.moveaxis(targets.reshape(*lead[:-1], L // k, k), -1, 0)
+  nll = _nll_passes(hs, w, ts, vocab_major)  # (k, ..., L / k)
+  return jnp.moveaxis(nll, 0, -1).reshape(lead)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -99,23 +104,24 @@ def _nll(h, w, targets, vocab_major):
 
 
 def _nll_fwd(h, w, targets, vocab_major):
-  logits = lm_head_logits(h, w, vocab_major)  # (T, V) float32
+  logits = lm_head_logits(h, w, vocab_major)  # (..., V) float32
   lse = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   return lse - picked, (h, w, targets, logits, lse)
 
 
 def _grads(h, w, targets, logits, lse, g, vocab_major):
-  """dh (T, d) and dw (float32) of sum(g * nll) given the logits (T, V) and their lse."""
-  onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[:, None]
-  d = ((jnp.exp(logits - lse[:, None]) - onehot) * g[:, None]).astype(h.dtype)  # (T, V)
+  """dh (..., d) and dw (float32) of sum(g * nll) given the logits (..., V) and their lse."""
+  onehot = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
+  d = ((jnp.exp(logits - lse[..., None]) - onehot) * g[..., None]).astype(h.dtype)  # (..., V)
   wc = w.astype(h.dtype)
+  lead = "".join(chr(ord("A") + i) for i in range(h.ndim - 1))  # the leading axes, summed in dW
   if vocab_major:
-    dh = jnp.einsum("tv,vd->td", d, wc, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("tv,td->vd", d, h, preferred_element_type=jnp.float32)
+    dh = jnp.einsum("...v,vd->...d", d, wc, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{lead}v,{lead}d->vd", d, h, preferred_element_type=jnp.float32)
   else:
-    dh = jnp.einsum("tv,dv->td", d, wc, preferred_element_type=jnp.float32)
-    dw = jnp.einsum("td,tv->dv", h, d, preferred_element_type=jnp.float32)
+    dh = jnp.einsum("...v,dv->...d", d, wc, preferred_element_type=jnp.float32)
+    dw = jnp.einsum(f"{lead}d,{lead}v->dv", h, d, preferred_element_type=jnp.float32)
   return dh, dw
 
 

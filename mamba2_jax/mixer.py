@@ -24,9 +24,9 @@ from flax import nnx
 
 from mamba2_jax.cache import Mamba2Cache
 from mamba2_jax.config import Mamba2Config
+from mamba2_jax.context_conv import causal_convs
 from mamba2_jax.layers import (
   A_log_init,
-  causal_conv,
   conv_step,
   dense,
   dt_bias_init,
@@ -181,12 +181,12 @@ class Mamba2Mixer(nnx.Module):
       x, cx = conv_step(xr, self.conv_x[...], self._opt("conv_x_bias"), cache.conv_x)
       B, cB = conv_step(Br, self.conv_B[...], self._opt("conv_B_bias"), cache.conv_B)
       C, cC = conv_step(Cr, self.conv_C[...], self._opt("conv_C_bias"), cache.conv_C)
-    else:
-      ctx = (lambda n: None) if cache is None else (lambda n: getattr(cache, n))
-      conv = lambda t, n: causal_conv(  # noqa: E731
-        t, getattr(self, n)[...], self._opt(f"{n}_bias"), context=ctx(n), segment_ids=segment_ids
-      )
-      (x, cx), (B, cB), (C, cC) = conv(xr, "conv_x"), conv(Br, "conv_B"), conv(Cr, "conv_C")
+    else:  # under a context mesh: per sequence shard, with halos (mamba2_jax/context_conv.py)
+      convs = [
+        (t, getattr(self, n)[...], self._opt(f"{n}_bias"), getattr(cache, n, None))
+        for t, n in ((xr, "conv_x"), (Br, "conv_B"), (Cr, "conv_C"))
+      ]
+      (x, cx), (B, cB), (C, cC) = causal_convs(convs, segment_ids)
     lead = u.shape[:-1]
     x, B, C = jax.nn.silu(x), mitigated.scale_B(c, jax.nn.silu(B)), jax.nn.silu(C)
     return SSMInputs(

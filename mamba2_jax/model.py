@@ -11,16 +11,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mamba2_jax import context_conv
 from mamba2_jax.cache import Mamba2Cache
 from mamba2_jax.compiled import compiled_method
 from mamba2_jax.config import Mamba2Config
 from mamba2_jax.layers import param, rms_norm
 from mamba2_jax.loss import lm_head_logits, model_nll
 from mamba2_jax.mixer import Mamba2Mixer
+from mamba2_jax.ssd import context as ssd_context
 
+# Every policy also saves the small values that context parallelism exchanges between sequence
+# shards (the SSD's incoming states and carry factors, the conv halos; mamba2_jax/ssd/context.py,
+# mamba2_jax/context_conv.py), so a rematerialised layer never repeats those collectives. They
+# exist only under a mesh with a "context" axis > 1.
+_CONTEXT_SAVED = jax.checkpoint_policies.save_only_these_names(
+  *ssd_context.SAVE_NAMES, *context_conv.SAVE_NAMES
+)
 _REMAT = {
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": _CONTEXT_SAVED,
+  "save_dots": jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _CONTEXT_SAVED
+  ),
 }
 
 
@@ -103,7 +114,9 @@ class Mamba2LM(nnx.Module):
       return fn(nnx.merge(graphdef, layer_state), carry, layer_cache)
 
     if self.config.remat_policy != "none":
-      body = jax.checkpoint(body, policy=_REMAT.get(self.config.remat_policy), prevent_cse=False)
+      body = jax.checkpoint(
+        body, policy=_REMAT.get(self.config.remat_policy, _CONTEXT_SAVED), prevent_cse=False
+      )
     return jax.lax.scan(body, residual, (state, cache), unroll=self.config.resolved_scan_unroll())
 
   @compiled_method

@@ -14,7 +14,8 @@ from typing import Any
 from mamba2_jax.config import ConfigError, Mamba2Config
 from mamba2_jax.data.pipeline import PACKING_MODES
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+CONTEXT_AXIS = 2  # index of "context" in MESH_AXES
 SCHEDULES = ("wsd", "cosine", "constant")
 
 # Fields that may change between a run and its resumption (everything else must match).
@@ -81,27 +82,69 @@ def _get(c, field):
   return c
 
 
-def resolve_mesh_shape(mesh_shape, num_devices: int) -> tuple[int, int, int]:
-  """mesh_shape with -1 replaced by the remaining devices; ConfigError if it does not fit."""
+def resolve_mesh_shape(mesh_shape, num_devices: int) -> tuple[int, int, int, int]:
+  """mesh_shape (data, fsdp, context, tensor) with -1 replaced by the remaining devices;
+  ConfigError if it does not fit. Three sizes mean (data, fsdp, tensor) with context 1 (the
+  shape of configs and workdirs from before the context axis)."""
   shape = tuple(mesh_shape)
-  if len(shape) != 3 or any(
+  if len(shape) not in (3, 4) or any(
     not isinstance(s, int) or isinstance(s, bool) or (s < 1 and s != -1) for s in shape
   ):
-    _fail("mesh_shape", f"must be 3 sizes for the axes {MESH_AXES}, each >= 1 or -1", shape)
+    _fail(
+      "mesh_shape",
+      f"must be 4 sizes for the axes {MESH_AXES} (or 3 for (data, fsdp, tensor), context 1), "
+      "each >= 1 or -1",
+      shape,
+    )
   if shape.count(-1) > 1:
     _fail("mesh_shape", "may contain -1 at most once", shape)
+  if len(shape) == 3:
+    shape = (shape[0], shape[1], 1, shape[2])
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:
       _fail(
         "mesh_shape",
         f"the fixed sizes (product {known}) must divide the {num_devices} devices",
-        shape,
+        tuple(mesh_shape),
       )
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
   if math.prod(shape) != num_devices:
-    _fail("mesh_shape", f"the product of the sizes must equal the {num_devices} devices", shape)
+    _fail(
+      "mesh_shape",
+      f"the product of the sizes of {MESH_AXES} ({' x '.join(map(str, shape))} = "
+      f"{math.prod(shape)}) must equal the {num_devices} devices",
+      tuple(mesh_shape),
+    )
   return shape
+
+
+def _check_context(c, mc: Mamba2Config, context: int) -> None:
+  """seq_len splits evenly over the context axis; no mitigation that reads across shards."""
+  if context == 1:
+    return
+  if c.seq_len % context:
+    _fail(
+      "seq_len",
+      f"must be divisible by the context-parallel size {context} (mesh_shape "
+      f"{tuple(c.mesh_shape)}): each of the {context} shards holds seq_len / {context} tokens",
+      c.seq_len,
+    )
+  if c.seq_len // context < mc.d_conv - 1:
+    _fail(
+      "seq_len",
+      f"must give each of the {context} context shards at least d_conv - 1 = {mc.d_conv - 1} "
+      "tokens (the causal conv's halo comes from the previous shard only)",
+      c.seq_len,
+    )
+  if mc.ssd_window or mc.state_norm != "off":
+    field = "model.ssd_window" if mc.ssd_window else "model.state_norm"
+    _fail(
+      field,
+      f"is not supported with context parallelism (context size {context}): use a mesh "
+      "with context 1 (tbptt_segments for long sequences)",
+      _get(c, field),
+    )
 
 
 def model_config(config) -> Mamba2Config:
@@ -163,8 +206,9 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
         f"divisible by the data-parallel size data*fsdp = {dp}",
         gbs,
       )
-  else:
-    resolve_mesh_shape(c.mesh_shape, math.prod(abs(s) for s in c.mesh_shape))
+  else:  # the device count unknown: a -1 resolves to 1
+    shape = resolve_mesh_shape(c.mesh_shape, math.prod(abs(s) for s in c.mesh_shape))
+  context = shape[CONTEXT_AXIS]
 
   _choice(c, "data.packing", PACKING_MODES)
   for f in ("data.source", "data.tokenizer"):
@@ -186,6 +230,7 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
 
   del seq_len
   mc = model_config(c)
+  _check_context(c, mc, context)
   if mc.state_norm != "off" and not math.isfinite(mc.state_norm_threshold):
     _fail(
       "model.state_norm_threshold",

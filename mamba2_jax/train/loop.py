@@ -35,7 +35,13 @@ from mamba2_jax.train.config import check_vocab, resume_diff, to_json_dict, vali
 from mamba2_jax.train.data import open_stream
 from mamba2_jax.train.metrics import MetricsLogger, Profiler, peak_flops
 from mamba2_jax.train.optimizer import make_optimizer, schedule
-from mamba2_jax.train.sharding import batch_spec, make_mesh, param_specs, shardings_of
+from mamba2_jax.train.sharding import (
+  batch_spec,
+  make_mesh,
+  param_specs,
+  shardings_of,
+  token_spec,
+)
 from mamba2_jax.train.step import StepConfig, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -226,6 +232,7 @@ def build(config, model_cfg, mesh) -> Setup:
     seq_len=config.seq_len,
     tbptt_segments=config.tbptt_segments,
     grad_accum_steps=config.grad_accum_steps,
+    token_spec=token_spec(mesh, config.logical_axis_rules),
   )
   train_step = jax.jit(
     make_train_step(graphdef, tx, step_cfg, lambda b: Mamba2Cache.zeros(model_cfg, b)),

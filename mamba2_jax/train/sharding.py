@@ -1,10 +1,13 @@
-"""Device mesh and shardings: mesh axes ("data", "fsdp", "tensor"), logical-axis rules.
+"""Device mesh and shardings: mesh axes ("data", "fsdp", "context", "tensor"), logical rules.
 
 The model names the axes of every parameter (mamba2_jax/layers.py: "layers", "vocab", "embed",
 "inner", "heads", "group_state", ...); `config.logical_axis_rules` maps them to mesh axes:
 data parallelism replicates parameters and splits the batch over "data"; FSDP additionally
 shards parameters on "embed" over "fsdp" (the batch is split over data x fsdp); tensor
-parallelism shards heads / d_inner / vocab over "tensor".
+parallelism shards heads / d_inner / vocab over "tensor"; context parallelism splits the
+sequence ("length") of the step's inputs, targets and segment ids over "context" in contiguous
+slices (the SSD passes states between them, mamba2_jax/ssd/context.py); parameters stay
+replicated over "context" unless a rule maps a parameter axis there.
 """
 
 from __future__ import annotations
@@ -16,11 +19,19 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mamba2_jax.train.config import MESH_AXES, resolve_mesh_shape
 
-__all__ = ["make_mesh", "param_specs", "shardings_of", "batch_spec", "rules_tuple"]
+__all__ = [
+  "make_mesh",
+  "param_specs",
+  "shardings_of",
+  "batch_spec",
+  "token_spec",
+  "rules_tuple",
+]
 
 
 def make_mesh(mesh_shape, devices=None) -> jax.sharding.Mesh:
-  """Mesh over `devices` (default: all) with Auto axes ("data", "fsdp", "tensor")."""
+  """Mesh over `devices` (default: all) with Auto axes ("data", "fsdp", "context", "tensor");
+  `mesh_shape` as in the config (3 sizes: context 1)."""
   devices = jax.devices() if devices is None else list(devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
@@ -57,8 +68,27 @@ def shardings_of(specs, mesh):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def _rule_axes(mesh, rules, name, default):
+  """The mesh axes (a tuple, those of `mesh` only) that the rule for `name` maps to."""
+  axes = dict(rules_tuple(rules)).get(name, default)
+  return tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
+
+
+def _entry(axes):
+  return axes if len(axes) > 1 else (axes[0] if axes else None)
+
+
 def batch_spec(mesh, rules) -> P:
-  """Spec of a (batch, length) array: batch over the mesh axes of the "batch" rule."""
-  axes = dict(rules_tuple(rules)).get("batch", ("data", "fsdp"))
-  axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
-  return P(axes if len(axes) > 1 else (axes[0] if axes else None), None)
+  """Spec of the delivered (batch, P*seq_len + 1) rows: batch over the mesh axes of the
+  "batch" rule, the length replicated (one more token than seq_len does not split evenly; the
+  step slices its inputs and targets onto the "length" axes, `token_spec`, without
+  communication)."""
+  return P(_entry(_rule_axes(mesh, rules, "batch", ("data", "fsdp"))), None)
+
+
+def token_spec(mesh, rules) -> P:
+  """Spec of the step's (batch, seq_len) inputs, targets and segment ids: batch over the
+  "batch" rule's mesh axes, the length over the "length" rule's (default "context")."""
+  batch = _rule_axes(mesh, rules, "batch", ("data", "fsdp"))
+  length = _rule_axes(mesh, rules, "length", "context")
+  return P(_entry(batch), _entry(length))

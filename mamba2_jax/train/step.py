@@ -12,6 +12,11 @@ The train state is a plain pytree {"params": nnx pure dict, "opt_state": optax s
       inference cache (SSM state + conv context) with stop_gradient
   gradients / number of target tokens -> optimizer update (clipping inside the optimizer).
 So the loss is the mean over every target token of the global batch, whatever the split.
+
+With `StepConfig.token_spec` (the loop's `sharding.token_spec`: batch over data x fsdp, length
+over "context") the (B, T) inputs, targets, masks and segment ids are constrained to it, so a
+context-parallel mesh splits every segment into contiguous slices; the steps then run under
+`jax.set_mesh(mesh)` (as the trainer calls them).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec as PS
 
 from mamba2_jax.loss import model_nll
 from mamba2_jax.train.optimizer import global_norm
@@ -35,6 +41,7 @@ class StepConfig:
   seq_len: int
   tbptt_segments: int = 1
   grad_accum_steps: int = 1
+  token_spec: Any = None  # PartitionSpec of a (B, T) input array, or None (unconstrained)
 
 
 def _segment_loss(graphdef, params, inputs, targets, mask, seg, cache):
@@ -47,6 +54,10 @@ def _segment_loss(graphdef, params, inputs, targets, mask, seg, cache):
 
 def split_batch(batch: dict[str, jax.Array], cfg: StepConfig) -> dict[str, jax.Array]:
   """-> {"inputs", "targets", "mask"[, "seg"]}, each (accum, P, B/accum, T)."""
+  # the delivered rows (P*T + 1 tokens) and their shifted slices stay whole over the length
+  # axes (slicing is local); only the (B, T) pieces are split (a local slice too)
+  rows = PS(cfg.token_spec[0], None) if cfg.token_spec is not None else None
+  keep = (lambda x: x) if rows is None else (lambda x: jax.lax.with_sharding_constraint(x, rows))
   tok = batch["tokens"]
   B, R = tok.shape
   A, P, T = cfg.grad_accum_steps, cfg.tbptt_segments, cfg.seq_len
@@ -58,14 +69,17 @@ def split_batch(batch: dict[str, jax.Array], cfg: StepConfig) -> dict[str, jax.A
   def shape(x):  # (B, P*T) -> (A, P, B/A, T)
     return jnp.transpose(x.reshape(A, B // A, P, T), (0, 2, 1, 3))
 
-  out = {"inputs": shape(tok[:, :-1]), "targets": shape(tok[:, 1:])}
+  out = {"inputs": shape(keep(tok[:, :-1])), "targets": shape(keep(tok[:, 1:]))}
   seg = batch.get("segment_ids")
   if seg is None:
     out["mask"] = jnp.ones_like(out["targets"], jnp.bool_)
   else:
-    s_in, s_tg = seg[:, :-1], seg[:, 1:]
+    s_in, s_tg = keep(seg[:, :-1]), keep(seg[:, 1:])
     out["mask"] = shape((s_tg != 0) & (s_tg == s_in))
     out["seg"] = shape(s_in)
+  if cfg.token_spec is not None:  # (A, P, B/A, T): the last two axes as a (B, T) array
+    spec = PS(None, None, *cfg.token_spec)
+    out = {k: jax.lax.with_sharding_constraint(v, spec) for k, v in out.items()}
   return out
 
 

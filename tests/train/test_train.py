@@ -181,7 +181,7 @@ def test_tbptt_same_loss_truncated_gradient():
     (
       "mesh_shape",
       (3, 1, 1),
-      "config.mesh_shape: the product of the sizes must equal the 8 devices",
+      r"config.mesh_shape: the product of the sizes of .* must equal the 8 devices",
     ),
     ("mesh_shape", (-1, -1, 1), "may contain -1 at most once"),
     ("global_batch_size", 6, "divisible by the data-parallel size data\\*fsdp = 8"),
