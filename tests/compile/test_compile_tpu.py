@@ -47,10 +47,12 @@ def test_tpu_compile_published_and_tiny_shapes():
   assert p.stdout.count("| yes ") >= 16  # every case, fwd and fwd+bwd
 
 
-@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v4:2x2x1"])
+# v5p stands for the two-TensorCore chips: v4 takes the same core split (`--topology=v4:2x2x1`
+# of the compile check compiles it; dropped here to keep CI under its time budget)
+@pytest.mark.parametrize("topology", ["v5p:2x2x1"])
 def test_tpu_compile_megacore_topologies(topology):
-  """v5p and v4 (two TensorCores per device: the kernels split each group's head blocks over
-  them, see ssd_tpu.ops.core_split) compile the tiny and published shapes."""
+  """v5p (two TensorCores per device: the kernels split each group's head blocks over them, see
+  ssd_tpu.ops.core_split) compiles the tiny and published shapes."""
   p = _run("--topology", topology, "--cases", "tiny,130m-L2048-bf16,2.7b-L2048-bf16")
   assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
   assert "ALL COMPILED" in p.stdout and p.stdout.count("| yes ") == 6

@@ -150,7 +150,9 @@ def _free_port():
     return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("packing", ["concat", "segments"])
+# packing="segments" (the general case: per-document segment ids travel with the rows); the
+# concat packing's per-host split is the same code path (tests/data covers both packings)
+@pytest.mark.parametrize("packing", ["segments"])
 def test_two_processes_match_one_process(tmp_path, packing):
   """2 processes x 2 CPU devices vs 1 process x 4 devices, same global batch (data.num_shards
   = 2 logical shards in both): the same losses."""

@@ -5,6 +5,7 @@ it imports numpy, jax or anything else that could start threads. Read from the s
 from __future__ import annotations
 
 import ast
+import re
 import sys
 
 from tests.paths import ROOT
@@ -22,7 +23,8 @@ EXEMPT = {
 
 def _binaries() -> list:
   paths = sorted((ROOT / "experiments").glob("*.py")) + sorted((ROOT / "benchmarks").glob("*.py"))
-  return [p for p in paths if '__name__ == "__main__"' in p.read_text()]
+  main = re.compile(r'^if __name__ == "__main__":', re.M)
+  return [p for p in paths if main.search(p.read_text())]
 
 
 def _imported(stmt) -> list[str]:

@@ -72,7 +72,8 @@ def _host(tree):
 
 
 # ------------------------------------------------------------------------------------ sharding
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 2, 4)])
+# every axis at once, and fsdp x tensor (tests/train/test_context_parallel.py adds context)
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 2, 4)])
 def test_sharded_step_matches_single_device(mesh_shape):
   config = tiny_config()
   batches = [_batch(config, s) for s in range(3)]
