@@ -36,19 +36,44 @@ AREAS = (
 )
 
 
-# Not in the quick run (`-m quick`): end-to-end processes, the ahead-of-time compile checks and
-# tests marked slow.
+# Not in the quick run (`-m quick`, under 5 minutes on a 2-core CPU): end-to-end processes, the
+# ahead-of-time compile checks, tests marked slow, and the modules that take over 40 s each
+# (measured 2026-12-06, `bash scripts/test.sh` prints the seconds per module): the numerics of
+# the SSD, the kernels, the mitigated model and the sharded train steps run in the full suite.
 NOT_QUICK = ("slow", "e2e", "compile")
+NOT_QUICK_MODULES = {
+  "tests/train/test_train.py",
+  "tests/train/test_context_parallel.py",
+  "tests/kernels/test_pallas_gpu.py",
+  "tests/kernels/test_pallas_tpu.py",
+  "tests/kernels/test_ssd_audit.py",
+  "tests/mitigations/test_mitigated_model.py",
+  "tests/mitigations/test_window.py",
+  "tests/mitigations/test_rri_dt_scale.py",
+  "tests/mitigations/test_state_norm.py",
+  "tests/ssd/test_ssd.py",
+  "tests/ssd/test_ssd_sharded.py",
+  "tests/ssd/test_ssd_production.py",
+  "tests/ssd/test_ssd_context.py",
+  "tests/model/test_model.py",
+  "tests/model/test_loss.py",
+  "tests/eval/test_eval_state_stats.py",
+  "tests/eval/test_eval_streaming.py",
+  "tests/eval/test_eval_ppl.py",
+  "tests/eval/test_eval_passkey.py",
+}
 
 
 def pytest_collection_modifyitems(config, items):
   """Every test carries the marker of its folder (its room: `-m kernels`, `-m "not e2e"`), and
-  `quick` unless it is slow, end-to-end or a compile check."""
+  `quick` unless it is slow, end-to-end, a compile check or in one of NOT_QUICK_MODULES."""
   import pytest
 
   for item in items:
-    parts = item.path.relative_to(config.rootpath).parts
+    rel = item.path.relative_to(config.rootpath)
+    parts = rel.parts
     if len(parts) > 2 and parts[0] == "tests" and parts[1] in AREAS:
       item.add_marker(getattr(pytest.mark, parts[1]))
-    if not any(item.get_closest_marker(m) for m in NOT_QUICK):
+    heavy = rel.as_posix() in NOT_QUICK_MODULES
+    if not heavy and not any(item.get_closest_marker(m) for m in NOT_QUICK):
       item.add_marker(pytest.mark.quick)
