@@ -211,41 +211,31 @@ class Mamba2Mixer(nnx.Module):
     b, L, _ = u.shape
     inp = self.ssm_inputs(u, cache, segment_ids=segment_ids)
     y, h, extra = mitigated.ssm_sequence(
-      c,
-      inp.x,
-      inp.dt,
-      self.decay_rate(),
-      inp.B,
-      inp.C,
-      D=self._D(),
-      dt_bias=self.dt_bias[...],
-      tau=self._tau(),
-      segment_ids=segment_ids,
-      cache=cache,
+      c, *self._ssm_args(inp), segment_ids=segment_ids, cache=cache, **self._ssm_params()
     )
     out = self._output(y.reshape(b, L, c.d_inner).astype(c.compute_dtype), inp.z)
     if cache is None:
       return out, None
-    cx, cB, cC = inp.conv
-    return out, dataclasses.replace(cache, conv_x=cx, conv_B=cB, conv_C=cC, ssm=h, **extra)
+    return out, self._new_cache(cache, inp, h, extra)
 
   # One-token recurrent step (decode) ---------------------------------------------------------
   def step(self, u: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
     """u (b, d_model) -> (out (b, d_model), cache). O(1) in the sequence length."""
     c = self.config
     inp = self.ssm_inputs(u, cache)
-    y, h, extra = mitigated.ssm_step(
-      c,
-      inp.x,
-      inp.dt,
-      self.decay_rate(),
-      inp.B,
-      inp.C,
-      D=self._D(),
-      dt_bias=self.dt_bias[...],
-      tau=self._tau(),
-      cache=cache,
-    )
+    y, h, extra = mitigated.ssm_step(c, *self._ssm_args(inp), cache=cache, **self._ssm_params())
     out = self._output(y.reshape(u.shape[0], c.d_inner).astype(c.compute_dtype), inp.z)
+    return out, self._new_cache(cache, inp, h, extra)
+
+  # What the sequence path and the step share -------------------------------------------------
+  def _ssm_args(self, inp: SSMInputs) -> tuple:
+    """The positional SSM operands: x, dt, A (the decay rate), B, C."""
+    return inp.x, inp.dt, self.decay_rate(), inp.B, inp.C
+
+  def _ssm_params(self) -> dict:
+    return dict(D=self._D(), dt_bias=self.dt_bias[...], tau=self._tau())
+
+  @staticmethod
+  def _new_cache(cache: Mamba2Cache, inp: SSMInputs, h, extra: dict) -> Mamba2Cache:
     cx, cB, cC = inp.conv
-    return out, dataclasses.replace(cache, conv_x=cx, conv_B=cB, conv_C=cC, ssm=h, **extra)
+    return dataclasses.replace(cache, conv_x=cx, conv_B=cB, conv_C=cC, ssm=h, **extra)
