@@ -9,12 +9,18 @@ from absl import flags
 if not flags.FLAGS.is_parsed():
   flags.FLAGS(sys.argv[:1])
 
+import os  # noqa: E402
+
+from tests.paths import CACHE_MIN_SECONDS, TEST_XLA_FLAGS, XLA_CACHE  # noqa: E402
+
+# XLA flags are read when the backend starts (tests/paths.py says why these).
+if TEST_XLA_FLAGS:
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+
 # Sharding tests need several devices: 8 simulated CPU devices (before any backend starts).
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
-
-from tests.paths import CACHE_MIN_SECONDS, XLA_CACHE  # noqa: E402
 
 if XLA_CACHE:  # one compilation cache per scripts/test.sh run (tests/paths.py)
   jax.config.update("jax_compilation_cache_dir", XLA_CACHE)

@@ -5,13 +5,12 @@ document boundaries fall inside and across the 4 sequence shards)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-from tests.paths import ROOT
+from tests.paths import ROOT, cpu_env
 
 ARGS = [
   "--config=configs/train.py:tiny",
@@ -31,8 +30,7 @@ ARGS = [
 
 
 def _start(workdir, mesh_shape, devices):
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-  env.update(PYTHONPATH=str(ROOT), JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
+  env = cpu_env(devices)
   cmd = [
     sys.executable,
     "-m",
