@@ -134,7 +134,10 @@ class Mamba2Mixer(nnx.Module):
     c = self.config
     names = ("z", "x", "B", "C", "dt")
     kernels = [getattr(self, f"in_proj_{n}")[...] for n in names]
-    if c.fused_in_proj:  # one GEMM (and one weight-gradient GEMM) instead of five
+    # one GEMM (and one weight-gradient GEMM) instead of five for a sequence; a decode step's
+    # single token (u: (b, d_model)) reads the five weights where they are (the concatenation
+    # would copy the whole weight on every token)
+    if c.fused_in_proj and u.ndim > 2:
       y = dense(u, jnp.concatenate(kernels, axis=1), self._opt("in_proj_bias"), c.compute_dtype)
       e, gn = c.d_inner, c.ngroups * c.d_state
       return tuple(jnp.split(y, [e, 2 * e, 2 * e + gn, 2 * e + 2 * gn], axis=-1))
