@@ -1,8 +1,9 @@
 """Raw text sources: RedPajama / SlimPajama JSON lines (plain, .zst, .gz), parquet, .txt books.
 
 `expand_inputs(patterns)` turns paths, directories, globs (`**` allowed), fsspec URLs
-(`gs://...` where gcsfs is installed, `memory://` in tests) and `builtin:NAME` into an ordered list
-of `InputFile`s; `read_documents(input_file, errors)` yields `Document`s in file order.
+(`gs://...` where gcsfs is installed, `memory://` in tests), `builtin:NAME` and prepared TFDS splits
+(`tfds:NAME[/CONFIG][:VERSION]:SPLIT`, chunks of examples: mamba2_jax/data/tfds_source.py) into an
+ordered list of `InputFile`s; `read_documents(input_file, errors)` yields `Document`s in order.
 
 Formats (chosen by file name):
 - `*.jsonl`, `*.jsonl.zst`, `*.jsonl.gz`: one JSON object per line with a string `text`; `meta` may
@@ -101,6 +102,7 @@ class InputFile:
   fmt: str  # "jsonl" | "parquet" | "txt"
   origin: str = ""  # "builtin:shakespeare" for built-in corpora
   set_name: str | None = None  # forced set name (built-in corpora)
+  tfds: dict | None = None  # fmt "tfds": a chunk of a TFDS split (mamba2_jax/data/tfds_source.py)
 
   def to_dict(self) -> dict:
     return {
@@ -108,6 +110,7 @@ class InputFile:
       "size": self.size,
       "format": self.fmt,
       **({"origin": self.origin} if self.origin else {}),
+      **({"tfds": self.tfds} if self.tfds else {}),
     }
 
 
@@ -213,20 +216,29 @@ def _has_magic(p: str) -> bool:
 
 
 def expand_inputs(
-  patterns: str | Sequence[str], ignored: list[str] | None = None
+  patterns: str | Sequence[str],
+  ignored: list[str] | None = None,
+  *,
+  tfds_data_dir: str | None = None,
+  tfds_text_key: str | None = None,
+  tfds_chunk_bytes: int | None = None,
 ) -> list[InputFile]:
   """Ordered, de-duplicated input files. Directories and globs are expanded recursively in sorted
   order; files there with unsupported names are appended to `ignored` (reported in the manifest).
-  A pattern that matches no supported file is an error."""
+  A pattern that matches no supported file is an error. `tfds:...` sources become chunks of
+  their split (tfds_source.input_files, read from `tfds_data_dir`)."""
   if isinstance(patterns, (str, os.PathLike)):
     patterns = [patterns]
-  from mamba2_jax.data import builtin  # pylint: disable=g-import-not-at-top
+  from mamba2_jax.data import builtin, tfds_source  # pylint: disable=g-import-not-at-top
 
   out: list[InputFile] = []
   seen = set()
   for pat in map(str, patterns):
     found: list[InputFile] = []
-    if pat.startswith(builtin.PREFIX):
+    if tfds_source.is_tfds(pat):
+      chunk = tfds_chunk_bytes or tfds_source.DEFAULT_CHUNK_BYTES
+      found = tfds_source.input_files(pat, tfds_data_dir, tfds_text_key, chunk)
+    elif pat.startswith(builtin.PREFIX):
       name = pat[len(builtin.PREFIX) :]
       for f in builtin.builtin_files(name):
         found.append(InputFile(str(f), f.stat().st_size, "txt", origin=pat, set_name=name))
@@ -285,6 +297,11 @@ def _classify(path, size_fn, explicit, ignored):
 # Readers
 def read_documents(f: InputFile, bad: BadInput) -> Iterator[Document]:
   """The documents of one file, in order. Bad input is reported to `bad` (raise or count)."""
+  if f.fmt == "tfds":
+    from mamba2_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+    yield from tfds_source.read_documents(f, bad)
+    return
   if f.size == 0:
     bad("empty_file", f.path, "", "empty file (0 bytes)")
     return
