@@ -231,8 +231,8 @@ def resolve(source: str, data_dir: str | None = None, text_key: str | None = Non
   if not (configs or direct):
     raise InvalidInput(
       f"{source}: no prepared TFDS dataset {spec.name!r} in {data_dir} (prepared datasets "
-      f"there: {_listing(_datasets(root))}); prepare it first, e.g. `tfds build {spec.name} "
-      f"--data_dir={data_dir} --file_format=array_record`"
+      f"there: {_listing(_datasets(root))}); prepare it with TFDS first, in the array_record "
+      'format (docs/data.md "TFDS datasets")'
     )
   config = spec.config
   if config is not None:
@@ -271,8 +271,8 @@ def resolve(source: str, data_dir: str | None = None, text_key: str | None = Non
   if "array_record" not in formats:
     raise InvalidInput(
       f"{source}: {what}:{version} in {data_dir} was prepared as {formats[0]}, which has no "
-      "random access; prepare it with --file_format=array_record (or convert it: "
-      "`tfds convert_format --out_file_format=array_record`)"
+      "random access; prepare it again with file_format='array_record' or convert it "
+      '(`tfds convert_format --out_file_format=array_record`; docs/data.md "TFDS datasets")'
     )
   splits = _split_info(info)
   missing = [s for s in _split_names(spec.split) if s not in splits]
@@ -330,7 +330,7 @@ def _text(example, key: str):
 
 def text_of(value, where: str) -> str:
   """A text feature's value (bytes, as TFDS returns it) as str; raises BadInputError."""
-  from mamba2_jax.data.sources import BadInputError  # pylint: disable=g-import-not-at-top
+  from mamba2_jax.data.records import BadInputError  # pylint: disable=g-import-not-at-top
 
   if isinstance(value, str):
     return value
@@ -408,7 +408,7 @@ def open_documents(source, tokenizer, data_dir=None, text_key=None) -> TfdsDocum
 def input_files(source: str, data_dir=None, text_key=None, chunk_bytes=DEFAULT_CHUNK_BYTES):
   """The split as InputFiles of consecutive examples (about chunk_bytes each, by TFDS's recorded
   sizes), in index order; prepare_data makes shards of whole chunks."""
-  from mamba2_jax.data.sources import InputFile  # pylint: disable=g-import-not-at-top
+  from mamba2_jax.data.records import InputFile  # pylint: disable=g-import-not-at-top
 
   r, src = resolve(source, data_dir, text_key)
   _SOURCES[(r.data_dir, str(r.spec))] = src
@@ -442,7 +442,7 @@ def _resolved_of(f) -> Resolved:
 
 def read_documents(f, bad) -> Iterator:
   """The Documents of one chunk (`input_files`), in index order; bad text goes to `bad`."""
-  from mamba2_jax.data.sources import BadInputError, Document  # pylint: disable=g-import-not-at-top
+  from mamba2_jax.data.records import BadInputError, Document  # pylint: disable=g-import-not-at-top
 
   r = _resolved_of(f)
   src = source_of(r)

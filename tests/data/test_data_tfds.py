@@ -5,6 +5,7 @@ the same texts given as a JSON-lines file; the errors name what was asked and li
 """
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,10 +15,12 @@ import pytest
 from configs.evaluate import get_config as eval_config
 from mamba2_jax.data import (
   PreparedDataset,
+  StreamConfig,
   get_tokenizer,
   load_documents,
   make_train_iterator,
   open_documents,
+  stream_fingerprint,
   testing,
 )
 from mamba2_jax.data import tfds_source
@@ -118,7 +121,7 @@ def test_iterator_state_resumes_the_exact_next_batch(tiny):
     np.testing.assert_array_equal(x["tokens"], y["tokens"])
 
 
-def test_open_documents_reads_only_what_is_asked(tiny):
+def test_random_access_documents_tokenize_on_read(tiny):
   d, texts, _ = tiny
   docs, ident = open_documents(SRC, "byte", tfds_data_dir=d)
   assert isinstance(docs, tfds_source.TfdsDocuments) and len(docs) == len(texts)
@@ -179,6 +182,31 @@ def test_errors_name_what_was_asked_and_list_what_exists(tiny, source, kw, match
   d, _, _ = tiny
   with pytest.raises(UserError, match=match):
     tfds_source.resolve(source, d, kw.get("text_key"))
+
+
+def test_a_tfrecord_dataset_is_refused_with_the_way_out(tiny, tmp_path):
+  """Random access needs array_record: a dataset prepared as tfrecord (its dataset_info.json
+  says so; writing real tfrecords needs TensorFlow) is refused before anything is opened."""
+  d, _, _ = tiny
+  shutil.copytree(d, tmp_path / "d")
+  info_path = tmp_path / "d" / "tiny_books" / "small" / "1.0.0" / "dataset_info.json"
+  info = json.loads(info_path.read_text())
+  info["fileFormat"] = "tfrecord"
+  info_path.write_text(json.dumps(info))
+  with pytest.raises(InvalidInput, match=r"prepared as tfrecord, which has no random access"):
+    tfds_source.resolve("tfds:tiny_books:train", str(tmp_path / "d"))
+
+
+def test_fingerprint_records_the_resolved_dataset_only_for_tfds(tiny):
+  d, _, jsonl = tiny
+  docs = open_documents("tfds:tiny_books:train", "byte", tfds_data_dir=d)
+  fp = stream_fingerprint(
+    StreamConfig(source="tfds:tiny_books:train", tfds_data_dir=d), process_count=1, documents=docs
+  )
+  assert fp["data"]["tfds"]["source"] == SRC and fp["config"]["tfds_data_dir"] == d
+  # other sources keep the fingerprints they had before the tfds fields existed
+  other = stream_fingerprint(StreamConfig(source=jsonl), process_count=1)
+  assert "tfds_data_dir" not in other["config"] and "tfds_text_key" not in other["config"]
 
 
 def test_missing_data_dir(tmp_path):
