@@ -155,11 +155,12 @@ def write_word_level_tokenizer(path) -> str:
 
 
 def write_tfds_dataset(
-  data_dir, splits: dict[str, list[str]], name: str = "tiny_books", config: str = "small"
+  data_dir, splits: dict[str, list[str | bytes]], name: str = "tiny_books", config: str = "small"
 ) -> str:
   """Prepares a TFDS dataset NAME/CONFIG:1.0.0 (array_record) under `data_dir` with a
   `GeneratorBasedBuilder` (no TensorFlow): one example per text of each split, features `body`
-  (the text), `meta/author`, `title` (Text) and `year` (int32). The builder is not registered
+  (the text; bytes are stored as given, e.g. invalid UTF-8), `meta/author`, `title` (Text) and
+  `year` (int32). The builder is not registered
   (a user's own builder, read back from the files alone). Returns `data_dir`."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

@@ -14,6 +14,7 @@ import pytest
 
 from configs.evaluate import get_config as eval_config
 from mamba2_jax.data import (
+  BadInputError,
   PreparedDataset,
   StreamConfig,
   get_tokenizer,
@@ -39,7 +40,8 @@ def tiny(tmp_path_factory):
   """(data_dir, train texts in the split's index order, a jsonl file of them in that order)."""
   import tensorflow_datasets as tfds
 
-  d = testing.write_tfds_dataset(tmp_path_factory.mktemp("tfds"), {"train": TRAIN, "test": TEST})
+  splits = {"train": TRAIN, "test": TEST, "bad": ["fine", b"bad \xff byte", "also fine"]}
+  d = testing.write_tfds_dataset(tmp_path_factory.mktemp("tfds"), splits)
   # The reference order, read with tfds directly: TFDS fixes the example order at preparation.
   ds = tfds.data_source("tiny_books/small:1.0.0", split="train", data_dir=d, download=False)
   texts = [ds[i]["body"].decode("utf-8") for i in range(len(ds))]
@@ -151,7 +153,7 @@ def test_prepare_data_from_tfds(tiny, tmp_path):
 
 
 def test_evaluation_document_prompts_from_tfds(tiny):
-  d, _, jsonl = tiny
+  d, texts, jsonl = tiny
   cfg = eval_config("ppl_by_position")
   with cfg.unlocked():
     cfg.update(prompt="docs", min_doc_len=100, num_prompts=3, max_len=900, tfds_data_dir=d)
@@ -163,6 +165,9 @@ def test_evaluation_document_prompts_from_tfds(tiny):
   got, want = np.stack(list(got)), np.stack(list(want))
   assert n == 3 and got.shape == (3, 900)
   np.testing.assert_array_equal(got, want)
+  # the forgetting curve's corpus (data_type=order): the documents concatenated in order
+  stream = prompts.corpus_stream(SRC, tok, 10**9, tfds_data_dir=d)
+  assert tok.decode(stream) == "".join(texts)
 
 
 @pytest.mark.parametrize(
@@ -207,6 +212,22 @@ def test_fingerprint_records_the_resolved_dataset_only_for_tfds(tiny):
   # other sources keep the fingerprints they had before the tfds fields existed
   other = stream_fingerprint(StreamConfig(source=jsonl), process_count=1)
   assert "tfds_data_dir" not in other["config"] and "tfds_text_key" not in other["config"]
+
+
+def test_invalid_utf8_is_bad_input_named_by_example(tiny, tmp_path):
+  d, _, _ = tiny
+  src = "tfds:tiny_books:bad"
+  docs = open_documents(src, "byte", tfds_data_dir=d)[0]
+  bad = [i for i in range(3) if b"\xff" in tfds_source.source_of(docs.resolved)[i]["body"]]
+  with pytest.raises(BadInputError, match=rf"small:1.0.0:bad: example {bad[0]}: invalid UTF-8"):
+    docs[bad[0]]
+  with pytest.raises(BadInputError, match=rf":bad: example {bad[0]}: invalid UTF-8 at byte 4"):
+    list(load_documents(src, "byte", tfds_data_dir=d))
+  tok = get_tokenizer("byte")
+  kept = [tok.decode(x) for x in load_documents(src, tok, tfds_data_dir=d, on_error="skip")]
+  assert sorted(kept) == ["also fine", "fine"]
+  m = prepare([src], "byte", tmp_path / "p", tfds_data_dir=d, on_error="skip", show_progress=False)
+  assert m["num_documents"] == 2 and m["bad_input"]["counts"] == {"invalid_utf8": 1}
 
 
 def test_missing_data_dir(tmp_path):
