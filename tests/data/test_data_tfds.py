@@ -270,7 +270,7 @@ def test_cli_prepare_data_and_lazy_import(tiny, tmp_path):
   assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.slow  # a trainer compile (~25 s on 2 cores without the run's compilation cache)
+@pytest.mark.slow  # a trainer compile: ~80 s alone on 2 busy cores, ~40 s from the run's cache
 def test_train_a_few_steps_from_tfds(tiny, tmp_path):
   """The trainer on data.source=tfds:... with the config of tests/train/test_train.py's workdir
   test (the same programs: in a scripts/test.sh run they come from its compilation cache); the
