@@ -85,7 +85,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_checkpoint = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "builtin:shakespeare"  # prepared dir, raw inputs (globs) or builtin:NAME
+  # prepared dir, raw inputs (globs), builtin:NAME or a prepared TFDS split
+  # tfds:NAME[/CONFIG][:VERSION]:SPLIT (docs/data.md "TFDS datasets")
+  c.data.source = "builtin:shakespeare"
+  c.data.tfds_data_dir = (
+    ""  # tfds: sources: where prepared ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+  )
+  c.data.tfds_text_key = ""  # tfds: sources: the text feature ("" = the first string feature)
   c.data.tokenizer = "byte"
   c.data.packing = "concat"  # "concat" (the paper's) | "segments"
   c.data.min_doc_tokens = 0  # the paper drops documents under 4096 tokens

@@ -50,7 +50,9 @@ def _common(task: str) -> ml_collections.ConfigDict:
 def _prompt_fields(c, prompt: str, max_len: int) -> None:
   c.prompt = prompt  # newlines | newlines_text | text | docs | copy  [§2.2]
   c.text = CAPITAL_TEXT  # the text repeated by prompt=text
-  c.data = "builtin:shakespeare"  # documents for prompt=docs: prepared dir, glob, builtin:...
+  c.data = "builtin:shakespeare"  # documents for prompt=docs: prepared dir, glob, builtin:, tfds:
+  c.tfds_data_dir = ""  # data=tfds:...: where prepared ("" = $TFDS_DATA_DIR, ~/tensorflow_datasets)
+  c.tfds_text_key = ""  # data=tfds:...: the text feature ("" = the first string feature)
   c.min_doc_len = 16384  # documents shorter than this are skipped  [§2.2 redpj_16k]
   c.max_docs = 0  # 0 = no limit
   c.separator = "eos"  # between concatenated documents: eos | none
@@ -116,7 +118,11 @@ def state_stats() -> ml_collections.ConfigDict:
 
 def forgetting_curve() -> ml_collections.ConfigDict:
   c = _common("forgetting_curve")
-  c.data = "builtin:shakespeare"  # corpus for data_type=order  [§6: PG-19 test]
+  c.data = (
+    "builtin:shakespeare"  # corpus for data_type=order  [§6: PG-19 test, e.g. tfds:pg19:test]
+  )
+  c.tfds_data_dir = ""  # data=tfds:...: as in _prompt_fields
+  c.tfds_text_key = ""
   c.data_type = "order"  # order (contiguous corpus spans) | random (uniform ids)
   c.random_low = 10  # random ids in [low, high]  [§6]
   c.random_high = -1  # -1 = min(31999, last id before the first special id > low)

@@ -4,8 +4,10 @@ r"""Tokenizes raw text once into ArrayRecord shards + manifest.json (resumable).
       [--min_doc_tokens 4096] [--subset book,arxiv] [--max_docs N] [--workers 4] \
       [--on_error fail|skip] [--overwrite]
 
---input: files, directories, globs (quote them), fsspec URLs (gs://... with gcsfs installed) or
-`builtin:shakespeare`; repeat the flag or separate with commas. Formats: .jsonl / .jsonl.zst /
+--input: files, directories, globs (quote them), fsspec URLs (gs://... with gcsfs installed),
+`builtin:shakespeare` or a prepared TFDS split `tfds:NAME[/CONFIG][:VERSION]:SPLIT` (read from
+--tfds_data_dir, text feature --tfds_text_key; docs/data.md); repeat the flag or separate with
+commas. Formats: .jsonl / .jsonl.zst /
 .jsonl.gz (RedPajama, SlimPajama), .parquet, .txt. --tokenizer: `byte`, `neox` (after
 scripts/get_neox_tokenizer.sh) or a tokenizer.json path. Interrupted? Run the same command again:
 finished shards are kept. Read it back with `mamba2_jax.data.load_documents(DIR)` or stream it
@@ -20,7 +22,15 @@ from experiments import cli
 from mamba2_jax.data.prepare import DEFAULT_SHARD_BYTES, prepare
 
 INPUT = flags.DEFINE_multi_string(
-  "input", None, "input files / dirs / globs / URLs / builtin:NAME", required=True
+  "input", None, "input files / dirs / globs / URLs / builtin:NAME / tfds:NAME:SPLIT", required=True
+)
+TFDS_DATA_DIR = flags.DEFINE_string(
+  "tfds_data_dir",
+  "",
+  "tfds: inputs: where prepared (default $TFDS_DATA_DIR, ~/tensorflow_datasets)",
+)
+TFDS_TEXT_KEY = flags.DEFINE_string(
+  "tfds_text_key", "", "tfds: inputs: the text feature (default: the first string feature)"
 )
 TOKENIZER = flags.DEFINE_string("tokenizer", "byte", "byte | neox | path/to/tokenizer.json")
 OUT = flags.DEFINE_string("out", None, "output directory", required=True)
@@ -61,6 +71,8 @@ def main(argv):
     shard_bytes=SHARD_MB.value << 20,
     overwrite=OVERWRITE.value,
     show_progress=not QUIET.value,
+    tfds_data_dir=TFDS_DATA_DIR.value or None,
+    tfds_text_key=TFDS_TEXT_KEY.value or None,
   )
   c, bad = m["counts"], m["bad_input"]
   print(

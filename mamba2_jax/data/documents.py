@@ -212,12 +212,16 @@ def load_documents(
   subset=None,
   max_docs: int | None = None,
   on_error: str = "fail",
+  tfds_data_dir: str | None = None,
+  tfds_text_key: str | None = None,
 ) -> Iterator[np.ndarray]:
   """Yields int32 token arrays, one per document, in order.
 
   `dir_or_glob`: a prepared directory (its tokenizer identity must match `tokenizer` if one is
-  given), or raw inputs (path, directory, glob, URL, `builtin:shakespeare`, or a list of them)
-  tokenized on the fly with `tokenizer` (required then), or a synthetic source
+  given), or raw inputs (path, directory, glob, URL, `builtin:shakespeare`, a prepared TFDS split
+  `tfds:NAME[/CONFIG][:VERSION]:SPLIT` read from `tfds_data_dir` with the text feature
+  `tfds_text_key`, or a list of them) tokenized on the fly with `tokenizer` (required then), or a
+  synthetic source
   (`synthetic:copy:...`, no tokenizer). `subset` only applies to raw inputs
   (prepared data was already filtered). Bad raw input raises `BadInputError` (file + line/row)
   unless `on_error="skip"`.
@@ -248,7 +252,9 @@ def load_documents(
       f"load_documents({dir_or_glob!r}): raw inputs need a tokenizer "
       "(e.g. 'byte', 'neox' or a tokenizer.json path)"
     )
-  files = sources_lib.expand_inputs(dir_or_glob)
+  files = sources_lib.expand_inputs(
+    dir_or_glob, tfds_data_dir=tfds_data_dir, tfds_text_key=tfds_text_key
+  )
   bad = sources_lib.BadInput(on_error)
   for ids, _ in tokenized_documents(
     files,

@@ -6,8 +6,8 @@
     batch = next(it)                      # {"tokens": (8, 1024) int32[, "segment_ids"]}
     gbatch = make_global_batch(batch, batch_sharding(mesh))   # global jax.Arrays
 
-Chain: documents (random access: a prepared ArrayRecord dir, or raw inputs tokenized into
-memory) -> seeded global shuffle (a new order every epoch) -> repeat -> this process's slice
+Chain: documents (random access: a prepared ArrayRecord dir, a prepared TFDS split read with
+`tfds.data_source` and tokenized on read, or raw inputs tokenized into memory) -> seeded global shuffle (a new order every epoch) -> repeat -> this process's slice
 `[process_index::process_count]` (each host reads only its documents) -> threaded reads ->
 packing into rows of `seq_len` -> batch -> `mp_prefetch` worker processes.
 
@@ -39,6 +39,7 @@ import numpy as np
 
 from mamba2_jax.data import documents as docs_lib
 from mamba2_jax.data import synthetic
+from mamba2_jax.data import tfds_source
 from mamba2_jax.data.tokenizers import get_tokenizer
 from mamba2_jax.errors import InvalidInput
 
@@ -65,6 +66,8 @@ class StreamConfig:
   read_threads: int = 2
   read_buffer: int = 8  # documents read ahead per process (documents can be MBs)
   worker_buffer: int = 2  # batches buffered per worker
+  tfds_data_dir: str = ""  # tfds:... sources: where prepared (default $TFDS_DATA_DIR)
+  tfds_text_key: str = ""  # tfds:... sources: the text feature (default: the first string one)
 
   def __post_init__(self):
     if self.packing not in PACKING_MODES:
@@ -126,27 +129,49 @@ class _Subset:
     return self.base[int(self.indices[i])]
 
 
-def open_documents(source, tokenizer=None, min_doc_tokens: int = 0):
-  """(random-access documents, tokenizer identity) for a prepared dir, raw inputs, or a
-  synthetic source (`synthetic:copy:...`, mamba2_jax/data/synthetic.py)."""
+def _log_kept(source, kept, total, min_doc_tokens):
+  if kept < total:
+    logging.info(
+      "%s: streaming %d of %d documents (%d have fewer than %d tokens)",
+      source,
+      kept,
+      total,
+      total - kept,
+      min_doc_tokens,
+    )
+
+
+def open_documents(
+  source,
+  tokenizer=None,
+  min_doc_tokens: int = 0,
+  *,
+  tfds_data_dir: str | None = None,
+  tfds_text_key: str | None = None,
+):
+  """(random-access documents, tokenizer identity) for a prepared dir, raw inputs, a prepared
+  TFDS split (`tfds:NAME[/CONFIG][:VERSION]:SPLIT` in `tfds_data_dir`, mamba2_jax/data/
+  tfds_source.py: read and tokenized per document; min_doc_tokens > 0 tokenizes the split once
+  to find the lengths) or a synthetic source (`synthetic:copy:...`, mamba2_jax/data/synthetic.py)."""
   if synthetic.is_synthetic(source):
     docs, ident = synthetic.load(source, min_doc_tokens)
     return InMemoryDocuments(docs), ident
+  if tfds_source.is_tfds(source):
+    tdocs = tfds_source.open_documents(
+      source, tokenizer or "byte", tfds_data_dir or None, tfds_text_key or None
+    )
+    if min_doc_tokens <= 0:
+      return tdocs, tdocs.tokenizer.identity()
+    keep = np.nonzero(tdocs.token_lengths(progress=True) >= min_doc_tokens)[0]
+    _log_kept(source, keep.size, len(tdocs), min_doc_tokens)
+    return _Subset(tdocs, keep), tdocs.tokenizer.identity()
   if docs_lib.is_prepared_dir(source):
     ds = docs_lib.PreparedDataset(source)
     if tokenizer is not None:
       get_tokenizer(tokenizer).check_compatible(ds.tokenizer_identity, str(source))
     keep = np.nonzero(ds.lengths >= min_doc_tokens)[0]
     docs = ds if keep.size == len(ds) else _Subset(ds, keep)
-    if keep.size < len(ds):
-      logging.info(
-        "%s: streaming %d of %d documents (%d have fewer than %d tokens)",
-        source,
-        keep.size,
-        len(ds),
-        len(ds) - keep.size,
-        min_doc_tokens,
-      )
+    _log_kept(source, keep.size, len(ds), min_doc_tokens)
     return docs, ds.tokenizer_identity
   tok = get_tokenizer(tokenizer or "byte")
   arrays, total, short = [], 0, 0
@@ -309,7 +334,13 @@ def make_train_dataset(
   cfg = StreamConfig.from_any(config, **overrides)
   pi, pc = _process(process_index, process_count)
   if documents is None:
-    docs, ident = open_documents(cfg.source, cfg.tokenizer, cfg.min_doc_tokens)
+    docs, ident = open_documents(
+      cfg.source,
+      cfg.tokenizer,
+      cfg.min_doc_tokens,
+      tfds_data_dir=cfg.tfds_data_dir,
+      tfds_text_key=cfg.tfds_text_key,
+    )
   else:
     docs, ident = documents
   if len(docs) == 0:
@@ -410,11 +441,17 @@ def stream_fingerprint(config=None, *, process_count=None, documents=None, **ove
   elif documents is not None:
     docs, ident = documents
     data = {"num_documents": len(docs), "tokenizer_sha256": ident.get("sha256")}
+    tdocs = getattr(docs, "base", docs)
+    if isinstance(tdocs, tfds_source.TfdsDocuments):  # the version and config found on disk
+      data["tfds"] = tdocs.resolved.to_dict()
   else:
     data = {}
   fields = dataclasses.asdict(cfg)
   for k in ("read_threads", "read_buffer", "worker_buffer"):  # do not change the order
     fields.pop(k)
+  if not tfds_source.is_tfds(cfg.source):  # fingerprints saved before these fields still match
+    fields.pop("tfds_data_dir")
+    fields.pop("tfds_text_key")
   fp = {"config": fields, "process_count": pc, "data": data}
   fp["hash"] = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()[:16]
   return fp

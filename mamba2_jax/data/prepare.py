@@ -230,12 +230,22 @@ def prepare(
   overwrite: bool = False,
   show_progress: bool = True,
   log=print,
+  tfds_data_dir: str | None = None,
+  tfds_text_key: str | None = None,
 ) -> dict:
-  """Prepares `inputs` into `out`; returns the manifest. Resumes an interrupted run."""
+  """Prepares `inputs` into `out`; returns the manifest. Resumes an interrupted run. TFDS inputs
+  (`tfds:NAME[/CONFIG][:VERSION]:SPLIT`) are read from `tfds_data_dir` (text: `tfds_text_key`)
+  in chunks of about `shard_bytes`."""
   out = Path(os.path.expanduser(str(out)))
   tok = get_tokenizer(tokenizer)
   ignored: list[str] = []
-  files = sources_lib.expand_inputs(inputs, ignored)
+  files = sources_lib.expand_inputs(
+    inputs,
+    ignored,
+    tfds_data_dir=tfds_data_dir,
+    tfds_text_key=tfds_text_key,
+    tfds_chunk_bytes=shard_bytes,
+  )
   settings = _settings(files, tok, min_doc_tokens, subset, max_docs, on_error, shard_bytes, ignored)
   units = plan_units(files, shard_bytes)
   state_path, manifest_path = out / docs_lib.STATE, out / docs_lib.MANIFEST

@@ -1,8 +1,9 @@
 """Raw text sources: RedPajama / SlimPajama JSON lines (plain, .zst, .gz), parquet, .txt books.
 
 `expand_inputs(patterns)` turns paths, directories, globs (`**` allowed), fsspec URLs
-(`gs://...` where gcsfs is installed, `memory://` in tests) and `builtin:NAME` into an ordered list
-of `InputFile`s; `read_documents(input_file, errors)` yields `Document`s in file order.
+(`gs://...` where gcsfs is installed, `memory://` in tests), `builtin:NAME` and prepared TFDS splits
+(`tfds:NAME[/CONFIG][:VERSION]:SPLIT`, chunks of examples: mamba2_jax/data/tfds_source.py) into an
+ordered list of `InputFile`s; `read_documents(input_file, errors)` yields `Document`s in order.
 
 Formats (chosen by file name):
 - `*.jsonl`, `*.jsonl.zst`, `*.jsonl.gz`: one JSON object per line with a string `text`; `meta` may
@@ -25,102 +26,24 @@ first messages kept) for the manifest. Nothing is dropped without being counted.
 
 from __future__ import annotations
 
-import dataclasses
 import glob as globlib
 import gzip
 import json
-import logging
 import os
 from typing import Iterator, Sequence
 
-from mamba2_jax.errors import InvalidInput, UserError
+from mamba2_jax.data.records import (  # noqa: F401  (re-exported: sources_lib.InputFile, ...)
+  BAD_KINDS,
+  MAX_EXAMPLES,
+  BadInput,
+  BadInputError,
+  Document,
+  InputFile,
+)
+from mamba2_jax.errors import InvalidInput
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz")
 SUPPORTED_SUFFIXES = JSONL_SUFFIXES + (".parquet", ".txt")
-BAD_KINDS = (
-  "empty_file",
-  "unreadable_file",
-  "blank_line",
-  "invalid_utf8",
-  "malformed_json",
-  "missing_text",
-  "invalid_unicode",
-)
-MAX_EXAMPLES = 20
-
-
-class BadInputError(UserError, ValueError):
-  """A problem in an input file; the message starts with `PATH: line N:` / `PATH: row N:`."""
-
-  def __init__(self, kind: str, message: str):
-    super().__init__(message)
-    self.kind = kind
-
-
-class BadInput:
-  """Fail on, or count, bad input. `on_error` is "fail" or "skip"."""
-
-  def __init__(self, on_error: str = "fail"):
-    if on_error not in ("fail", "skip"):
-      raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    self.on_error = on_error
-    self.counts: dict[str, int] = {}
-    self.examples: list[str] = []
-
-  def __call__(self, kind: str, path: str, where: str, msg: str) -> None:
-    text = f"{path}: {where + ': ' if where else ''}{msg}"
-    if self.on_error == "fail":
-      raise BadInputError(kind, text + "  (pass --on_error=skip to skip and count such input)")
-    self.counts[kind] = self.counts.get(kind, 0) + 1
-    if len(self.examples) < MAX_EXAMPLES:
-      self.examples.append(text)
-      logging.warning("skipped bad input: %s", text)
-
-  @property
-  def total(self) -> int:
-    return sum(self.counts.values())
-
-  def to_dict(self) -> dict:
-    return {
-      "on_error": self.on_error,
-      "counts": dict(sorted(self.counts.items())),
-      "total": self.total,
-      "examples": list(self.examples),
-    }
-
-  def merge(self, d: dict) -> None:
-    for k, v in d.get("counts", {}).items():
-      self.counts[k] = self.counts.get(k, 0) + v
-    self.examples.extend(d.get("examples", [])[: max(0, MAX_EXAMPLES - len(self.examples))])
-
-
-@dataclasses.dataclass(frozen=True)
-class InputFile:
-  path: str  # local path or fsspec URL
-  size: int  # bytes on disk
-  fmt: str  # "jsonl" | "parquet" | "txt"
-  origin: str = ""  # "builtin:shakespeare" for built-in corpora
-  set_name: str | None = None  # forced set name (built-in corpora)
-
-  def to_dict(self) -> dict:
-    return {
-      "path": self.path,
-      "size": self.size,
-      "format": self.fmt,
-      **({"origin": self.origin} if self.origin else {}),
-    }
-
-
-@dataclasses.dataclass
-class Document:
-  text: str
-  meta: dict
-  set_name: str | None
-  path: str
-  where: str  # "line 12", "row 3", "" (whole file)
-  raw_pos: int = 0  # bytes of the file (compressed) consumed so far, for progress bars
-
-
 # ------------------------------------------------------------------------------------------------
 # Set names
 _SET_ALIASES = {
@@ -213,20 +136,29 @@ def _has_magic(p: str) -> bool:
 
 
 def expand_inputs(
-  patterns: str | Sequence[str], ignored: list[str] | None = None
+  patterns: str | Sequence[str],
+  ignored: list[str] | None = None,
+  *,
+  tfds_data_dir: str | None = None,
+  tfds_text_key: str | None = None,
+  tfds_chunk_bytes: int | None = None,
 ) -> list[InputFile]:
   """Ordered, de-duplicated input files. Directories and globs are expanded recursively in sorted
   order; files there with unsupported names are appended to `ignored` (reported in the manifest).
-  A pattern that matches no supported file is an error."""
+  A pattern that matches no supported file is an error. `tfds:...` sources become chunks of
+  their split (tfds_source.input_files, read from `tfds_data_dir`)."""
   if isinstance(patterns, (str, os.PathLike)):
     patterns = [patterns]
-  from mamba2_jax.data import builtin  # pylint: disable=g-import-not-at-top
+  from mamba2_jax.data import builtin, tfds_source  # pylint: disable=g-import-not-at-top
 
   out: list[InputFile] = []
   seen = set()
   for pat in map(str, patterns):
     found: list[InputFile] = []
-    if pat.startswith(builtin.PREFIX):
+    if tfds_source.is_tfds(pat):
+      chunk = tfds_chunk_bytes or tfds_source.DEFAULT_CHUNK_BYTES
+      found = tfds_source.input_files(pat, tfds_data_dir, tfds_text_key, chunk)
+    elif pat.startswith(builtin.PREFIX):
       name = pat[len(builtin.PREFIX) :]
       for f in builtin.builtin_files(name):
         found.append(InputFile(str(f), f.stat().st_size, "txt", origin=pat, set_name=name))
@@ -285,6 +217,11 @@ def _classify(path, size_fn, explicit, ignored):
 # Readers
 def read_documents(f: InputFile, bad: BadInput) -> Iterator[Document]:
   """The documents of one file, in order. Bad input is reported to `bad` (raise or count)."""
+  if f.fmt == "tfds":
+    from mamba2_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+    yield from tfds_source.read_documents(f, bad)
+    return
   if f.size == 0:
     bad("empty_file", f.path, "", "empty file (0 bytes)")
     return

@@ -152,3 +152,54 @@ def write_word_level_tokenizer(path) -> str:
   t.add_special_tokens(["</s>", "<pad>"])
   t.save(str(path))
   return str(path)
+
+
+def write_tfds_dataset(
+  data_dir, splits: dict[str, list[str | bytes]], name: str = "tiny_books", config: str = "small"
+) -> str:
+  """Prepares a TFDS dataset NAME/CONFIG:1.0.0 (array_record) under `data_dir` with a
+  `GeneratorBasedBuilder` (no TensorFlow): one example per text of each split, features `body`
+  (the text; bytes are stored as given, e.g. invalid UTF-8), `meta/author`, `title` (Text) and
+  `year` (int32). The builder is not registered
+  (a user's own builder, read back from the files alone). Returns `data_dir`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  ds_name, config_name = name, config
+  with tfds.core.registered.skip_registration():
+
+    class TinyBooks(tfds.core.GeneratorBasedBuilder):
+      # A one-part module name: for a builder in a package, tfds 4.9.10 looks for its code with
+      # `importlib_resources`, a package it only requires on Python < 3.9.
+      __module__ = ds_name
+      name = ds_name
+      VERSION = tfds.core.Version("1.0.0")
+      BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=c) for c in (config_name, "zz")]
+
+      def _info(self):
+        text = tfds.features.Text()
+        return tfds.core.DatasetInfo(
+          builder=self,
+          features=tfds.features.FeaturesDict(
+            {
+              "body": text,
+              "meta": {"author": tfds.features.Text()},
+              "title": tfds.features.Text(),
+              "year": tfds.features.Scalar(dtype=np.int32),
+            }
+          ),
+        )
+
+      def _split_generators(self, dl_manager):
+        del dl_manager
+        return {s: self._generate_examples(s) for s in splits}
+
+      def _generate_examples(self, split):
+        for i, t in enumerate(splits[split]):
+          ex = {"body": t, "meta": {"author": f"author {i}"}, "title": f"{split} {i}"}
+          yield f"{split}-{i}", ex | {"year": 1800 + i}
+
+  b = TinyBooks(data_dir=str(data_dir), config=config, file_format="array_record")
+  b.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(try_download_gcs=False),
+  )
+  return str(data_dir)

@@ -86,7 +86,13 @@ class Sampler:
     self.low, self.high = random_range(tok, cfg.random_low, cfg.random_high)
     self.stream = None
     if self.kind == "order" or self.filler == "corpus":
-      self.stream = prompts.corpus_stream(cfg.data, tok, 3 * max_len)
+      self.stream = prompts.corpus_stream(
+        cfg.data,
+        tok,
+        3 * max_len,
+        tfds_data_dir=cfg.get("tfds_data_dir") or None,
+        tfds_text_key=cfg.get("tfds_text_key") or None,
+      )
       if self.stream.size < 3 * max_len:
         raise ValueError(
           f"{cfg.data}: {self.stream.size} tokens, the order protocol needs "

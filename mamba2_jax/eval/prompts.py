@@ -58,9 +58,12 @@ def iter_document_prompts(
   min_doc_len: int = 0,
   max_docs: int | None = None,
   separator: int | None = None,
+  tfds_data_dir: str | None = None,
+  tfds_text_key: str | None = None,
 ) -> Iterator[np.ndarray]:
   """Yields num_prompts int32 prompts (length,) from the documents of `source` with >=
   min_doc_len tokens, one at a time (host memory O(length), not O(num_prompts * length)).
+  A `tfds:...` source is read from `tfds_data_dir`, its text from `tfds_text_key`.
 
   Documents are taken in order and concatenated (with `separator` between them, if given) until
   a prompt holds `length` tokens; the rest of a truncated document is dropped and the next
@@ -71,7 +74,14 @@ def iter_document_prompts(
   tok = get_tokenizer(tokenizer)
 
   def docs() -> Iterable[np.ndarray]:
-    return load_documents(source, tok, min_doc_tokens=min_doc_len, max_docs=max_docs)
+    return load_documents(
+      source,
+      tok,
+      min_doc_tokens=min_doc_len,
+      max_docs=max_docs,
+      tfds_data_dir=tfds_data_dir,
+      tfds_text_key=tfds_text_key,
+    )
 
   stream, cycles, n_docs = docs(), 0, 0
   for _ in range(num_prompts):
@@ -121,6 +131,8 @@ def iter_prompts(
   separator: int | None = None,
   span: int = 32,
   seed: int = 0,
+  tfds_data_dir: str | None = None,
+  tfds_text_key: str | None = None,
 ) -> tuple[int, Iterator[np.ndarray]]:
   """(number of prompts, iterator of int32 (length,) prompts) of one of PROMPT_KINDS.
   Deterministic kinds (all but "docs" and "copy") give a single prompt: identical prompts would
@@ -135,7 +147,9 @@ def iter_prompts(
     return 1, iter([text_prompt(tokenizer, text, length)])
   if kind == "docs":
     if not source:
-      raise ValueError("prompt 'docs' needs a data source (prepared dir, glob or builtin:...)")
+      raise ValueError(
+        "prompt 'docs' needs a data source (prepared dir, glob, builtin:... or tfds:...)"
+      )
     return num_prompts, iter_document_prompts(
       source,
       tokenizer,
@@ -144,6 +158,8 @@ def iter_prompts(
       min_doc_len=min_doc_len,
       max_docs=max_docs,
       separator=separator,
+      tfds_data_dir=tfds_data_dir,
+      tfds_text_key=tfds_text_key,
     )
   if kind == "copy":  # synthetic copy-task streams: BOS + fresh pairs [S S] (vocab = tokenizer's)
     return num_prompts, (
@@ -175,14 +191,27 @@ def config_prompts(cfg, tokenizer) -> tuple[int, Iterator[np.ndarray]]:
     separator=sep,
     span=cfg.get("span", 32),
     seed=cfg.get("seed", 0),
+    tfds_data_dir=cfg.get("tfds_data_dir") or None,
+    tfds_text_key=cfg.get("tfds_text_key") or None,
   )
 
 
-def corpus_stream(source, tokenizer, min_tokens: int, *, max_docs: int | None = None) -> np.ndarray:
+def corpus_stream(
+  source,
+  tokenizer,
+  min_tokens: int,
+  *,
+  max_docs: int | None = None,
+  tfds_data_dir: str | None = None,
+  tfds_text_key: str | None = None,
+) -> np.ndarray:
   """One int32 token stream: documents of `source` concatenated until >= min_tokens (all of
   them if the corpus is shorter)."""
   parts, total = [], 0
-  for doc in itertools.islice(load_documents(source, get_tokenizer(tokenizer)), max_docs):
+  docs = load_documents(
+    source, get_tokenizer(tokenizer), tfds_data_dir=tfds_data_dir, tfds_text_key=tfds_text_key
+  )
+  for doc in itertools.islice(docs, max_docs):
     parts.append(doc)
     total += doc.size
     if total >= min_tokens:

@@ -214,6 +214,9 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   for f in ("data.source", "data.tokenizer"):
     if not isinstance(_get(c, f), str) or not _get(c, f):
       _fail(f, "must be a non-empty string", _get(c, f))
+  for f in ("data.tfds_data_dir", "data.tfds_text_key"):
+    if f.split(".")[1] in c.data and not isinstance(_get(c, f), str):
+      _fail(f, "must be a string (empty for the default)", _get(c, f))
   _int(c, "data.min_doc_tokens", 0)
   _int(c, "data.num_workers", 0)
 

@@ -97,6 +97,8 @@ def stream_config(
     min_doc_tokens=d.min_doc_tokens,
     add_bos=d.add_bos,
     add_eos=d.add_eos,
+    tfds_data_dir=d.get("tfds_data_dir", ""),
+    tfds_text_key=d.get("tfds_text_key", ""),
   )
 
 
@@ -127,7 +129,13 @@ def open_stream(
     num_epochs=num_epochs,
     shuffle=shuffle,
   )
-  documents = open_documents(cfg.source, cfg.tokenizer, cfg.min_doc_tokens)
+  documents = open_documents(
+    cfg.source,
+    cfg.tokenizer,
+    cfg.min_doc_tokens,
+    tfds_data_dir=cfg.tfds_data_dir,
+    tfds_text_key=cfg.tfds_text_key,
+  )
   fp = stream_fingerprint(cfg, process_count=num_shards, documents=documents)
   fp["shards_per_process"] = per_proc
   return (lambda: ShardedStream(cfg, shards, num_shards, documents)), documents[1], fp
