@@ -16,7 +16,7 @@ done
 jobs_max=${TEST_JOBS:-$(nproc)}
 [ "$jobs_max" -gt 4 ] && jobs_max=4
 modules=()
-for d in e2e train compile mitigations kernels ssd; do
+for d in compile e2e train mitigations kernels ssd; do
   modules+=($(find "tests/$d" -name "test_*.py" | sort))
 done
 for f in $(find tests -name "test_*.py" | sort); do
