@@ -17,9 +17,11 @@ Per-point resources come from the sweep config's optional `resources`:
                       TPU-<type>-head resource, held by its host 0, and the node label
                       ray.io/tpu-slice-name pick one slice; one placement-group bundle per
                       host). The training command runs on every host at once (JAX finds its
-                      peers on TPU VMs; host i > 0 logs to logs/train.host<i>.log); the
-                      evaluation commands (single-process programs) run in a task of their own
-                      with the resources of `eval` (default 1 CPU)
+                      peers on TPU VMs; host i > 0 logs to logs/train.host<i>.log). Then the
+                      slice is released and the evaluation commands (single-process programs)
+                      run in a task of their own with the resources of `eval` (default 1 CPU;
+                      {"TPU": 1} runs them on one chip of any TPU host: Ray sets the sub-host
+                      bounds for tasks of 1 or 2 chips)
   eval                only with tpu_slice: the resources of its evaluation task
 and its optional `max_retries` (default 3): how often Ray re-runs a point whose worker or node
 died (a preempted VM); the re-run resumes from the newest checkpoint and skips evaluations
@@ -159,8 +161,9 @@ def _host_command(cmd: list[str], log_path: str, echo_prefix: str) -> str:
 
 
 def _slice_point_task(point: Point, res: Resources, max_retries: int) -> dict:
-  """A point on a TPU slice: reserves the slice, runs the training command on every host of it
-  and the evaluations in their own task, through `run_point`; releases the slice at the end."""
+  """A point on a TPU slice, through `run_point`: reserves a slice (waiting for a free one),
+  runs the training command on every host of it at once, releases it, then runs the
+  evaluations in a task of their own (resources `eval`)."""
   import ray  # pylint: disable=g-import-not-at-top
   from ray.util import tpu  # pylint: disable=g-import-not-at-top
   from ray.util.scheduling_strategies import (  # pylint: disable=g-import-not-at-top
@@ -168,38 +171,43 @@ def _slice_point_task(point: Point, res: Resources, max_retries: int) -> dict:
   )
 
   version, topology = res.tpu_slice
-  handle = tpu.slice_placement_group(topology, version)
   host = ray.remote(_host_command)
-  try:
-    ray.get(handle.placement_group.ready())
-    bundle = {k: v for k, v in handle.bundle_resources.items() if k != "CPU"}
+  handle = None
 
-    def run_command(kind, cmd, log, prefix):
-      try:
-        if kind == "train":
-          refs = [
-            host.options(
-              max_retries=max_retries,
-              num_cpus=0,
-              resources=bundle,
-              scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=handle.placement_group, placement_group_bundle_index=i
-              ),
-            ).remote(cmd, str(log if i == 0 else log.with_name(f"{kind}.host{i}.log")), prefix)
-            for i in range(handle.num_bundles)
-          ]
-        else:
-          opts = dict(res.eval_task, max_retries=max_retries)
-          refs = [host.options(**opts).remote(cmd, str(log), prefix)]
+  def run_command(kind, cmd, log, prefix):
+    nonlocal handle
+    try:
+      if kind == "train":
+        handle = tpu.slice_placement_group(topology, version, head_reservation_timeout_s=None)
+        ray.get(handle.placement_group.ready())
+        bundle = {k: v for k, v in handle.bundle_resources.items() if k != "CPU"}
+        refs = [
+          host.options(
+            max_retries=max_retries,
+            num_cpus=0,
+            resources=bundle,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+              placement_group=handle.placement_group, placement_group_bundle_index=i
+            ),
+          ).remote(cmd, str(log if i == 0 else log.with_name(f"{kind}.host{i}.log")), prefix)
+          for i in range(handle.num_bundles)
+        ]
         errors = [e for e in ray.get(refs) if e]
-      except ray.exceptions.RayError as e:  # a host lost more often than max_retries
-        errors = [f"{type(e).__name__}: {e}"]
-      if errors:
-        raise CommandFailed(errors[0])
+        handle.shutdown()
+        handle = None
+      else:
+        opts = dict(res.eval_task, max_retries=max_retries)
+        errors = [e for e in ray.get([host.options(**opts).remote(cmd, str(log), prefix)]) if e]
+    except ray.exceptions.RayError as e:  # a host lost more often than max_retries
+      errors = [f"{type(e).__name__}: {e}"]
+    if errors:
+      raise CommandFailed(errors[0])
 
+  try:
     return run_point(point, run_command)
   finally:
-    handle.shutdown()
+    if handle is not None:
+      handle.shutdown()
 
 
 # ------------------------------------------------------------------------- on the driver

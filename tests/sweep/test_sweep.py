@@ -405,3 +405,13 @@ def test_report_says_not_learned_for_runs_at_chance(tmp_path):
   ns = str(mc.state_size)
   assert rep["t_forget"] == {ns: 256} and rep["t_forget_lower"] == {ns: 64}
   assert "0.9 x chance" in md
+
+
+def test_ray_launcher_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
+  from mamba2_jax.errors import UserError
+
+  monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+  with pytest.raises(UserError) as e:
+    run_sweep(_sweep(), tmp_path / "r", task_config=eval_task_config, launcher="ray")
+  assert "pip install -r requirements-ray.txt" in str(e.value) and "\n" not in str(e.value)
+  assert not (tmp_path / "r").exists()  # said before any work
