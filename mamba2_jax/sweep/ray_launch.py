@@ -24,9 +24,9 @@ Per-point resources come from the sweep config's optional `resources`:
                       bounds for tasks of 1 or 2 chips)
   eval                only with tpu_slice: the resources of its evaluation task
 and its optional `max_retries` (default 3): how often Ray re-runs a point whose worker or node
-died (a preempted VM); the re-run resumes from the newest checkpoint and skips evaluations
-already done. A command that fails is not retried: it is recorded in status.json, as `local`
-does.
+died (a preempted VM; on a slice: any of its hosts, and the point re-runs on a slice reserved
+afresh); the re-run resumes from the newest checkpoint and skips evaluations already done. A
+command that fails is not retried: it is recorded in status.json, as `local` does.
 """
 
 from __future__ import annotations
@@ -160,6 +160,11 @@ def _host_command(cmd: list[str], log_path: str, echo_prefix: str) -> str:
   return ""
 
 
+class SliceLost(RuntimeError):
+  """A host of a point's TPU slice was lost (preempted): the whole point is re-run by Ray on a
+  slice reserved afresh (a multi-host program cannot go on without one of its hosts)."""
+
+
 def _slice_point_task(point: Point, res: Resources, max_retries: int) -> dict:
   """A point on a TPU slice, through `run_point`: reserves a slice (waiting for a free one),
   runs the training command on every host of it at once, releases it, then runs the
@@ -174,32 +179,44 @@ def _slice_point_task(point: Point, res: Resources, max_retries: int) -> dict:
   host = ray.remote(_host_command)
   handle = None
 
-  def run_command(kind, cmd, log, prefix):
+  def on_slice(cmd, log, prefix) -> list[str]:
     nonlocal handle
-    try:
-      if kind == "train":
-        handle = tpu.slice_placement_group(topology, version, head_reservation_timeout_s=None)
-        ray.get(handle.placement_group.ready())
-        bundle = {k: v for k, v in handle.bundle_resources.items() if k != "CPU"}
-        refs = [
-          host.options(
-            max_retries=max_retries,
-            num_cpus=0,
-            resources=bundle,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-              placement_group=handle.placement_group, placement_group_bundle_index=i
-            ),
-          ).remote(cmd, str(log if i == 0 else log.with_name(f"{kind}.host{i}.log")), prefix)
-          for i in range(handle.num_bundles)
-        ]
-        errors = [e for e in ray.get(refs) if e]
-        handle.shutdown()
-        handle = None
-      else:
+    handle = tpu.slice_placement_group(topology, version, head_reservation_timeout_s=None)
+    ray.get(handle.placement_group.ready())
+    bundle = {k: v for k, v in handle.bundle_resources.items() if k != "CPU"}
+    refs = [
+      host.options(
+        max_retries=0,  # a lost host re-runs the whole point (SliceLost)
+        num_cpus=0,
+        resources=bundle,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(
+          placement_group=handle.placement_group, placement_group_bundle_index=i
+        ),
+      ).remote(cmd, str(log if i == 0 else log.with_name(f"{log.stem}.host{i}.log")), prefix)
+      for i in range(handle.num_bundles)
+    ]
+    errors, lost = [], []
+    for ref in refs:  # all of them: a lost host outranks the errors of the hosts it left
+      try:
+        errors.append(ray.get(ref))
+      except ray.exceptions.RayError as e:
+        lost.append(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}")
+    handle.shutdown()
+    handle = None
+    if lost:
+      raise SliceLost(f"a host of the {version}:{topology} slice was lost: {lost[0]}")
+    return [e for e in errors if e]
+
+  def run_command(kind, cmd, log, prefix):
+    if kind == "train":
+      errors = on_slice(cmd, log, prefix)
+    else:
+      try:
         opts = dict(res.eval_task, max_retries=max_retries)
-        errors = [e for e in ray.get([host.options(**opts).remote(cmd, str(log), prefix)]) if e]
-    except ray.exceptions.RayError as e:  # a host lost more often than max_retries
-      errors = [f"{type(e).__name__}: {e}"]
+        errors = [ray.get(host.options(**opts).remote(cmd, str(log), prefix))]
+      except ray.exceptions.RayError as e:  # its worker lost more often than max_retries
+        errors = [f"{type(e).__name__}: {e}"]
+    errors = [e for e in errors if e]
     if errors:
       raise CommandFailed(errors[0])
 
@@ -267,7 +284,9 @@ def _worker_env() -> dict:
 def _run(ray, points, summary, res: Resources, retries: int) -> None:
   env = _worker_env()
   if res.tpu_slice:
-    task = ray.remote(_slice_point_task).options(num_cpus=0, max_retries=retries, runtime_env=env)
+    task = ray.remote(_slice_point_task).options(
+      num_cpus=0, max_retries=retries, retry_exceptions=[SliceLost], runtime_env=env
+    )
     submit = lambda p: task.remote(p, res, retries)  # noqa: E731
   else:
     task = ray.remote(_point_task).options(**res.task, max_retries=retries, runtime_env=env)

@@ -147,13 +147,15 @@ def test_points_run_at_once_fail_alone_retry_a_lost_worker_and_resume(tmp_path, 
 def test_tpu_slice_points_hold_their_slice(tmp_path):
   """A single-host v4 2x2x1 slice (4 chips) on the stand-in TPU resource: ray.util.tpu reserves
   it per point, so the two points train one after another (the first training waits 3 s for a
-  second one in vain); the training command runs in the slice's host task,
-  the evaluations in their own 1-CPU task."""
+  second one in vain); the training command runs in the slice's host task, the evaluations in
+  their own 1-CPU task; a point whose host dies is re-run (max_retries) and finishes."""
   sweep = _sweep(
     grid=(("model.d_state", (8, 16)), ("seq_len", (32,))),
     resources={"tpu_slice": "v4:2x2x1", "eval": {"cpus": 1}},
+    max_retries=1,
   )
-  py, log = _fake_python(tmp_path / "py", rendezvous_s=3.0)
+  lost = "d_state-16_seq_len-32"  # its host is lost once: the point re-runs on a new slice
+  py, log = _fake_python(tmp_path / "py", preempt=lost, rendezvous_s=3.0)
   out = run_sweep(sweep, tmp_path / "sl", task_config=eval_task_config, launcher="ray", python=py)
   assert sorted(out["done"]) == ["d_state-16_seq_len-32", "d_state-8_seq_len-32"]
   assert not out["failed"]
@@ -163,6 +165,8 @@ def test_tpu_slice_points_hold_their_slice(tmp_path):
   assert _max_overlap([(c["start"], c["end"]) for c in train]) == 1
   for c in calls:  # Ray gives the chips to tasks holding TPU resources only
     assert (c["tpu"] is not None) == ("experiments.train" in c["args"]), c
+  train_log = tmp_path / "sl" / "runs" / lost / "logs" / "train.log"
+  assert train_log.read_text().count("$ ") == 2
 
 
 @pytest.mark.parametrize(
