@@ -20,8 +20,8 @@ Per-point resources come from the sweep config's optional `resources`:
                       peers on TPU VMs; host i > 0 logs to logs/train.host<i>.log). Then the
                       slice is released and the evaluation commands (single-process programs)
                       run in a task of their own with the resources of `eval` (default 1 CPU;
-                      {"TPU": 1} runs them on one chip of any TPU host: Ray sets the sub-host
-                      bounds for tasks of 1 or 2 chips)
+                      {"TPU": 1} runs them on one chip of any TPU host: for tasks of 1 or 2
+                      chips Ray sets the sub-host bounds, a single-host process)
   eval                only with tpu_slice: the resources of its evaluation task
 and its optional `max_retries` (default 3): how often Ray re-runs a point whose worker or node
 died (a preempted VM; on a slice: any of its hosts, and the point re-runs on a slice reserved
