@@ -14,6 +14,7 @@ import os
 import shlex
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -57,10 +58,21 @@ class CommandFailed(RuntimeError):
   pass
 
 
+def _pump(stream, log, tail: list[str], echo_prefix: str) -> None:
+  """Copies a command's output to its log (echoing the progress lines), keeping the tail."""
+  for line in stream:
+    log.write(line)
+    tail[:] = (tail + [line])[-40:]
+    if line.lstrip().startswith(_ECHO):
+      print(f"{echo_prefix}{line.rstrip()}", flush=True)
+
+
 def _run_logged(cmd: list[str], log_path: Path, echo_prefix: str) -> None:
-  """Runs cmd from the repository root, output to log_path; progress lines are echoed. An
-  interrupt (Ctrl-C, a cancelled Ray task) stops the command with SIGTERM (the trainer saves a
-  checkpoint) before it propagates."""
+  """Runs cmd from the repository root, output to log_path; progress lines are echoed. The
+  command runs in a session of its own; an interrupt of this process (Ctrl-C, a cancelled Ray
+  task: a KeyboardInterrupt, seen within half a second) stops it with one SIGTERM (the trainer
+  saves a checkpoint at the current step) and waits for it before it propagates; a second
+  interrupt kills it."""
   log_path.parent.mkdir(parents=True, exist_ok=True)
   env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
   tail: list[str] = []
@@ -68,22 +80,35 @@ def _run_logged(cmd: list[str], log_path: Path, echo_prefix: str) -> None:
     log.write(f"$ {shell(cmd)}\n")
     log.flush()
     p = subprocess.Popen(
-      cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+      cmd,
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      bufsize=1,
+      start_new_session=True,
     )
+    reader = threading.Thread(target=_pump, args=(p.stdout, log, tail, echo_prefix), daemon=True)
+    reader.start()
     try:
-      for line in p.stdout:
-        log.write(line)
-        tail = (tail + [line])[-40:]
-        if line.lstrip().startswith(_ECHO):
-          print(f"{echo_prefix}{line.rstrip()}", flush=True)
-      rc = p.wait()
+      while True:  # not one blocking wait: an interrupt is seen between the polls
+        try:
+          rc = p.wait(timeout=0.5)
+          break
+        except subprocess.TimeoutExpired:
+          pass
     except BaseException:
       p.terminate()
       try:
         p.wait(timeout=60)
-      except subprocess.TimeoutExpired:
+      except BaseException:  # a second interrupt, or 60 s
         p.kill()
+        raise
+      finally:
+        reader.join(timeout=5)
       raise
+    reader.join()
   if rc != 0:
     raise CommandFailed(f"exit code {rc} (log: {log_path}):\n" + "".join(tail[-15:]))
 

@@ -57,6 +57,7 @@ INSTALL_HINT = (
   "`.venv/bin/pip install -r requirements-ray.txt` (or `bash scripts/setup_ray.sh`)"
 )
 DEFAULT_MAX_RETRIES = 3
+_STOP_TIMEOUT_S = 90  # Ctrl-C: how long the points' commands get to stop (run_point waits 60 s)
 _VERSIONS = {"v5e": "v5litepod"}  # Ray's name of the v5e generation
 _TOPOLOGY = re.compile(r"^\d+x\d+(x\d+)?$")
 
@@ -324,6 +325,10 @@ def _run(ray, points, summary, res: Resources, retries: int) -> None:
         announce(point, result)
         report_end(point, result, summary)
   except KeyboardInterrupt:
-    for ref in pending:  # the tasks stop their commands with SIGTERM (checkpoint saved)
+    # the tasks stop their commands with SIGTERM (the trainer saves a checkpoint); wait for
+    # that before Ray goes down (a second Ctrl-C stops waiting)
+    print(f"interrupted: stopping {len(pending)} points", flush=True)
+    for ref in pending:
       ray.cancel(ref)
+    ray.wait(list(pending), num_returns=len(pending), timeout=_STOP_TIMEOUT_S)
     raise

@@ -138,7 +138,7 @@ def test_points_run_at_once_fail_alone_retry_a_lost_worker_and_resume(tmp_path, 
   assert f"] {FAIL}: FAILED in train: exit code 3" in printed
 
   # a re-run skips the finished points and re-runs the failed one
-  py2, log2 = _fake_python(tmp_path / "py2")
+  py2, log2 = _fake_python(tmp_path / "py2", rendezvous_s=0)  # one training: no one to meet
   again = run_sweep(sweep, wd, task_config=eval_task_config, launcher="ray", python=py2)
   assert sorted(again["skipped"]) == sorted(GOOD) and again["done"] == [FAIL]
   assert len(_calls(log2)) == 3 and _status(wd, FAIL)["state"] == "done"
