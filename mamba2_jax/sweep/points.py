@@ -30,6 +30,7 @@ __all__ = [
   "CommandFailed",
   "ROOT",
   "shell",
+  "run_logged",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,7 +68,7 @@ def _pump(stream, log, tail: list[str], echo_prefix: str) -> None:
       print(f"{echo_prefix}{line.rstrip()}", flush=True)
 
 
-def _run_logged(cmd: list[str], log_path: Path, echo_prefix: str) -> None:
+def run_logged(cmd: list[str], log_path: Path, echo_prefix: str) -> None:
   """Runs cmd from the repository root, output to log_path; progress lines are echoed. The
   command runs in a session of its own; an interrupt of this process (Ctrl-C, a cancelled Ray
   task: a KeyboardInterrupt, seen within half a second) stops it with one SIGTERM (the trainer
@@ -150,8 +151,8 @@ def run_point(point: Point, run_command: Callable | None = None) -> dict:
   in its status.json ("running" while it runs, then "done" or "failed" with the failing
   command and the log tail). The work of one point for every executing launcher (local: in the
   sweep's process; ray: in a Ray task on a worker). `run_command(kind, cmd, log_path,
-  echo_prefix)` runs one command and raises CommandFailed (default: a subprocess here). Returns the status
-  plus "name"."""
+  echo_prefix)` runs one command and raises CommandFailed (default: `run_logged`, a subprocess
+  here). Returns the status plus "name"."""
   d, host, t0 = Path(point.dir), socket.gethostname(), time.time()
   base = dict(host=host, started=t0, commands=[shell(c) for _, c in point.commands])
   write_status(d, state="running", **base)
@@ -160,7 +161,7 @@ def run_point(point: Point, run_command: Callable | None = None) -> dict:
     for kind, cmd in point.commands:
       log, prefix = d / "logs" / f"{kind}.log", f"  {point.name} {kind}: "
       if run_command is None:
-        _run_logged(list(cmd), log, prefix)
+        run_logged(list(cmd), log, prefix)
       else:
         run_command(kind, list(cmd), log, prefix)
   except CommandFailed as e:

@@ -1,6 +1,6 @@
 """The `ray` launcher: every sweep point is a Ray task, run as the cluster's resources allow.
 
-A point's task runs `launch.run_point` on a worker, the same function the `local` launcher runs
+A point's task runs `points.run_point` on a worker, the same function the `local` launcher runs
 in its own process: the same commands (train_command / eval_command, run as subprocesses from
 the worker's checkout), logs and status.json. The workdir must therefore be a path every node
 sees (a shared file system), and the checkout and interpreter must sit at the same paths on
@@ -42,7 +42,7 @@ from mamba2_jax.sweep.points import (
   ROOT,
   CommandFailed,
   Point,
-  _run_logged,
+  run_logged,
   log_tail,
   read_status,
   report_end,
@@ -155,7 +155,7 @@ def _point_task(point: Point) -> dict:
 def _host_command(cmd: list[str], log_path: str, echo_prefix: str) -> str:
   """One command on one host; returns its error ("" when it succeeded)."""
   try:
-    _run_logged(cmd, Path(log_path), echo_prefix)
+    run_logged(cmd, Path(log_path), echo_prefix)
   except CommandFailed as e:
     return str(e)
   return ""
@@ -239,7 +239,7 @@ def _lost(point: Point, err: Exception, retries: int) -> dict:
   lost more often than max_retries (a preempted VM), or an error outside its commands."""
   d = Path(point.dir)
   last = (str(err).strip().splitlines() or [""])[-1]
-  if isinstance(err, ray_exceptions().RayTaskError):
+  if isinstance(err, _ray_exceptions().RayTaskError):
     what = f"error in the point's Ray task: {last}"
   else:
     what = f"{type(err).__name__} after {retries} retries: {last}"
@@ -250,7 +250,7 @@ def _lost(point: Point, err: Exception, retries: int) -> dict:
   return {"name": point.name, **info, **base}
 
 
-def ray_exceptions():
+def _ray_exceptions():
   import ray.exceptions  # pylint: disable=g-import-not-at-top
 
   return ray.exceptions

@@ -424,7 +424,7 @@ def test_an_interrupted_command_gets_sigterm_and_is_waited_for(tmp_path):
   import _thread
   import threading
 
-  from mamba2_jax.sweep.points import _run_logged
+  from mamba2_jax.sweep.points import run_logged
 
   mark = tmp_path / "sigterm"
   script = tmp_path / "slow"
@@ -441,6 +441,6 @@ time.sleep(60)
   script.chmod(script.stat().st_mode | stat.S_IEXEC)
   threading.Timer(1.5, _thread.interrupt_main).start()
   with pytest.raises(KeyboardInterrupt):
-    _run_logged([str(script)], tmp_path / "logs" / "train.log", "")
-  assert mark.read_text() == "saved"  # written before _run_logged returned
+    run_logged([str(script)], tmp_path / "logs" / "train.log", "")
+  assert mark.read_text() == "saved"  # written before run_logged returned
   assert "step 1/3 loss 1.0" in (tmp_path / "logs" / "train.log").read_text()

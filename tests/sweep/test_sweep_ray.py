@@ -55,7 +55,8 @@ def _fake_python(
 import json, os, signal, sys, time
 args, t0 = sys.argv[1:], time.time()
 train = "experiments.train" in args
-if {preempt!r} and train and any({preempt!r} in a for a in args) and not os.path.exists({str(mark)!r}):
+mine = {preempt!r} and any({preempt!r} in a for a in args)
+if train and mine and not os.path.exists({str(mark)!r}):
   open({str(mark)!r}, "w").close()
   os.kill(os.getppid(), signal.SIGKILL)
   sys.exit(1)
