@@ -67,6 +67,7 @@ NOT_QUICK_MODULES = {
   "tests/eval/test_eval_streaming.py",
   "tests/eval/test_eval_ppl.py",
   "tests/eval/test_eval_passkey.py",
+  "tests/sweep/test_sweep_ray.py",  # 36-40 s, 10-15 of them starting Ray (2026-12-06)
 }
 
 

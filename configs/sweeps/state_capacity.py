@@ -19,7 +19,14 @@ Variants:
            python -m experiments.sweep --workdir=gs://BUCKET/sc --launcher=print \
                --config=configs/sweeps/state_capacity.py:paper,data=gs://B/redpj,ckpts=gs://B/conv
          data= a prepared NeoX directory (experiments.prepare_data), ckpts= a directory holding
-         experiments.convert_hf outputs named mamba2-130m, mamba2-370m, mamba2-780m.
+         experiments.convert_hf outputs named mamba2-130m, mamba2-370m, mamba2-780m. Or run it
+         on a Ray cluster of TPU VMs, one TPU slice per run (docs/sweeps.md):
+           python -m experiments.sweep --workdir=/shared/sc --launcher=ray --ray_address=auto \
+               --config=configs/sweeps/state_capacity.py:paper,data=...,ckpts=...,slice=v5e:4x4
+         slice= VERSION:TOPOLOGY of the multi-host slice each run trains on (its evaluations
+         then run on one TPU chip each).
+
+`resources` (the ray launcher's per-run resources, docs/sweeps.md): one CPU per run on CPU.
 """
 
 import ml_collections
@@ -51,6 +58,7 @@ def _copy():
   copy = (("max_len", 8192), ("num_prompts", 8), ("batch_size", 8), ("chunk_len", 4096))
   c.evals = ml_collections.ConfigDict({"copy": {"task": "copy_task", "overrides": copy}})
   c.collapse_eval, c.recall_eval = "copy", ""
+  c.resources = ml_collections.ConfigDict({"cpus": 1})
   c.learned_max_loss = 1.5  # copied-half loss within T (chance: ln 62 = 4.13)
   return c
 
@@ -89,6 +97,7 @@ def _text():
     }
   )
   c.collapse_eval, c.recall_eval = "ppl", ""
+  c.resources = ml_collections.ConfigDict({"cpus": 1})
   return c
 
 
@@ -118,6 +127,7 @@ def _ci():
     }
   )
   c.collapse_eval, c.recall_eval = "ppl", "passkey"
+  c.resources = ml_collections.ConfigDict({"cpus": 1})  # two at once on a 2-core machine
   return c
 
 
@@ -131,7 +141,7 @@ _PAPER_MODELS = {  # name: (model overrides, init checkpoint or "")
 }
 
 
-def _paper(data=PAPER_DATA, ckpts=PAPER_CKPTS):
+def _paper(data=PAPER_DATA, ckpts=PAPER_CKPTS, slice=""):  # noqa: A002
   c = ml_collections.ConfigDict()
   c.train_config = "configs/train.py:130m"
   c.train_overrides = (("data.source", data), ("total_steps", 100_000))
@@ -155,6 +165,8 @@ def _paper(data=PAPER_DATA, ckpts=PAPER_CKPTS):
     }
   )
   c.collapse_eval, c.recall_eval = "newlines", "passkey"
+  res = {"tpu_slice": slice, "eval": {"cpus": 1, "TPU": 1}} if slice else {"cpus": 1}
+  c.resources = ml_collections.ConfigDict(res)
   return c
 
 
@@ -167,7 +179,7 @@ def get_config(arg: str = "copy") -> ml_collections.ConfigDict:
       f"configs/sweeps/state_capacity.py: unknown variant {name!r}; allowed: {sorted(builders)}"
     )
   kw = dict(o.split("=", 1) for o in opts)
-  allowed = {"paper": {"data", "ckpts"}}.get(name, set())
+  allowed = {"paper": {"data", "ckpts", "slice"}}.get(name, set())
   if set(kw) - allowed:
     raise ValueError(
       f"configs/sweeps/state_capacity.py:{name}: unknown options "

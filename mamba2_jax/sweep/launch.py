@@ -4,35 +4,35 @@
     WORKDIR/runs/<name>/train/       the trainer's workdir (checkpoints, metrics.jsonl, ...)
     WORKDIR/runs/<name>/eval/<eval>/ experiments.evaluate output (step_<N>/results.json, ...)
     WORKDIR/runs/<name>/logs/*.log   every command's output
-    WORKDIR/runs/<name>/status.json  {"state": "done" | "failed", "error": ..., "commands"}
+    WORKDIR/runs/<name>/status.json  {"state": "running" | "done" | "failed", "error": ...,
+                                      "host", "started", "commands"}
 
-Launchers: "local" runs the commands one run after another in subprocesses (a crash or error
-in one run is recorded in its status.json and the sweep goes on); a finished run is skipped and
-a half-finished one resumes (the trainer restarts from its newest checkpoint; the evaluation
-ledger skips steps already evaluated). "print" prints one shell line per run (its commands
-joined with &&) for a cluster scheduler; "script" writes runs/<name>/run.sh and WORKDIR/
-launch_all.sh.
+Launchers: "local" runs the points one after another in subprocesses; "ray" runs each point as a
+Ray task, concurrently as the cluster's resources allow (mamba2_jax/sweep/ray_launch.py). Both
+run a point with `run_point` (the same commands, logs and status.json): a crash or error in one
+point is recorded in its status.json with the log tail and the sweep goes on; a finished point
+is skipped and a half-finished one resumes (the trainer restarts from its newest checkpoint; the
+evaluation ledger skips steps already evaluated). "print" prints one shell line per run (its
+commands joined with &&) for a cluster scheduler; "script" writes runs/<name>/run.sh and
+WORKDIR/launch_all.sh.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 from mamba2_jax.eval import criteria
+from mamba2_jax.sweep import ray_launch
 from mamba2_jax.sweep.grid import CURVE_TASKS, EvalSpec, Run, cli_value, eval_specs, expand, to_json
+from mamba2_jax.sweep.points import ROOT, Point, shell, point_done, report_end, run_point
 
-__all__ = ["train_command", "eval_command", "run_sweep", "LAUNCHERS", "run_dir"]
+__all__ = ["train_command", "eval_command", "run_sweep", "summary_line", "LAUNCHERS", "run_dir"]
 
-LAUNCHERS = ("local", "print", "script")
-ROOT = Path(__file__).resolve().parents[2]
-_ECHO = ("step ", "train_compile", "{", "Traceback", "Error", "error:")
+LAUNCHERS = ("local", "ray", "print", "script")
 
 
 def run_dir(workdir, run: Run) -> Path:
@@ -78,46 +78,10 @@ def eval_command(
   return cmd
 
 
-def _shell(cmd: list[str]) -> str:
-  return " ".join(shlex.quote(c) for c in cmd)
-
-
-def _status(d: Path) -> dict:
-  try:
-    return json.loads((d / "status.json").read_text())
-  except (OSError, ValueError):
-    return {}
-
-
-def _write_status(d: Path, **info) -> None:
-  d.mkdir(parents=True, exist_ok=True)
-  tmp = d / "status.json.tmp"
-  tmp.write_text(json.dumps({**info, "time": time.time()}, indent=2))
-  os.replace(tmp, d / "status.json")
-
-
-class CommandFailed(RuntimeError):
-  pass
-
-
-def _run_logged(cmd: list[str], log_path: Path, echo_prefix: str) -> None:
-  """Runs cmd from the repository root, output to log_path; progress lines are echoed."""
-  log_path.parent.mkdir(parents=True, exist_ok=True)
-  env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  tail: list[str] = []
-  with open(log_path, "a") as log:
-    log.write(f"$ {_shell(cmd)}\n")
-    p = subprocess.Popen(
-      cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    for line in p.stdout:
-      log.write(line)
-      tail = (tail + [line])[-40:]
-      if line.lstrip().startswith(_ECHO):
-        print(f"{echo_prefix}{line.rstrip()}", flush=True)
-    rc = p.wait()
-  if rc != 0:
-    raise CommandFailed(f"exit code {rc} (log: {log_path}):\n" + "".join(tail[-15:]))
+def _run_local(points: list[Point], summary: dict) -> None:
+  for point in points:
+    print(f"{point.label}: {point.describe()}", flush=True)
+    report_end(point, run_point(point), summary)
 
 
 def check_collapse_buckets(
@@ -156,12 +120,17 @@ def run_sweep(
   launcher: str = "local",
   python: str = sys.executable,
   only: tuple[str, ...] = (),
+  ray_address: str = "",
 ) -> dict:
   """Runs (or prints / scripts) every run of `sweep`; returns {"done", "failed", "skipped"}.
   `task_config(task)` is an evaluation task's default config (configs/evaluate.py:get_config),
-  for the checks made before any work."""
+  for the checks made before any work. `ray_address` (launcher "ray"): "auto", HOST:PORT, or
+  "" for a local Ray instance (or the one this process already started)."""
   if launcher not in LAUNCHERS:
     raise ValueError(f"--launcher must be one of {LAUNCHERS}, got {launcher!r}")
+  if launcher == "ray":  # before any work: Ray installed, the resources valid
+    ray_launch.import_ray()
+    ray_launch.parse_resources(sweep.get("resources"))
   workdir = Path(workdir).resolve()
   runs = [r for r in expand(sweep) if not only or r.name in only]
   evals = eval_specs(sweep)
@@ -173,54 +142,58 @@ def run_sweep(
       indent=2,
     )
   )
-  summary = {"done": [], "failed": [], "skipped": []}
-  lines = []
+  ckpt = sweep.get("checkpoint") or ""  # evaluation-only sweeps of a fixed checkpoint
+  points = []
   for i, run in enumerate(runs, 1):
-    d = run_dir(workdir, run)
-    ckpt = sweep.get("checkpoint") or ""  # evaluation-only sweeps of a fixed checkpoint
     cmds = [] if ckpt else [("train", train_command(sweep, run, workdir, python))]
     cmds += [(f"eval-{e.name}", eval_command(e, run, workdir, python, ckpt)) for e in evals]
-    if launcher == "print":
-      print(" && ".join(_shell(c) for _, c in cmds))
-      continue
-    if launcher == "script":
+    points.append(
+      Point(i, len(runs), run.name, run.values, str(run_dir(workdir, run)), tuple(cmds))
+    )
+  if launcher == "print":
+    for point in points:
+      print(" && ".join(shell(c) for _, c in point.commands))
+    return {"done": [], "failed": [], "skipped": []}
+  if launcher == "script":
+    lines = []
+    for point in points:
+      d = Path(point.dir)
       d.mkdir(parents=True, exist_ok=True)
       script = d / "run.sh"
       script.write_text(
         "#!/usr/bin/env bash\nset -euo pipefail\ncd "
         + shlex.quote(str(ROOT))
         + "\n"
-        + "\n".join(_shell(c) for _, c in cmds)
+        + "\n".join(shell(c) for _, c in point.commands)
         + "\n"
       )
       script.chmod(0o755)
-      lines.append(_shell(["bash", str(script)]))
-      continue
-    if _status(d).get("state") == "done":
-      print(f"[{i}/{len(runs)}] {run.name}: done before, skipped", flush=True)
-      summary["skipped"].append(run.name)
-      continue
-    t0 = time.time()
-    print(
-      f"[{i}/{len(runs)}] {run.name}: " + ", ".join(f"{k}={v}" for k, v in run.values), flush=True
-    )
-    try:
-      for kind, cmd in cmds:
-        _run_logged(cmd, d / "logs" / f"{kind}.log", f"  {run.name} {kind}: ")
-    except CommandFailed as e:
-      print(f"[{i}/{len(runs)}] {run.name}: FAILED in {kind}: {str(e).splitlines()[0]}", flush=True)
-      _write_status(
-        d, state="failed", failed_command=kind, error=str(e), commands=[_shell(c) for _, c in cmds]
-      )
-      summary["failed"].append(run.name)
-      continue
-    _write_status(d, state="done", seconds=time.time() - t0, commands=[_shell(c) for _, c in cmds])
-    summary["done"].append(run.name)
-    print(f"[{i}/{len(runs)}] {run.name}: done in {time.time() - t0:.0f} s", flush=True)
-  if launcher == "script":
+      lines.append(shell(["bash", str(script)]))
     (workdir / "launch_all.sh").write_text(
       "#!/usr/bin/env bash\n# one line per run; submit "
       "each to your scheduler, or run this file\n" + "\n".join(lines) + "\n"
     )
     print(f"wrote {len(lines)} run scripts and {workdir / 'launch_all.sh'}")
+    return {"done": [], "failed": [], "skipped": []}
+  summary = {"done": [], "failed": [], "skipped": []}
+  todo = []
+  for point in points:
+    if point_done(point):
+      print(f"{point.label}: done before, skipped", flush=True)
+      summary["skipped"].append(point.name)
+    else:
+      todo.append(point)
+  if launcher == "local":
+    _run_local(todo, summary)
+  else:
+    ray_launch.run(todo, summary, sweep, address=ray_address)
   return summary
+
+
+def summary_line(summary: dict) -> str:
+  """The sweep's last line: how many points are done, were done before, failed (named)."""
+  failed = summary["failed"]
+  return (
+    f"sweep: {len(summary['done'])} done, {len(summary['skipped'])} skipped (done "
+    f"before), {len(failed)} failed" + (f": {', '.join(failed)}" if failed else "")
+  )

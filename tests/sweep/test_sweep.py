@@ -405,3 +405,42 @@ def test_report_says_not_learned_for_runs_at_chance(tmp_path):
   ns = str(mc.state_size)
   assert rep["t_forget"] == {ns: 256} and rep["t_forget_lower"] == {ns: 64}
   assert "0.9 x chance" in md
+
+
+def test_ray_launcher_without_ray_says_how_to_install_it(tmp_path, monkeypatch):
+  from mamba2_jax.errors import UserError
+
+  monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+  with pytest.raises(UserError) as e:
+    run_sweep(_sweep(), tmp_path / "r", task_config=eval_task_config, launcher="ray")
+  assert "pip install -r requirements-ray.txt" in str(e.value) and "\n" not in str(e.value)
+  assert not (tmp_path / "r").exists()  # said before any work
+
+
+def test_an_interrupted_command_gets_sigterm_and_is_waited_for(tmp_path):
+  """Ctrl-C, or a cancelled Ray task (both a KeyboardInterrupt in the main thread), while a
+  point's command runs silently: the command gets one SIGTERM (the trainer saves a checkpoint)
+  and ends before the interrupt propagates."""
+  import _thread
+  import threading
+
+  from mamba2_jax.sweep.points import run_logged
+
+  mark = tmp_path / "sigterm"
+  script = tmp_path / "slow"
+  script.write_text(f"""#!{sys.executable}
+import signal, sys, time
+def stop(*_):
+  time.sleep(0.5)  # a checkpoint being written
+  open({str(mark)!r}, "w").write("saved")
+  sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("step 1/3 loss 1.0", flush=True)
+time.sleep(60)
+""")
+  script.chmod(script.stat().st_mode | stat.S_IEXEC)
+  threading.Timer(1.5, _thread.interrupt_main).start()
+  with pytest.raises(KeyboardInterrupt):
+    run_logged([str(script)], tmp_path / "logs" / "train.log", "")
+  assert mark.read_text() == "saved"  # written before run_logged returned
+  assert "step 1/3 loss 1.0" in (tmp_path / "logs" / "train.log").read_text()
