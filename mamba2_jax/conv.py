@@ -125,6 +125,20 @@ def _prepare(u, w, context, segment_ids, context_segment_ids):
   return context, ctx_seg
 
 
+def _varying(t) -> frozenset:
+  aval = jax.typeof(t)
+  mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.12; `vma` before
+  return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _varying_like(t, u):
+  """t cast to vary over the manual mesh axes u varies over (no-op outside a shard_map)."""
+  if t is None:
+    return None
+  missing = tuple(sorted(_varying(u) - _varying(t)))
+  return jax.lax.pcast(t, missing, to="varying") if missing else t
+
+
 def _new_context(u, context, segment_ids, ctx_seg):
   """The last K-1 rows of [context; u], rows of earlier segments than the last token's zeroed."""
   L = u.shape[1]
@@ -155,5 +169,9 @@ def conv_silu(
   (silu(causal_conv(...)[0]), causal_conv(...)[1]), with float32 arithmetic throughout.
   """
   context, ctx_seg = _prepare(u, w, context, segment_ids, context_segment_ids)
+  # inside a shard_map (the context-parallel conv) the weights are replicated and u varies
+  # over the manual axes: mark them varying first, so that their cotangents, which vary too,
+  # match the custom VJP's inputs and the transpose of the cast sums them over the shards
+  w, bias, context = (_varying_like(t, u) for t in (w, bias, context))
   y = _conv_silu(u, w, bias, context, segment_ids, ctx_seg)
   return y, _new_context(u, context, segment_ids, ctx_seg)

@@ -98,7 +98,7 @@ def test_model_gradients_unchanged(monkeypatch):
   rounding, with packed segments: the two differ only in the order of the conv's float32 sums,
   a few ulps per value, so 1e-5 of each gradient's largest entry (about 80 ulps) bounds them; a
   wrong conv gradient is off by O(1) of it."""
-  cfg = Mamba2Config.preset("tiny", chunk_size=8, vocab_size=64)
+  cfg = Mamba2Config.preset("tiny", n_layer=1, chunk_size=8, vocab_size=64)
   model = Mamba2LM(cfg, rngs=nnx.Rngs(0))
   tokens = jax.random.randint(jax.random.key(0), (2, 26), 0, cfg.vocab_size)
   seg = jnp.asarray(np.repeat([[0, 1, 2], [3, 3, 4]], [8, 6, 6], axis=1))
