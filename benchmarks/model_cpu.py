@@ -19,9 +19,11 @@ vocab 1024, fp32, batch 1. Two paths of ours, each in its own process:
 
 Peers (benchmarks/peers/, each in its own venv made by benchmarks/peers/setup_peers.sh; a peer
 whose venv is missing is reported as such). Every process runs `--rounds` times, alternating
-(tuned, readme, peers, tuned, ...); the table gives medians over the rounds and the ratios of
-the medians, and the JSON every round with the load average (1 min) at its start and end. A
-ratio from one run is what to compare: on a shared machine absolute numbers move with the load.
+(tuned, readme, peers, tuned, ...); the table gives medians over the rounds, a ratio is the
+median over the rounds of the ratio within a round (processes run back to back, so a load that
+drifts between rounds cancels), and the JSON has every round with the load average (1 min) at
+its start and end. Ratios from one run are what to compare: on a shared machine absolute
+numbers move with the load.
 MFU = model FLOPs / time / measured fp32 matmul peak.
 """
 
@@ -303,9 +305,21 @@ def main():
   report(args, entries, peak, tuned_cfg, readme_cfg)
 
 
+def _round_ratio(mine, theirs, L, key):
+  """Median over the rounds of mine / theirs, each round's pair run back to back (a load that
+  drifts between rounds cancels; a ratio of medians over rounds would not)."""
+  rs = []
+  for a, b in zip(mine, theirs):
+    x = next((r.get(key) for r in a.get("results", []) if r["seq_len"] == L), None)
+    y = next((r.get(key) for r in b.get("results", []) if r["seq_len"] == L), None)
+    if x and y:
+      rs.append(x / y)
+  return statistics.median(rs) if rs else float("nan")
+
+
 def report(args, entries, peak, tuned_cfg, readme_cfg):
   med = {name: _median_rows(runs) for name, runs in entries.items()}
-  ours = {k: med[k] for k in ("ours (tuned)", "ours (readme)")}
+  ours = ("ours (tuned)", "ours (readme)")
   header = (
     f"{'impl':26s} {'L':>6s} {'fwd tok/s':>10s} {'train tok/s':>12s} "
     f"{'tuned/it train':>15s} {'readme/it train':>16s} {'tuned/it fwd':>13s} {'readme/it fwd':>14s}"
@@ -318,11 +332,11 @@ def report(args, entries, peak, tuned_cfg, readme_cfg):
       print(f"{name:26s} {str(problems[0])[-300:]}")
       continue
     for L, r in sorted(rows.items()):
-      cols = []
-      for key in ("train_step_tokens_per_s", "forward_tokens_per_s"):
-        for o in ours.values():
-          mine = o.get(L, {}).get(key)
-          cols.append(mine / r[key] if mine and r.get(key) else float("nan"))
+      cols = [
+        _round_ratio(entries[o], entries[name], L, key)
+        for key in ("train_step_tokens_per_s", "forward_tokens_per_s")
+        for o in ours
+      ]
       ratios.setdefault(name, {})[L] = dict(
         zip(("tuned_train", "readme_train", "tuned_forward", "readme_forward"), cols)
       )
