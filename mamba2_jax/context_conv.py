@@ -3,7 +3,8 @@
 Under a mesh context (`jax.set_mesh`) whose "context" axis has size n > 1, the sequence of the
 training step is split into n contiguous slices (mamba2_jax/train/sharding.py). The causal conv
 of width K reads the K-1 positions before each token, so shard k needs the last K-1 pre-conv
-rows of shard k-1: `causal_convs` runs the convs per shard inside a `shard_map` that is manual
+rows of shard k-1: `causal_convs` runs the convs (each fused with its SiLU,
+`mamba2_jax.conv.conv_silu`) per shard inside a `shard_map` that is manual
 over "context" only (batch, channels and every other mesh axis stay with the partitioner) and
 sends those rows with one `lax.ppermute` to the next shard. Shard 0 starts from the cache's
 conv context (zeros without a cache); segment ids travel with the rows, so the halo is masked
@@ -25,7 +26,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
-from mamba2_jax.layers import causal_conv
+from mamba2_jax.conv import conv_silu
 
 __all__ = ["CONTEXT_AXIS", "context_mesh", "causal_convs", "SAVE_NAMES"]
 
@@ -45,16 +46,17 @@ def context_mesh():
 
 
 def causal_convs(inputs, segment_ids=None):
-  """`causal_conv` of each (u, w, bias, context) in `inputs` with the same segment ids.
+  """`conv_silu` (silu of the causal conv) of each (u, w, bias, context) in `inputs` with the
+  same segment ids.
 
   u (b, L, C_i), w (K, C_i), bias (C_i,) or None, context (b, K-1, C_i) or None (zeros), as for
-  `mamba2_jax.layers.causal_conv`. Returns [(out, new_context)] in the order of `inputs`. Under
+  `mamba2_jax.conv.conv_silu`. Returns [(out, new_context)] in the order of `inputs`. Under
   a context mesh the sequence is split over "context" (L / n >= K-1 per shard) and the halos are
   exchanged (module docstring); otherwise the plain conv.
   """
   mesh = context_mesh()
   if mesh is None:
-    return [causal_conv(u, w, b, context=c, segment_ids=segment_ids) for u, w, b, c in inputs]
+    return [conv_silu(u, w, b, context=c, segment_ids=segment_ids) for u, w, b, c in inputs]
   n = dict(zip(mesh.axis_names, mesh.axis_sizes))[CONTEXT_AXIS]
   K = inputs[0][1].shape[0]
   L = inputs[0][0].shape[1]
@@ -84,7 +86,7 @@ def causal_convs(inputs, segment_ids=None):
       halo_seg = jnp.where(k == 0, jnp.broadcast_to(seg[:, :1], prev.shape), prev)
     outs, news = [], []
     for u, (w, b), h in zip(us, ws, halos):
-      out, new = causal_conv(u, w, b, context=h, segment_ids=seg, context_segment_ids=halo_seg)
+      out, new = conv_silu(u, w, b, context=h, segment_ids=seg, context_segment_ids=halo_seg)
       outs.append(out)
       # the sequence's new context is the last shard's; replicate it over the axis
       news.append(lax.psum(jnp.where(k == n - 1, new, jnp.zeros_like(new)), CONTEXT_AXIS))

@@ -184,14 +184,16 @@ class Mamba2Mixer(nnx.Module):
       x, cx = conv_step(xr, self.conv_x[...], self._opt("conv_x_bias"), cache.conv_x)
       B, cB = conv_step(Br, self.conv_B[...], self._opt("conv_B_bias"), cache.conv_B)
       C, cC = conv_step(Cr, self.conv_C[...], self._opt("conv_C_bias"), cache.conv_C)
-    else:  # under a context mesh: per sequence shard, with halos (mamba2_jax/context_conv.py)
+      x, B, C = jax.nn.silu(x), jax.nn.silu(B), jax.nn.silu(C)
+    else:  # conv + SiLU as one op (mamba2_jax/conv.py); under a context mesh per sequence
+      # shard, with halos (mamba2_jax/context_conv.py)
       convs = [
         (t, getattr(self, n)[...], self._opt(f"{n}_bias"), getattr(cache, n, None))
         for t, n in ((xr, "conv_x"), (Br, "conv_B"), (Cr, "conv_C"))
       ]
       (x, cx), (B, cB), (C, cC) = causal_convs(convs, segment_ids)
     lead = u.shape[:-1]
-    x, B, C = jax.nn.silu(x), mitigated.scale_B(c, jax.nn.silu(B)), jax.nn.silu(C)
+    B = mitigated.scale_B(c, B)
     return SSMInputs(
       x=x.reshape(*lead, c.nheads, c.headdim),
       B=B.reshape(*lead, c.ngroups, c.d_state),
