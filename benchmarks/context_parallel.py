@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -232,12 +233,23 @@ def compile_point(args, model: str, context: int, per_chip: int, group: int) -> 
       f"--result_json={res}",
     ]
     t0 = time.perf_counter()
+    # its own process group, so a timeout ends the compiler too (not only /usr/bin/time);
+    # libtpu's one-process lock is not needed for compiles
+    env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    p = subprocess.Popen(
+      cmd,
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+    )
     try:
-      p = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.tpu_max_s, check=False
-      )
-      err = p.stderr
+      _, err = p.communicate(timeout=args.tpu_max_s)
     except subprocess.TimeoutExpired:
+      os.killpg(p.pid, signal.SIGKILL)
+      p.communicate()
       return {"seq_len": seq, "per_chip": per_chip, "fits": None, "why": "compile timeout"}
     wall = time.perf_counter() - t0
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
@@ -259,20 +271,32 @@ def _show(model, context, r):
   )
 
 
-def search(args, model: str, context: int, trials: list) -> dict:
-  """Longest per-chip token count (powers of two from GUESS) that fits: doubling while it
-  fits, halving while it does not. Stops at a timeout or an RSS over the limit."""
+def search(args, model: str, context: int, trials: list, table: dict) -> dict:
+  """Longest per-chip token count (powers of two from GUESS, or from the longest per-chip
+  count of the model's cells measured so far) that fits: doubling while it fits, halving while
+  it does not. Stops at a timeout or an RSS over the limit."""
   from mamba2_jax.config import Mamba2Config  # noqa: PLC0415
 
   group = remat_group(Mamba2Config.preset(f"mamba2-{model}").n_layer)
-  n = GUESS[model]
+  done = [
+    v["max_seq_len"] // max(int(k.split("context")[1]), 1)
+    for k, v in table.items()
+    if k.startswith(f"{model}/") and v.get("max_seq_len")
+  ]
+  n = max(done) if done else GUESS[model]
   best, fail = None, None
   while best is None or fail is None:
     r = compile_point(args, model, context, n, group)
     trials.append({"model": model, "context": context, **r})
     _show(model, context, r)
     if r["fits"] is None or r.get("why"):
-      return {"max_seq_len": best, "not_measured_above": n * max(context, 1), "why": r.get("why")}
+      return {
+        "max_seq_len": best["seq_len"] if best else None,
+        "not_measured": r["seq_len"],
+        "why": r.get("why"),
+        "remat_group": group,
+        "topology": TOPOLOGY[context],
+      }
     if r["fits"]:
       best = r
       n *= 2
@@ -296,13 +320,17 @@ def search(args, model: str, context: int, trials: list) -> dict:
 def run_tpu_table(args, previous: dict | None) -> dict:
   table = dict((previous or {}).get("table", {}))
   trials = list((previous or {}).get("trials", []))
-  for model in args.tpu_models.split(","):
-    for c in (int(v) for v in args.tpu_contexts.split(",")):
-      key = f"{model}/context{c}"
-      if key in table and not args.tpu_redo:
-        continue
-      table[key] = search(args, model, c, trials)
-      save_part("tpu_table", {"table": table, "trials": trials}, args.out)  # after each cell
+  cells = (
+    [c.split("/") for c in args.tpu_cells.split(",")]
+    if args.tpu_cells
+    else [(m, c) for m in args.tpu_models.split(",") for c in args.tpu_contexts.split(",")]
+  )
+  for model, c in cells:
+    key = f"{model}/context{c}"
+    if key in table and not args.tpu_redo:
+      continue
+    table[key] = search(args, model, int(c), trials, table)
+    save_part("tpu_table", {"table": table, "trials": trials}, args.out)  # after each cell
   return {"table": table, "trials": trials, "date": time.strftime("%Y-%m-%d")}
 
 
@@ -330,8 +358,9 @@ def main():
   p.add_argument("--tpu_table", action="store_true", help="part 2 instead of part 1")
   p.add_argument("--tpu_models", default="130m,370m,780m")
   p.add_argument("--tpu_contexts", default="1,4,16,64")
+  p.add_argument("--tpu_cells", default="", help="MODEL/CONTEXT,... in this order (default: all)")
   p.add_argument("--tpu_redo", action="store_true", help="recompute cells already in the JSON")
-  p.add_argument("--tpu_max_s", type=float, default=480.0)
+  p.add_argument("--tpu_max_s", type=float, default=540.0)
   p.add_argument("--tpu_max_rss_gb", type=float, default=10.0)
   p.add_argument("--out", default=OUT)
   args = p.parse_args()
