@@ -1,7 +1,7 @@
 r"""Context parallelism: overhead of the state passing, bytes exchanged per layer, and the longest
 sequence per TPU v5e chip.
 
-  .venv/bin/python -m benchmarks.context_parallel [--contexts 1,2,4,8] [--seq_len 8192]
+  .venv/bin/python -m benchmarks.context_parallel [--contexts 1,2,4,8] [--seq_len 4096]
   .venv/bin/python -m benchmarks.context_parallel --tpu_table [--tpu_models 130m,370m,780m]
 
 Part 1 (default; 8 simulated CPU devices): the trainer's jitted step (`mamba2_jax.train.loop.
@@ -161,6 +161,7 @@ def run_cpu(args) -> dict:
   import jax  # noqa: PLC0415
 
   jax.config.update("jax_num_cpu_devices", 8)
+  load_before = list(os.getloadavg())  # other processes on this host skew the timings
   config = cpu_config(args.seq_len, args.layers)
   rows = []
   for c in (int(v) for v in args.contexts.split(",")):
@@ -187,7 +188,7 @@ def run_cpu(args) -> dict:
     "remat_policy": m.remat_policy,
     "jax": jax.__version__,
     "cpus": os.cpu_count(),
-    "loadavg_before": list(os.getloadavg()),
+    "loadavg_before": load_before,
     "results": rows,
     "ratio_means": "tokens/s vs context 1 on simulated devices sharing the host's cores: the "
     "share of useful work kept (1.0 = splitting adds no work), not a speed-up",
@@ -331,6 +332,15 @@ def run_tpu_table(args, previous: dict | None) -> dict:
       continue
     table[key] = search(args, model, int(c), trials, table)
     save_part("tpu_table", {"table": table, "trials": trials}, args.out)  # after each cell
+  print(
+    f"\n{'model/context':16s} {'topology':9s} {'longest fit':>12s} {'GiB/chip':>9s} {'fails at':>10s}"
+  )
+  for key, v in table.items():
+    fit, gib, nxt = v.get("max_seq_len"), v.get("used_gib"), v.get("first_failing_seq_len")
+    print(
+      f"{key:16s} {v.get('topology', ''):9s} {fit or 0:12,d} {gib or 0:9.2f} "
+      f"{nxt or 0:10,d} {v.get('why') or ''}"
+    )
   return {"table": table, "trials": trials, "date": time.strftime("%Y-%m-%d")}
 
 
@@ -352,7 +362,7 @@ def main():
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--contexts", default="1,2,4,8")
-  p.add_argument("--seq_len", type=int, default=8192)
+  p.add_argument("--seq_len", type=int, default=4096)
   p.add_argument("--layers", type=int, default=2)
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--tpu_table", action="store_true", help="part 2 instead of part 1")
