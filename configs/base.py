@@ -18,13 +18,15 @@ from mamba2_jax.config import AUTO_FIELDS, Mamba2Config
 
 # Logical parameter axes of the model (mamba2_jax/layers.py) -> mesh axes ("data", "fsdp",
 # "context", "tensor"). "batch" and "length" are the axes of the step's (batch, seq_len) inputs,
-# targets and segment ids; no parameter axis maps to "context" (parameters are replicated there).
+# targets and segment ids. "embed" (d_model) shards parameters and optimizer state over fsdp x
+# context (FSDP over the context devices too: a long-sequence run holds 1/context of them per
+# device; with context 1 this is plain FSDP).
 DEFAULT_RULES = (
   ("batch", ("data", "fsdp")),
   ("length", "context"),
   ("layers", None),
   ("vocab", "tensor"),
-  ("embed", "fsdp"),
+  ("embed", ("fsdp", "context")),
   ("inner", "tensor"),
   ("heads", "tensor"),
   ("group_state", None),

@@ -14,7 +14,9 @@ compile or does not fit. Topology names: v5e:2x2, v5e:16x16, v5p:4x4x4, v6e:8x8,
 
 import mamba2_jax.host_tuning  # noqa: F401  (first: malloc for XLA on CPU hosts; before numpy/jax)
 
+import json
 import os
+import re
 import sys
 import time
 
@@ -36,6 +38,12 @@ _HOSTS = flags.DEFINE_integer(
   "num_hosts",
   None,
   "hosts of the pod (for data.num_shards checks; default: devices / 4 on v5e/v6e, / 4 elsewhere)",
+)
+_RESULT_JSON = flags.DEFINE_string(
+  "result_json",
+  None,
+  "also write the result as JSON to this file (fits, per-device bytes, times; on a failed "
+  "compile the error and, for an HBM overflow, the temporaries XLA asked for)",
 )
 
 # HBM per chip (bytes), by device_kind prefix.
@@ -136,20 +144,44 @@ def _gib(b):
   return f"{b / 2**30:.2f} GiB"
 
 
+def _write_result(r: dict):
+  if _RESULT_JSON.value:
+    with open(_RESULT_JSON.value, "w") as f:
+      json.dump(r, f, indent=2)
+
+
+def _hbm_overflow(message: str):
+  """Bytes of HLO temporaries an XLA:TPU CompileTimeHbmOom message reports (None if another
+  error), e.g. '... required for HLO temporaries (22.73G) exceeds available HBM (15.75G)'."""
+  m = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", message)
+  return None if m is None else float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024
+
+
 def main(argv):
   del argv
   from mamba2_jax.errors import UserError  # pylint: disable=g-import-not-at-top
 
+  t0 = time.perf_counter()
   try:
     r = compile_train_step(_CONFIG.value, _TOPOLOGY.value, _HOSTS.value)
   except UserError:
     raise  # a config error: one line and exit 2 (experiments.cli)
   except Exception as e:  # noqa: BLE001 - report any compile failure plainly
-    print(
-      f"train_compile: FAILED for {_TOPOLOGY.value}: {type(e).__name__}: {str(e)[:2000]}",
-      file=sys.stderr,
+    msg = f"{type(e).__name__}: {str(e)[:2000]}"
+    _write_result(
+      {
+        "topology": _TOPOLOGY.value,
+        "fits": False,
+        "error": msg,
+        "temp_bytes_required": _hbm_overflow(msg),
+        "wall_s": time.perf_counter() - t0,
+      }
     )
+    print(f"train_compile: FAILED for {_TOPOLOGY.value}: {msg}", file=sys.stderr)
     sys.exit(1)
+  r["fits"] = not (r["hbm_bytes"] and r["used_bytes"] > r["hbm_bytes"])
+  r["wall_s"] = time.perf_counter() - t0
+  _write_result(r)
   d = r["per_device_bytes"]
   print(
     f"train_compile: {r['model']} ({r['params']:,} params, ssd_impl={r['ssd_impl']}, "

@@ -71,6 +71,10 @@ class Mamba2Config:
   dtype: str = "float32"  # compute dtype of activations and matmuls
   param_dtype: str = "float32"  # storage dtype of parameters (A_log is always float32)
   remat_policy: str = "none"  # one of REMAT_POLICIES, applied per layer
+  # layers per remat group (divides n_layer; needs a remat policy): g > 1 also checkpoints each
+  # group of g layers, so the backward keeps n_layer/g + g layer inputs instead of n_layer
+  # (for one more forward pass); the gradient is the same. 1 = off.
+  remat_group: int = 1
   # layers per iteration of the layer scan (n_layer = fully unrolled); "auto": by platform
   scan_unroll: int | str = "auto"
   fused_in_proj: bool = True  # one matmul for z|x|B|C|dt (set False under tensor parallelism)
@@ -232,6 +236,11 @@ class Mamba2Config:
         fail(f, f"must be one of {sorted(DTYPES)}, got {getattr(self, f)!r}")
     if self.remat_policy not in REMAT_POLICIES:
       fail("remat_policy", f"must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    g = self.remat_group
+    if not isinstance(g, int) or isinstance(g, bool) or g < 1 or self.n_layer % g:
+      fail("remat_group", f"must be a positive divisor of n_layer={self.n_layer}, got {g!r}")
+    if g > 1 and self.remat_policy == "none":
+      fail("remat_group", f"{g} needs a remat_policy other than 'none'")
     if self.ssd_impl not in SSD_IMPLS:
       fail("ssd_impl", f"must be one of {SSD_IMPLS}, got {self.ssd_impl!r}")
     validate_fields(self, fail)  # the mitigation fields (mamba2_jax/mitigations/validate.py)

@@ -106,18 +106,40 @@ class Mamba2LM(nnx.Module):
     return lm_head_logits(h, *self.head_weight())
 
   def _scan_layers(self, fn, residual, cache):
-    """Runs fn(block, residual, layer_cache) -> (residual, layer_cache) over stacked layers."""
+    """Runs fn(block, residual, layer_cache) -> (residual, layer_cache) over stacked layers.
+
+    With a remat policy each layer is checkpointed, so the backward keeps one input (the
+    residual stream) per layer; with ``remat_group = g > 1`` the scan runs over groups of g
+    layers, each group checkpointed too: the backward keeps the n_layer / g group inputs,
+    recomputes one group's layer inputs at a time (g more) and then each layer's internals.
+    The same arithmetic runs in the same order, so values and gradients do not change."""
+    c = self.config
     graphdef, state = nnx.split(self.layers)
 
     def body(carry, xs):
       layer_state, layer_cache = xs
       return fn(nnx.merge(graphdef, layer_state), carry, layer_cache)
 
-    if self.config.remat_policy != "none":
-      body = jax.checkpoint(
-        body, policy=_REMAT.get(self.config.remat_policy, _CONTEXT_SAVED), prevent_cse=False
-      )
-    return jax.lax.scan(body, residual, (state, cache), unroll=self.config.resolved_scan_unroll())
+    unroll = c.resolved_scan_unroll()
+    if c.remat_policy == "none":
+      return jax.lax.scan(body, residual, (state, cache), unroll=unroll)
+    body = jax.checkpoint(
+      body, policy=_REMAT.get(c.remat_policy, _CONTEXT_SAVED), prevent_cse=False
+    )
+    g = c.remat_group
+    if g == 1:
+      return jax.lax.scan(body, residual, (state, cache), unroll=unroll)
+
+    def group(carry, xs):
+      return jax.lax.scan(body, carry, xs, unroll=min(unroll, g))
+
+    # the group's own policy keeps only the context exchanges' small named values, so
+    # recomputing a group repeats no collective either
+    group = jax.checkpoint(group, policy=_CONTEXT_SAVED, prevent_cse=False)
+    n = c.n_layer
+    xs = jax.tree.map(lambda a: a.reshape(n // g, g, *a.shape[1:]), (state, cache))
+    residual, ys = jax.lax.scan(group, residual, xs, unroll=max(1, unroll // g))
+    return residual, jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), ys)
 
   @compiled_method
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None) -> jax.Array:

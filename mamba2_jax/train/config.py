@@ -38,6 +38,7 @@ RESUME_SAFE = (
   "data.num_workers",
   "data.eval_source",
   "model.remat_policy",
+  "model.remat_group",
   "model.chunk_size",  # the SSD chunk changes speed, not the function
   "model.scan_unroll",
   "model.ssd_impl",

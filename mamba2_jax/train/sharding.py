@@ -6,8 +6,10 @@ data parallelism replicates parameters and splits the batch over "data"; FSDP ad
 shards parameters on "embed" over "fsdp" (the batch is split over data x fsdp); tensor
 parallelism shards heads / d_inner / vocab over "tensor"; context parallelism splits the
 sequence ("length") of the step's inputs, targets and segment ids over "context" in contiguous
-slices (the SSD passes states between them, mamba2_jax/ssd/context.py); parameters stay
-replicated over "context" unless a rule maps a parameter axis there.
+slices (the SSD passes states between them, mamba2_jax/ssd/context.py); the default rules
+(configs/base.py) also shard parameters and optimizer state on "embed" over "context", as FSDP
+(gathered per layer, gradients reduce-scattered), so a long-sequence run does not hold a full
+copy of them on every device.
 """
 
 from __future__ import annotations

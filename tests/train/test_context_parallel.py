@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import pytest
 
+from benchmarks import context_parallel
 from mamba2_jax.cache import Mamba2Cache
 from mamba2_jax.config import ConfigError
 from mamba2_jax.train.config import resolve_mesh_shape, validate
@@ -170,19 +171,33 @@ def _collectives(hlo):
   return out
 
 
-def _check_collectives(hlo):
-  """One layer, context 8, packed documents, remat="full": no collective carries the sequence
-  (no dimension of 48 = seq_len or 6 = a shard); the forward sends 3 conv halos + 1 halo of
-  segment ids and gathers the shards' last ids, carry factors and states; the backward sends
-  the 3 halo cotangents back and gathers the state cotangents. So the rematerialised layer
-  repeats none of the forward's exchanges (saving nothing: 10 permutes, 6 gathers)."""
+def _check_collectives(hlo, config):
+  """One layer, context 8, packed documents, remat="full". The exchanges made in `shard_map`:
+  the forward sends 3 conv halos + 1 halo of segment ids and gathers the shards' last ids,
+  carry factors and states; the backward sends the 3 halo cotangents back and gathers the state
+  cotangents. So the rematerialised layer repeats none of the forward's exchanges (saving
+  nothing: 10 permutes, 6 gathers), and their bytes per layer are the analytic figure of
+  benchmarks/context_parallel.py. The partitioner's own collectives (FSDP over context: the
+  parameters' gathers and the gradients' reductions; the token ids gathered for the embedding
+  lookup; in this unfused-projection path the dt projection's outputs) move at most H = 4
+  values per token, never a (tokens, d_model) activation."""
   ops = _collectives(hlo)
-  assert len(ops["collective-permute"]) == 7, ops["collective-permute"]
-  assert len(ops["all-gather"]) == 4, ops["all-gather"]
-  assert not ops["reduce-scatter"] and not ops["all-to-all"]
-  for ln in sum(ops.values(), []):
+  mine = {k: [ln for ln in v if "shard_map" in ln] for k, v in ops.items()}
+  assert len(mine["collective-permute"]) == 7, mine["collective-permute"]
+  assert len(mine["all-gather"]) == 4, mine["all-gather"]
+  assert not mine["reduce-scatter"] and not mine["all-to-all"]
+  for ln in sum(mine.values(), []):
     shapes = re.findall(r"\[([\d,]+)\]", ln.split("=")[1].split("(")[0])
     assert not any(d in ("48", "6") for s in shapes for d in s.split(",")), ln
+  b, mc = config.global_batch_size, validate(config, num_devices=8)
+  got = context_parallel.hlo_exchange_bytes(hlo, 8)
+  assert got["per_layer"] == context_parallel.analytic_exchange_bytes(mc, b, 8), got
+  assert got["per_step"] == b * (mc.d_conv - 1) * 4 + b * 4  # segment-id halo, last ids
+  for ln in sum(ops.values(), []):
+    for s in re.findall(r"\[([\d,]+)\]", ln.split("=")[1].split("(")[0]):
+      dims = [int(d) for d in s.split(",")]
+      if 48 in dims or 6 in dims:
+        assert math.prod(dims) <= b * SEQ * mc.nheads, ln
 
 
 @pytest.mark.parametrize("mesh_shape,impl", CASES, ids=CASE_IDS)
@@ -192,7 +207,7 @@ def test_context_step_equals_single_device(mesh_shape, impl):
   config = _config(**{"model.ssd_impl": impl, "model.remat_policy": "full"})
   hlo = _assert_same(config, mesh_shape)
   if mesh_shape == (1, 1, 8, 1):
-    _check_collectives(hlo)
+    _check_collectives(hlo, config)
 
 
 def test_context_with_tbptt_and_grad_accumulation():
