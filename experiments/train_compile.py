@@ -37,7 +37,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name, e.g. 
 _HOSTS = flags.DEFINE_integer(
   "num_hosts",
   None,
-  "hosts of the pod (for data.num_shards checks; default: devices / 4 on v5e/v6e, / 4 elsewhere)",
+  "data readers of the pod (for data.num_shards checks; default: its hosts, counting the hosts "
+  "of one context group, which hold the same batch rows, as one)",
 )
 _RESULT_JSON = flags.DEFINE_string(
   "result_json",
@@ -76,16 +77,24 @@ def compile_train_step(config, topology: str, num_hosts=None) -> dict:
   from mamba2_jax.flops import model_flops_per_token  # pylint: disable=g-import-not-at-top
   from mamba2_jax.train.config import validate  # pylint: disable=g-import-not-at-top
   from mamba2_jax.train.loop import build  # pylint: disable=g-import-not-at-top
-  from mamba2_jax.train.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  from mamba2_jax.train.sharding import batch_spec, data_readers, make_mesh  # pylint: disable=g-import-not-at-top
 
   topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
   devices = list(topo.devices)
-  hosts = num_hosts or max(1, len(devices) // 4)
+  validate(config, num_devices=len(devices))
+  mesh = make_mesh(config.mesh_shape, devices)
+  # the pod's data readers: its hosts, less those that hold the same batch rows (one context
+  # group's hosts read alike), as train_and_evaluate counts them
+  readers = (
+    num_hosts
+    or data_readers(
+      NamedSharding(mesh, batch_spec(mesh, config.logical_axis_rules)), config.global_batch_size
+    )[1]
+  )
   if config.data.num_shards is None:
     config = config.copy_and_resolve_references()
-    config.data.num_shards = hosts
-  model_cfg = validate(config, num_devices=len(devices), num_processes=hosts)
-  mesh = make_mesh(config.mesh_shape, devices)
+    config.data.num_shards = readers
+  model_cfg = validate(config, num_devices=len(devices), num_processes=readers)
   if mesh.shape["tensor"] > 1:
     model_cfg = model_cfg.replace(fused_in_proj=False)
   setup = build(config, model_cfg, mesh)

@@ -492,11 +492,17 @@ def batch_sharding(mesh, data_axes=("data", "fsdp")):
   return NamedSharding(mesh, P(axes if len(axes) > 1 else axes[0], None))
 
 
-def make_global_batch(batch: dict[str, Any], sharding) -> dict[str, Any]:
-  """Per-host numpy batch -> global jax.Arrays (global batch = per-host batch x process count),
-  via jax.make_array_from_process_local_data."""
+def make_global_batch(
+  batch: dict[str, Any], sharding, readers: int | None = None
+) -> dict[str, Any]:
+  """Per-host numpy batch -> global jax.Arrays via jax.make_array_from_process_local_data: the
+  global batch is the per-host batch x `readers` (default: the process count; processes that
+  hold the same rows pass the same rows, mamba2_jax.train.sharding.data_readers)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
-  }
+  n = jax.process_count() if readers is None else readers
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_process_local_data(sharding, v, (v.shape[0] * n, *v.shape[1:]))
+  return out

@@ -181,7 +181,10 @@ def validate(config, *, num_devices: int | None = None, num_processes: int = 1) 
   shards = c.data.num_shards if c.data.num_shards is not None else num_processes
   if not isinstance(shards, int) or shards < 1 or shards % num_processes:
     _fail(
-      "data.num_shards", f"must be a positive multiple of the {num_processes} processes", shards
+      "data.num_shards",
+      f"must be a positive multiple of the {num_processes} data readers (processes "
+      "holding different batch rows)",
+      shards,
     )
   if (gbs // accum) % shards:
     _fail(

@@ -37,6 +37,7 @@ from mamba2_jax.train.metrics import MetricsLogger, Profiler, peak_flops
 from mamba2_jax.train.optimizer import make_optimizer, schedule
 from mamba2_jax.train.sharding import (
   batch_spec,
+  data_readers,
   make_mesh,
   param_specs,
   shardings_of,
@@ -258,18 +259,23 @@ def build(config, model_cfg, mesh) -> Setup:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest good checkpoint. Returns the last
   step's metrics."""
-  # 1. Validate everything before any device work.
+  # 1. Validate everything before any device work (the data's share per process depends on
+  # which batch rows each process's devices hold: the hosts of one context group read alike).
   nproc, pidx = jax.process_count(), jax.process_index()
-  model_cfg = validate(config, num_devices=jax.device_count(), num_processes=nproc)
+  validate(config, num_devices=jax.device_count())
+  mesh = make_mesh(config.mesh_shape)
+  reader, readers = data_readers(
+    NamedSharding(mesh, batch_spec(mesh, config.logical_axis_rules)), config.global_batch_size
+  )
+  model_cfg = validate(config, num_devices=jax.device_count(), num_processes=readers)
   cfg_json = to_json_dict(config)
   _check_workdir_config(workdir, cfg_json, bool(config.allow_config_change))
 
-  # 2. Data: this process's logical shards of the stream.
-  make_iter, tok_ident, stream_fp = open_stream(config, process_index=pidx, process_count=nproc)
+  # 2. Data: this reader's logical shards of the stream.
+  make_iter, tok_ident, stream_fp = open_stream(config, process_index=reader, process_count=readers)
   check_vocab(model_cfg, tok_ident)
 
-  # 3. Mesh, shardings, optimizer and the jitted steps.
-  mesh = make_mesh(config.mesh_shape)
+  # 3. Shardings, optimizer and the jitted steps.
   if mesh.shape["tensor"] > 1 and model_cfg.fused_in_proj:
     model_cfg = model_cfg.replace(fused_in_proj=False)  # keep in_proj pieces head-sharded
   setup = build(config, model_cfg, mesh)
@@ -358,15 +364,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if make_eval is None:
       make_eval = open_stream(
         config,
-        process_index=pidx,
-        process_count=nproc,
+        process_index=reader,
+        process_count=readers,
         source=config.data.eval_source,
         seed_offset=1,
       )[0]
     eval_it, total, count = make_eval(), 0.0, 0.0
     for _ in range(config.eval_batches):
       with jax.set_mesh(mesh):
-        out = eval_step(params, make_global_batch(next(eval_it), data_shard))
+        out = eval_step(params, make_global_batch(next(eval_it), data_shard, readers))
       total, count = total + float(out["loss_sum"]), count + float(out["count"])
     eval_it.close()
     logger.write_eval(step, {"eval/loss": total / max(count, 1.0)})
@@ -377,7 +383,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for step in range(start + 1, config.total_steps + 1):
       profiler.step(step)
       t0 = time.perf_counter()
-      batch = make_global_batch(next(it), data_shard)
+      batch = make_global_batch(next(it), data_shard, readers)
       logger.add_data_wait(time.perf_counter() - t0)
       with jax.set_mesh(mesh), jax.profiler.StepTraceAnnotation("train", step_num=step):
         state, metrics = train_step(state, batch)

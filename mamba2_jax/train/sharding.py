@@ -28,6 +28,7 @@ __all__ = [
   "batch_spec",
   "token_spec",
   "rules_tuple",
+  "data_readers",
 ]
 
 
@@ -86,6 +87,21 @@ def batch_spec(mesh, rules) -> P:
   step slices its inputs and targets onto the "length" axes, `token_spec`, without
   communication)."""
   return P(_entry(_rule_axes(mesh, rules, "batch", ("data", "fsdp"))), None)
+
+
+def data_readers(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+  """(this process's reader index, number of readers) for rows delivered with `sharding`.
+
+  Processes whose devices hold the same batch rows are one reader: they read the same data
+  (every host of a context group holds the whole of its sequences, `batch_spec`; each device
+  keeps its slice of the length). Without context parallelism across hosts every process is
+  its own reader, in the order of the rows it holds."""
+  rows: dict[int, set] = {}
+  for device, index in sharding.devices_indices_map((batch_size, 1)).items():
+    r = index[0]
+    rows.setdefault(device.process_index, set()).add((r.start or 0, r.stop or batch_size))
+  groups = sorted({tuple(sorted(v)) for v in rows.values()})
+  return groups.index(tuple(sorted(rows[jax.process_index()]))), len(groups)
 
 
 def token_spec(mesh, rules) -> P:

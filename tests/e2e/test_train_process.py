@@ -151,15 +151,18 @@ def _free_port():
 
 
 # packing="segments" (the general case: per-document segment ids travel with the rows); the
-# concat packing's per-host split is the same code path (tests/data covers both packings)
-@pytest.mark.parametrize("packing", ["segments"])
-def test_two_processes_match_one_process(tmp_path, packing):
+# concat packing's per-host split is the same code path (tests/data covers both packings).
+# "context": the sequences split over 4 devices of 2 processes, so both processes hold every
+# row and read the same data (one data reader, mamba2_jax.train.sharding.data_readers).
+@pytest.mark.parametrize("mesh", ["data", "context"])
+def test_two_processes_match_one_process(tmp_path, mesh):
   """2 processes x 2 CPU devices vs 1 process x 4 devices, same global batch (data.num_shards
   = 2 logical shards in both): the same losses."""
   common = [
     "--config.total_steps=6",
     "--config.data.num_shards=2",
-    f"--config.data.packing={packing}",
+    "--config.data.packing=segments",
+    f"--config.mesh_shape={'(-1,1,1)' if mesh == 'data' else '(1,1,4,1)'}",
   ]
   one = tmp_path / "one"
   _run(one, *common, devices=4)
