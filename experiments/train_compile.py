@@ -77,7 +77,7 @@ def compile_train_step(config, topology: str, num_hosts=None) -> dict:
   from mamba2_jax.flops import model_flops_per_token  # pylint: disable=g-import-not-at-top
   from mamba2_jax.train.config import validate  # pylint: disable=g-import-not-at-top
   from mamba2_jax.train.loop import build  # pylint: disable=g-import-not-at-top
-  from mamba2_jax.train.sharding import batch_spec, data_readers, make_mesh  # pylint: disable=g-import-not-at-top
+  from mamba2_jax.train.sharding import data_readers, make_mesh  # pylint: disable=g-import-not-at-top
 
   topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
   devices = list(topo.devices)
@@ -85,12 +85,8 @@ def compile_train_step(config, topology: str, num_hosts=None) -> dict:
   mesh = make_mesh(config.mesh_shape, devices)
   # the pod's data readers: its hosts, less those that hold the same batch rows (one context
   # group's hosts read alike), as train_and_evaluate counts them
-  readers = (
-    num_hosts
-    or data_readers(
-      NamedSharding(mesh, batch_spec(mesh, config.logical_axis_rules)), config.global_batch_size
-    )[1]
-  )
+  rules, batch = config.logical_axis_rules, config.global_batch_size
+  readers = num_hosts or data_readers(mesh, rules, batch)[1]
   if config.data.num_shards is None:
     config = config.copy_and_resolve_references()
     config.data.num_shards = readers

@@ -264,9 +264,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   nproc, pidx = jax.process_count(), jax.process_index()
   validate(config, num_devices=jax.device_count())
   mesh = make_mesh(config.mesh_shape)
-  reader, readers = data_readers(
-    NamedSharding(mesh, batch_spec(mesh, config.logical_axis_rules)), config.global_batch_size
-  )
+  reader, readers = data_readers(mesh, config.logical_axis_rules, config.global_batch_size)
   model_cfg = validate(config, num_devices=jax.device_count(), num_processes=readers)
   cfg_json = to_json_dict(config)
   _check_workdir_config(workdir, cfg_json, bool(config.allow_config_change))

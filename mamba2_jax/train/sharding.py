@@ -89,13 +89,14 @@ def batch_spec(mesh, rules) -> P:
   return P(_entry(_rule_axes(mesh, rules, "batch", ("data", "fsdp"))), None)
 
 
-def data_readers(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
-  """(this process's reader index, number of readers) for rows delivered with `sharding`.
+def data_readers(mesh, rules, batch_size: int) -> tuple[int, int]:
+  """(this process's reader index, number of readers) for rows delivered as `batch_spec`.
 
   Processes whose devices hold the same batch rows are one reader: they read the same data
   (every host of a context group holds the whole of its sequences, `batch_spec`; each device
   keeps its slice of the length). Without context parallelism across hosts every process is
   its own reader, in the order of the rows it holds."""
+  sharding = NamedSharding(mesh, batch_spec(mesh, rules))
   rows: dict[int, set] = {}
   for device, index in sharding.devices_indices_map((batch_size, 1)).items():
     r = index[0]
