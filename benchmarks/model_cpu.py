@@ -24,7 +24,9 @@ median over the rounds of the ratio within a round (processes run back to back, 
 drifts between rounds cancels), and the JSON has every round with the load average (1 min) at
 its start and end. Ratios from one run are what to compare: on a shared machine absolute
 numbers move with the load.
-MFU = model FLOPs / time / measured fp32 matmul peak.
+MFU = model FLOPs / time / measured fp32 matmul peak. The FLOP floor is the model's FLOPs at
+that peak with everything else free: no implementation beats it, so floor / a peer's time bounds
+the speed-up over that peer any implementation can show on the machine at hand.
 """
 
 from __future__ import annotations
@@ -317,6 +319,35 @@ def _round_ratio(mine, theirs, L, key):
   return statistics.median(rs) if rs else float("nan")
 
 
+def _flop_floor(med, peak, cfg):
+  """The fastest any implementation of this model can run here: its model FLOPs (forward; a
+  training step 3x) at the measured fp32 matmul peak, with every matmul at that peak and all
+  other work free. Prints and returns, per L, the floor's tokens/s and floor / each impl's
+  measured tokens/s: the largest speed-up over that impl this machine allows."""
+  out = {}
+  for L in sorted({L for rows in med.values() for L in rows}):
+    fwd = peak / model_flops_per_token(cfg, L)
+    row = {"forward_tokens_per_s": fwd, "train_step_tokens_per_s": fwd / 3, "max_speedup": {}}
+    for name, rows in med.items():
+      r = rows.get(L, {})
+      if r.get("train_step_tokens_per_s") and r.get("forward_tokens_per_s"):
+        row["max_speedup"][name] = {
+          "train": fwd / 3 / r["train_step_tokens_per_s"],
+          "forward": fwd / r["forward_tokens_per_s"],
+        }
+    out[str(L)] = row
+    print(
+      f"\nFLOP floor at L={L} (model FLOPs at the measured matmul peak, nothing else costing "
+      f"time): train {fwd / 3:.0f} tok/s, forward {fwd:.0f} tok/s; the most an implementation "
+      "could gain here over: "
+      + "; ".join(
+        f"{k} {v['train']:.2f}x train / {v['forward']:.2f}x fwd"
+        for k, v in row["max_speedup"].items()
+      )
+    )
+  return out
+
+
 def report(args, entries, peak, tuned_cfg, readme_cfg):
   med = {name: _median_rows(runs) for name, runs in entries.items()}
   ours = ("ours (tuned)", "ours (readme)")
@@ -345,6 +376,7 @@ def report(args, entries, peak, tuned_cfg, readme_cfg):
         f"{r.get('train_step_tokens_per_s', float('nan')):12.0f} "
         f"{cols[0]:15.2f} {cols[1]:16.2f} {cols[2]:13.2f} {cols[3]:14.2f}"
       )
+  floor = _flop_floor(med, peak, tuned_cfg)
   decode = {
     name: statistics.median(r["decode_ms_per_token"] for r in runs if "decode_ms_per_token" in r)
     for name, runs in entries.items()
@@ -378,6 +410,7 @@ def report(args, entries, peak, tuned_cfg, readme_cfg):
     "rounds": args.rounds,
     "medians": {k: {str(L): r for L, r in v.items()} for k, v in med.items()},
     "ratios": {k: {str(L): r for L, r in v.items()} for k, v in ratios.items()},
+    "flop_floor": floor,
     "decode_ms_per_token": decode,
     "runs": entries,
     "date": time.strftime("%Y-%m-%d"),

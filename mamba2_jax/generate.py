@@ -10,6 +10,7 @@ from flax import nnx
 
 from mamba2_jax.cache import Mamba2Cache
 from mamba2_jax.model import Mamba2LM
+from mamba2_jax.compiled import unstack_layers
 
 
 def prefill(model: Mamba2LM, tokens: jax.Array, cache: Mamba2Cache | None = None):
@@ -80,13 +81,21 @@ def decode_tokens(
   """Samples max_new_tokens tokens starting from first_logits (b, V) and cache, in one jitted
   scan over the recurrent step -> (tokens (b, max_new_tokens), cache)."""
   vocab = model.config.vocab_size
+  # on a CPU each layer's weights are sliced out of the stacked parameters once, before the
+  # token loop, instead of once per token (mamba2_jax/compiled.py)
+  graphdef, state = nnx.split(model)
+  per_layer = unstack_layers(state["layers"])
+  if per_layer:
+    layers = [jax.tree.map(lambda a: a[i], state["layers"]) for i in range(model.config.n_layer)]
 
   def body(carry, step_key):
     logits, cache = carry
     tok = sample_logits(
       logits, step_key, vocab_size=vocab, temperature=temperature, top_k=top_k, top_p=top_p
     )
-    logits, cache = model.decode_step(tok, cache)
+    if per_layer:
+      state["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    logits, cache = nnx.merge(graphdef, state).decode_step(tok, cache)
     return (logits, cache), tok
 
   keys = jax.random.split(key, max_new_tokens)

@@ -19,6 +19,7 @@ from mamba2_jax.layers import param, rms_norm
 from mamba2_jax.loss import lm_head_logits, model_nll
 from mamba2_jax.mixer import Mamba2Mixer
 from mamba2_jax.ssd import context as ssd_context
+from mamba2_jax.ssd.platform import target_platform
 
 # Every policy also saves the small values that context parallelism exchanges between sequence
 # shards (the SSD's incoming states and carry factors, the conv halos; mamba2_jax/ssd/context.py,
@@ -105,14 +106,15 @@ class Mamba2LM(nnx.Module):
     """Final-normed hidden states (compute dtype) -> float32 logits (..., padded_vocab)."""
     return lm_head_logits(h, *self.head_weight())
 
-  def _scan_layers(self, fn, residual, cache):
+  def _scan_layers(self, fn, residual, cache, unroll=None):
     """Runs fn(block, residual, layer_cache) -> (residual, layer_cache) over stacked layers.
 
     With a remat policy each layer is checkpointed, so the backward keeps one input (the
     residual stream) per layer; with ``remat_group = g > 1`` the scan runs over groups of g
     layers, each group checkpointed too: the backward keeps the n_layer / g group inputs,
     recomputes one group's layer inputs at a time (g more) and then each layer's internals.
-    The same arithmetic runs in the same order, so values and gradients do not change."""
+    The same arithmetic runs in the same order, so values and gradients do not change.
+    ``unroll``: layers per scan iteration (default: the config's resolved `scan_unroll`)."""
     c = self.config
     graphdef, state = nnx.split(self.layers)
 
@@ -120,7 +122,7 @@ class Mamba2LM(nnx.Module):
       layer_state, layer_cache = xs
       return fn(nnx.merge(graphdef, layer_state), carry, layer_cache)
 
-    unroll = c.resolved_scan_unroll()
+    unroll = unroll or c.resolved_scan_unroll()
     if c.remat_policy == "none":
       return jax.lax.scan(body, residual, (state, cache), unroll=unroll)
     body = jax.checkpoint(
@@ -210,9 +212,15 @@ class Mamba2LM(nnx.Module):
     h, cache = self.features(tokens, segment_ids=segment_ids, cache=cache)
     return self._logits(h), cache
 
-  @compiled_method
+  @compiled_method(unstack="layers")
   def decode_step(self, token: jax.Array, cache: Mamba2Cache) -> tuple[jax.Array, Mamba2Cache]:
-    """One token per sequence: token (b,) int -> (logits (b, padded_vocab) float32, cache)."""
+    """One token per sequence: token (b,) int -> (logits (b, padded_vocab) float32, cache).
+
+    On a CPU the layers are always fully unrolled, so that each reads its own weight copy
+    (mamba2_jax/compiled.py) instead of copying its slice of the stacked weights per token."""
     residual = self._embed(token)
-    residual, cache = self._scan_layers(lambda blk, r, lc: blk.step(r, lc), residual, cache)
+    unroll = self.config.n_layer if target_platform() == "cpu" else None
+    residual, cache = self._scan_layers(
+      lambda blk, r, lc: blk.step(r, lc), residual, cache, unroll=unroll
+    )
     return self._logits(self._final_norm(residual)), cache
