@@ -16,10 +16,10 @@ by the next call. Replacing a Variable or submodule object after the first call 
 Stacked layers (`compiled_method(unstack="layers")`, used by `decode_step`): on a CPU, XLA
 copies a layer's slice of a stacked weight before each matmul that reads it, so a decode step
 would write and read every weight once more per token (29 -> 14 MB moved per token for the
-bench-cpu model; times in docs/benchmarks.md). There the first call also keeps a per-layer copy of each
-stacked parameter of at most UNSTACK_MAX_BYTES in all (remade when the parameter's array is
-replaced, e.g. by an optimizer step; freed by :func:`forget`), the compiled program restacks
-the copies, and XLA folds each layer's slice of the restacked array into that layer's copy:
+bench-cpu model; times in docs/benchmarks.md). There the first call also keeps a per-layer
+copy of each stacked parameter of at most UNSTACK_MAX_BYTES in all (remade when the
+parameter's array is replaced, e.g. by an optimizer step; freed by :func:`forget`), the
+compiled program restacks the copies, and XLA folds each layer's slice of the restacked array into that layer's copy:
 no per-call copy is left. The method must then visit the layers with static indices (a fully
 unrolled layer scan).
 """
@@ -40,7 +40,7 @@ try:
 except ImportError:  # pragma: no cover - older/newer JAX layouts
   from jax._src.core import trace_state_clean as _outside_traces
 
-__all__ = ["compiled_method", "forget", "unstack_layers", "UNSTACK_MAX_BYTES"]
+__all__ = ["compiled_method", "forget", "unstack", "unstack_layers", "UNSTACK_MAX_BYTES"]
 
 # Per-layer copies cost the stacked parameters' memory once more: kept only up to this size
 # (the 370m model's layers in fp32 are 1.4 GiB), above it a call copies the slices it reads.
@@ -95,9 +95,12 @@ class _Compiled:
     return mask, leaves
 
 
-@jax.jit
-def _unstack(a):
+def unstack(a) -> tuple:
+  """A stacked array's per-layer copies (slices of its leading axis); `jnp.stack` restacks."""
   return tuple(a[i] for i in range(a.shape[0]))
+
+
+_unstack = jax.jit(unstack)
 
 
 class _Static:

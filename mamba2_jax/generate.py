@@ -9,8 +9,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mamba2_jax.cache import Mamba2Cache
+from mamba2_jax.compiled import unstack, unstack_layers
 from mamba2_jax.model import Mamba2LM
-from mamba2_jax.compiled import unstack_layers
 
 
 def prefill(model: Mamba2LM, tokens: jax.Array, cache: Mamba2Cache | None = None):
@@ -84,18 +84,18 @@ def decode_tokens(
   # on a CPU each layer's weights are sliced out of the stacked parameters once, before the
   # token loop, instead of once per token (mamba2_jax/compiled.py)
   graphdef, state = nnx.split(model)
-  per_layer = unstack_layers(state["layers"])
-  if per_layer:
-    layers = [jax.tree.map(lambda a: a[i], state["layers"]) for i in range(model.config.n_layer)]
+  copies = jax.tree.map(unstack, state["layers"]) if unstack_layers(state["layers"]) else None
 
   def body(carry, step_key):
     logits, cache = carry
     tok = sample_logits(
       logits, step_key, vocab_size=vocab, temperature=temperature, top_k=top_k, top_p=top_p
     )
-    if per_layer:
-      state["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
-    logits, cache = nnx.merge(graphdef, state).decode_step(tok, cache)
+    step_state = state
+    if copies is not None:
+      step_state = jax.tree.map(lambda a: a, state)  # a new State: `state` is not mutated
+      step_state["layers"] = jax.tree.map(jnp.stack, copies, is_leaf=lambda t: isinstance(t, tuple))
+    logits, cache = nnx.merge(graphdef, step_state).decode_step(tok, cache)
     return (logits, cache), tok
 
   keys = jax.random.split(key, max_new_tokens)
